@@ -1,0 +1,324 @@
+"""The gRPC client side of the secured channel.
+
+One ChannelClient keeps one bidirectional ``Split.Exchange`` stream open. Requests are cut into
+frames by the caller's thread and queued whole, and a single request iterator drains the queue,
+so fragments of different messages never interleave. A reader thread reassembles replies and
+resolves the waiting futures by sequence number; several requests may be in flight at once
+(``submit``), and the server answers them in order.
+
+If the stream breaks, every pending future fails with RemoteError and the next request opens a
+new stream that names the same session in its header: the server resumes it (state intact).
+Every request has a deadline; a missed deadline fails that request with DEADLINE_EXCEEDED and
+cancels the stream (the server answers in order, so later replies would be stuck behind it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from lightning_split._proto import split_pb2 as pb
+from lightning_split._proto import split_pb2_grpc as pb_grpc
+from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError, message_to_frames
+
+from . import handshake
+from .certs import TLSFiles, validate_node_id
+from .config import ChannelConfig
+from .server import is_loopback_address
+from .stats import TransportStats
+
+log = logging.getLogger(__name__)
+
+_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_from_int(value: int) -> grpc.StatusCode:
+    return _STATUS_BY_VALUE.get(int(value), grpc.StatusCode.UNKNOWN)
+
+
+class RemoteError(Exception):
+    """A request failed on the server (an ERROR reply) or on the way (a broken stream)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: Future
+    stream: _Stream
+    sent_at: float
+    deadline: float
+
+
+class _Stream:
+    """One Exchange call: its outgoing queue, the call object and its reader thread."""
+
+    def __init__(self) -> None:
+        self.outbox: queue.SimpleQueue[list[pb.Frame] | None] = queue.SimpleQueue()
+        self.call: Any = None
+        self.reader: threading.Thread | None = None
+        self.dead = threading.Event()
+
+    def requests(self) -> Iterator[pb.Frame]:
+        while True:
+            frames = self.outbox.get()
+            if frames is None:  # half-close our side
+                return
+            yield from frames
+
+    def shutdown(self) -> None:
+        self.outbox.put(None)
+        if self.call is not None:
+            self.call.cancel()
+
+
+class ChannelClient:
+    """The split client's endpoint. ``connect()`` handshakes; ``request``/``submit`` exchange messages."""
+
+    def __init__(self, address: str, node_id: str, tls: TLSFiles | None = None, insecure: bool = False,
+                 config: ChannelConfig | None = None, hello_extra: dict[str, Any] | None = None,
+                 server_name_override: str | None = None) -> None:
+        if insecure and not is_loopback_address(address):
+            raise ValueError(f"refusing plaintext to {address!r}: insecure=True is for loopback only")
+        if not insecure and tls is None:
+            raise ValueError("a ChannelClient needs tls=TLSFiles(...) (or insecure=True on loopback)")
+        self.address = address
+        self.node_id = validate_node_id(node_id)
+        self.tls = tls
+        self.insecure = insecure
+        self.config = config or ChannelConfig()
+        self.hello_extra = dict(hello_extra or {})
+        self.server_name_override = server_name_override
+        self.session_id = ""
+        self.welcome: dict[str, Any] = {}
+        self.stats = TransportStats()
+        # Until the welcome says otherwise: the configured chunk size, compression as requested.
+        self._chunk_size = self.config.chunk_size
+        self._c2s = self.config.client_to_server
+        self._seq = itertools.count(1)
+        self._lock = threading.RLock()  # opening streams, numbering and queueing requests
+        self._pending: dict[int, _Pending] = {}
+        self._pending_cv = threading.Condition()
+        self._channel: grpc.Channel | None = None
+        self._stream: _Stream | None = None
+        self._closed = False
+        self._watchdog = threading.Thread(target=_watch_deadlines, args=(weakref.ref(self), self._pending_cv),
+                                          name="split-deadlines", daemon=True)
+        self._watchdog.start()
+
+    # -- connection ---------------------------------------------------------------------------
+    def _make_channel(self) -> grpc.Channel:
+        options = self.config.client_options()
+        if self.insecure:
+            return grpc.insecure_channel(self.address, options=options)
+        assert self.tls is not None
+        ca, cert, key = self.tls.read()
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        if self.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.server_name_override))
+        return grpc.secure_channel(self.address, creds, options=options)
+
+    def _open_stream(self) -> _Stream:
+        if self._closed:
+            raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closed")
+        if self._channel is None:
+            self._channel = self._make_channel()
+        stream = _Stream()
+        stream.call = pb_grpc.SplitStub(self._channel).Exchange(stream.requests())
+        # Replies may only use what we asked for; the server grants a subset of it.
+        reassembler = Reassembler(self.config.limits, checksum=self.config.checksum,
+                                  compression_allowed=self.config.server_to_client)
+        stream.reader = threading.Thread(target=self._read, args=(stream, reassembler),
+                                         name=f"split-reader-{self.node_id}", daemon=True)
+        stream.reader.start()
+        self._stream = stream
+        return stream
+
+    def _live_stream(self) -> _Stream:
+        stream = self._stream
+        if stream is None or stream.dead.is_set():
+            if not self.session_id:
+                self.connect()
+                assert self._stream is not None
+                return self._stream
+            # A reconnect: the first message of the new stream names our session.
+            stream = self._open_stream()
+        return stream
+
+    def connect(self) -> dict[str, Any]:
+        """Open the stream and handshake (resuming our session if we have one); returns the welcome."""
+        with self._lock:
+            if self._stream is not None:
+                self._stream.shutdown()
+            stream = self._open_stream()
+            hello = handshake.build_hello(self.config, self.node_id, self.hello_extra, self.session_id)
+            fut = self._enqueue(stream, pb.HANDSHAKE, hello, 0, self.config.handshake_timeout_s,
+                                CompressionConfig(), self.config.chunk_size)
+        reply = self._wait(fut, self.config.handshake_timeout_s)
+        body = reply.body
+        if not isinstance(body, dict) or not isinstance(body.get("session_id"), str):
+            raise RemoteError(grpc.StatusCode.INTERNAL, "malformed welcome from the server")
+        with self._lock:
+            self.session_id = body["session_id"]
+            self._chunk_size = int(body["chunk_size"])
+            self._c2s = CompressionConfig.from_dict(body["compression"]["client_to_server"])
+            self.welcome = body
+        return body
+
+    # -- requests ------------------------------------------------------------------------------
+    def _enqueue(self, stream: _Stream, type_: int, body: Any, step: int, timeout: float | None,
+                 compression: CompressionConfig, chunk_size: int) -> Future:
+        seq = next(self._seq)
+        msg = Message(type=type_, body=body, session_id=self.session_id, step=step, sequence=seq,
+                      node_id=self.node_id)
+        # Encode here, in the caller's thread: an unencodable body raises to the caller.
+        it = message_to_frames(msg, compression, chunk_size=chunk_size, checksum=self.config.checksum)
+        frames = list(it)
+        fut: Future = Future()
+        now = time.monotonic()
+        limit = self.config.request_deadline_s if timeout is None else timeout
+        with self._pending_cv:
+            self._pending[seq] = _Pending(fut, stream, now, now + limit)
+            self._pending_cv.notify()
+        self.stats.record_sent(it.wire_bytes, it.raw_bytes)
+        stream.outbox.put(frames)
+        return fut
+
+    def submit(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Future:
+        """Send a request without waiting; the Future resolves to the reply Message.
+
+        It fails with RemoteError for an ERROR reply, a broken stream or a missed deadline.
+        """
+        with self._lock:
+            if self._closed:
+                raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closed")
+            stream = self._live_stream()
+            return self._enqueue(stream, type, body, step, timeout, self._c2s, self._chunk_size)
+
+    def request(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Message:
+        """Send a request and wait for its reply (a RESULT Message); RemoteError otherwise."""
+        return self._wait(self.submit(type, body, step, timeout), timeout)
+
+    def _wait(self, fut: Future, timeout: float | None) -> Message:
+        # The watchdog fails the future at its deadline; the margin only guards against a bug there.
+        limit = (self.config.request_deadline_s if timeout is None else timeout) + 5.0
+        try:
+            return fut.result(timeout=limit)
+        except TimeoutError:
+            raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply in time") from None
+
+    # -- replies ---------------------------------------------------------------------------------
+    def _read(self, stream: _Stream, reassembler: Reassembler) -> None:
+        err: RemoteError
+        try:
+            for frame in stream.call:
+                msg = reassembler.add(frame)
+                if msg is not None:
+                    self._resolve(msg)
+            err = RemoteError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+        except grpc.RpcError as e:
+            err = RemoteError(e.code(), e.details() or "stream failed")
+        except WireError as e:
+            err = RemoteError(e.code, f"malformed reply from the server: {e}")
+            stream.call.cancel()
+        except Exception as e:  # never leave futures hanging because of a bug in here
+            log.exception("reader thread failed")
+            err = RemoteError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            stream.call.cancel()
+        stream.dead.set()
+        stream.outbox.put(None)
+        self._fail_pending(lambda p: p.stream is stream, err)
+
+    def _resolve(self, msg: Message) -> None:
+        with self._pending_cv:
+            pending = self._pending.pop(msg.sequence, None)
+        if pending is None:  # its deadline passed already; nobody waits for it
+            return
+        self.stats.record_reply(msg.wire_bytes, msg.raw_bytes, time.monotonic() - pending.sent_at)
+        if msg.type == pb.ERROR:
+            pending.future.set_exception(RemoteError(status_from_int(msg.code), str(msg.body)))
+        else:
+            pending.future.set_result(msg)
+
+    def _fail_pending(self, which: Any, err: RemoteError) -> None:
+        with self._pending_cv:
+            doomed = [(s, p) for s, p in self._pending.items() if which(p)]
+            for s, _ in doomed:
+                del self._pending[s]
+        for _, p in doomed:
+            if not p.future.done():
+                p.future.set_exception(RemoteError(err.code, err.message))
+
+    def _expire(self, now: float) -> float | None:
+        """Fail requests past their deadline; returns seconds until the next one (None: none)."""
+        with self._pending_cv:
+            expired = [p for p in self._pending.values() if p.deadline <= now]
+            rest = [p.deadline for p in self._pending.values() if p.deadline > now]
+        if expired:
+            self._fail_pending(lambda p: p in expired,
+                               RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline exceeded"))
+            # Replies come in order: everything behind the late one is stuck, so start over.
+            for stream in {p.stream for p in expired}:
+                stream.shutdown()
+        return min(rest) - now if rest else None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the session (CLOSE), the stream and the channel. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            stream = self._stream
+            if stream is not None and not stream.dead.is_set() and self.session_id:
+                try:
+                    self._wait(self._enqueue(stream, pb.CLOSE, None, 0, 5.0, CompressionConfig(),
+                                             self._chunk_size), 5.0)
+                except RemoteError as e:
+                    log.debug("CLOSE failed: %s", e)
+            self._closed = True
+            if stream is not None:
+                stream.shutdown()
+                if stream.reader is not None:
+                    stream.reader.join(timeout=5)
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+        with self._pending_cv:
+            self._pending_cv.notify_all()
+
+    def __enter__(self) -> ChannelClient:
+        if not self.session_id:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+
+def _watch_deadlines(ref: weakref.ref[ChannelClient], cv: threading.Condition) -> None:
+    """Deadline watchdog of one client. Holds only a weak reference between checks, so a client
+    dropped without close() is still garbage-collected (and the thread then ends)."""
+    while True:
+        with cv:
+            client = ref()
+            if client is None or (client._closed and not client._pending):
+                return
+            wait_s = client._expire(time.monotonic())
+            del client
+            # Wake up at the next deadline, on a new request (notify), or every second to
+            # notice a collected client.
+            cv.wait(1.0 if wait_s is None else min(wait_s, 1.0))

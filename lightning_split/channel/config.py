@@ -1,0 +1,109 @@
+"""Channel settings, and the gRPC channel/server options derived from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from lightning_split.wire import CompressionConfig, WireLimits
+
+# Room in one gRPC message for the Frame's header fields around a chunk of data.
+FRAME_HEADROOM = 64 * 1024
+LOSSLESS_MODES = ("none", "blosc2")
+LOSSY_MODES = ("none", "bf16", "fp16", "int8")
+
+
+@dataclass
+class ChannelConfig:
+    """Everything the client and the server of one channel are configured with.
+
+    On the client, ``client_to_server``/``server_to_client`` are the compression it *asks for*;
+    the server grants the request limited to ``allow_lossless``/``allow_lossy`` (and, for replies,
+    to what the client says it can decode). On the server they are only a fallback for a hello
+    that asks for nothing.
+    """
+
+    chunk_size: int = 1 << 20
+    client_to_server: CompressionConfig = field(default_factory=CompressionConfig)
+    server_to_client: CompressionConfig = field(default_factory=CompressionConfig)
+    allow_lossless: tuple[str, ...] = LOSSLESS_MODES
+    allow_lossy: tuple[str, ...] = LOSSY_MODES
+    checksum: bool = True
+    limits: WireLimits = field(default_factory=WireLimits)
+    max_sessions: int = 64
+    session_ttl_s: float = 600.0
+    handshake_timeout_s: float = 30.0
+    request_deadline_s: float = 300.0
+    # HTTP/2 keepalive pings find a dead peer (a pulled cable, a killed VM) that TCP alone would
+    # only notice after many minutes; the server tolerates pings as often as the client sends them.
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 20.0
+    # Zero leaves gRPC's own flow control (BDP probing) in charge.
+    http2_write_buffer_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not 4096 <= self.chunk_size <= 64 << 20:
+            raise ValueError(f"chunk_size must be within [4 KiB, 64 MiB], got {self.chunk_size}")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        for name in ("session_ttl_s", "handshake_timeout_s", "request_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for d in (self.client_to_server, self.server_to_client):
+            if not isinstance(d, CompressionConfig):
+                raise TypeError("compression settings must be wire.CompressionConfig instances")
+
+    def replace(self, **changes: Any) -> ChannelConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChannelConfig:
+        """Build from plain data (a Hydra node); compression and limits may be given as dicts."""
+        d = dict(d)
+        for key in ("client_to_server", "server_to_client"):
+            if isinstance(d.get(key), dict):
+                d[key] = CompressionConfig.from_dict(d[key])
+        if isinstance(d.get("limits"), dict):
+            d["limits"] = WireLimits(**d["limits"])
+        for key in ("allow_lossless", "allow_lossy"):
+            if key in d:
+                d[key] = tuple(d[key])
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ChannelConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest gRPC message (one Frame) either side sends or accepts."""
+        return self.chunk_size + FRAME_HEADROOM
+
+    def _common_options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.http2_write_buffer_bytes:
+            opts.append(("grpc.http2.write_buffer_size", self.http2_write_buffer_bytes))
+        return opts
+
+    def client_options(self) -> list[tuple[str, Any]]:
+        # A long-lived stream must not be multiplexed with other channels' streams by accident:
+        # a local subchannel pool keeps each ChannelClient on its own TCP/TLS connection.
+        return [*self._common_options(), ("grpc.use_local_subchannel_pool", 1)]
+
+    def server_options(self) -> list[tuple[str, Any]]:
+        return [
+            *self._common_options(),
+            # Without this a second server could silently share a fixed port with the first.
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
+            # A peer that opens TCP and never finishes the TLS handshake is dropped after this.
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),
+        ]

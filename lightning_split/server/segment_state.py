@@ -1,0 +1,278 @@
+"""One session's view of the server's segment: its weights mode, autograd graphs, optimizer, KV cache.
+
+Tail modes:
+
+* ``frozen``: every session shares the model owner's segment; only input gradients flow back.
+* ``trainable``: the session trains its own copy of the segment with its own optimizer.
+* ``lora``: the session trains LoRA adapters (``peft``) over the shared, frozen base weights.
+
+A FORWARD keeps the graph (input leaf and outputs) under the client's micro-batch id until its
+BACKWARD; OPTIMIZER_STEP steps and zeroes the session's gradients once per training step: a step
+number already applied is acknowledged but never applied twice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_split.split.results import segment_results
+from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, ServerSegment
+
+TAIL_MODES = ("frozen", "trainable", "lora")
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+
+
+class SegmentError(ValueError):
+    """A request this session cannot serve (bad ids, unknown options): INVALID_ARGUMENT."""
+
+
+class CacheError(SegmentError):
+    """The KV cache's length or memory limit: FAILED_PRECONDITION / RESOURCE_EXHAUSTED."""
+
+
+def make_optimizer(params: list[nn.Parameter], spec: dict[str, Any]) -> torch.optim.Optimizer:
+    spec = dict(spec or {"name": "SGD", "lr": 1e-3})
+    name = spec.pop("name", "SGD")
+    if name not in OPTIMIZERS:
+        raise SegmentError(f"optimizer {name!r} is not offered; choose one of {OPTIMIZERS}")
+    allowed = {"lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "dampening", "alpha",
+               "amsgrad", "foreach", "maximize"}
+    bad = set(spec) - allowed
+    if bad:
+        raise SegmentError(f"optimizer options {sorted(bad)} are not accepted")
+    if "betas" in spec:
+        spec["betas"] = tuple(spec["betas"])
+    return getattr(torch.optim, name)(params, **spec)
+
+
+def _lora_segment(base: ServerSegment, lora: dict[str, Any]) -> ServerSegment:
+    """A copy of the segment that shares the base weights, with LoRA adapters injected."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    shared = {id(p): p for p in base.parameters()}
+    shared.update({id(b): b for b in base.buffers()})
+    segment = copy.deepcopy(base, memo=shared)
+    config = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(lora["target_modules"]),
+    )
+    return inject_adapter_in_model(config, segment)
+
+
+class SessionSegment:
+    """The segment as one session sees it."""
+
+    def __init__(
+        self,
+        base: ServerSegment,
+        tail: dict[str, Any],
+        hf_config: Any = None,
+        max_graphs: int = 256,
+        max_cache_tokens: int = 4096,
+    ) -> None:
+        mode = tail.get("mode", "frozen")
+        if mode not in TAIL_MODES:
+            raise SegmentError(f"tail mode {mode!r} is not one of {TAIL_MODES}")
+        self.mode = mode
+        if mode == "frozen":
+            self.module = base
+            self.trainable: list[nn.Parameter] = []
+        elif mode == "trainable":
+            self.module = copy.deepcopy(base)
+            self.trainable = list(self.module.parameters())
+            for p in self.trainable:
+                p.requires_grad_(True)
+        else:
+            if not tail.get("lora", {}).get("target_modules"):
+                raise SegmentError("tail mode 'lora' needs lora.target_modules")
+            self.module = _lora_segment(base, tail["lora"])
+            self.trainable = [p for n, p in self.module.named_parameters() if "lora_" in n]
+            for p in self.trainable:
+                p.requires_grad_(True)
+        self.optimizer = make_optimizer(self.trainable, tail.get("optimizer")) if self.trainable else None
+        self.device = next(base.parameters()).device
+        self.hf_config = hf_config
+        self.max_graphs = max_graphs
+        self.max_cache_tokens = max_cache_tokens
+        self.graphs: OrderedDict[int, tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]] = (
+            OrderedDict()
+        )
+        self.last_step = -1
+        self.cache: Any = None
+
+    # -- forward / backward -------------------------------------------------------------------
+
+    def forward(self, body: dict[str, Any], train: bool) -> dict[str, Any]:
+        hidden = body["hidden"].to(self.device)
+        grad_inputs = [t.to(self.device).requires_grad_(train) for t in body.get("grad_inputs") or []]
+        args, kwargs = self._block_arguments(body, grad_inputs)
+        self.module.train(bool(body.get("training", train)))
+        if not train:
+            with torch.no_grad():
+                return self._run(hidden, args, kwargs, body)
+        micro_id = int(body["id"])
+        if micro_id in self.graphs:
+            raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
+        if len(self.graphs) >= self.max_graphs:
+            raise SegmentError(f"more than {self.max_graphs} forwards without a backward")
+        hidden.requires_grad_(bool(body.get("input_grad", True)))
+        with torch.enable_grad():
+            out = self._run(hidden, args, kwargs, body)
+        self.graphs[micro_id] = (hidden, grad_inputs, {k: v for k, v in out.items() if v.requires_grad})
+        return {k: v.detach() for k, v in out.items()}
+
+    def backward(self, body: dict[str, Any]) -> dict[str, Any]:
+        micro_id = int(body["id"])
+        if micro_id not in self.graphs:
+            raise SegmentError(f"no pending forward for micro-batch {micro_id}")
+        hidden, grad_inputs, outputs = self.graphs.pop(micro_id)
+        grads = body.get("grads") or {}
+        pairs = [(outputs[k], g.to(self.device)) for k, g in grads.items() if k in outputs]
+        for k, g in grads.items():
+            if k not in outputs:
+                raise SegmentError(f"gradient for {k!r}, which is not a differentiable output")
+            if g.shape != outputs[k].shape:
+                raise SegmentError(f"gradient for {k!r} has shape {tuple(g.shape)}, not {tuple(outputs[k].shape)}")
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+        return {
+            "grad_input": hidden.grad if hidden.requires_grad else None,
+            "grad_extra": [t.grad for t in grad_inputs],
+        }
+
+    def step(self, step: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Apply one optimizer step for training step ``step``; a repeat is a no-op."""
+        if step <= self.last_step:
+            return {"applied": False, "last_step": self.last_step}
+        if self.optimizer is not None:
+            scale = body.get("clip_coef")
+            if scale is not None and scale < 1.0:
+                for p in self.trainable:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.last_step = step
+        return {"applied": True, "last_step": step}
+
+    def grad_sq_norm(self) -> dict[str, Any]:
+        """Sum of squared gradient entries: the client combines it into a global clipping norm."""
+        total = sum(float(p.grad.detach().float().pow(2).sum()) for p in self.trainable if p.grad is not None)
+        return {"sq_norm": total}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _run(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any], body: dict[str, Any]) -> dict:
+        out = self.module(hidden, args, kwargs)
+        if not self.module.tail and body.get("result") is None:
+            return {"output": out}
+        labels = body.get("labels")
+        labels = labels.to(self.device) if labels is not None else None
+        return segment_results(self.module, out, body.get("result") or "logits", labels, int(body.get("top_k", 0)))
+
+    def _block_arguments(
+        self, body: dict[str, Any], grad_inputs: list[torch.Tensor]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """The block's extra arguments, moved to our device, with the session's KV cache put in."""
+        use_cache = body.get("cache") is not None
+        cache = self._session_cache(body["cache"]) if use_cache else None
+
+        def fix(value: Any) -> Any:
+            if isinstance(value, str) and value == KV_CACHE:
+                return cache
+            if isinstance(value, str) and value.startswith("<grad-input:"):
+                index = int(value[len("<grad-input:") : -1])
+                if not 0 <= index < len(grad_inputs):
+                    raise SegmentError(f"block argument refers to a missing grad input {index}")
+                return grad_inputs[index]
+            if isinstance(value, torch.Tensor):
+                return value.to(self.device)
+            if isinstance(value, tuple):
+                return tuple(fix(v) for v in value)
+            if isinstance(value, list):
+                return [fix(v) for v in value]
+            if isinstance(value, dict):
+                return {k: fix(v) for k, v in value.items()}
+            return value
+
+        args = tuple(fix(a) for a in body.get("args", ()))
+        kwargs = {k: fix(v) for k, v in (body.get("kwargs") or {}).items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = use_cache
+        return args, kwargs
+
+    def _session_cache(self, info: dict[str, Any]) -> Any:
+        from transformers import DynamicCache
+
+        past, new = int(info["past"]), int(info["new"])
+        if past == 0 or self.cache is None:
+            if past != 0:
+                raise CacheError(f"the client expects {past} cached tokens, the server holds none")
+            self.cache = DynamicCache(config=self.hf_config)
+        held = self.cached_tokens()
+        if held != past:
+            raise CacheError(f"KV cache out of step: the server holds {held} tokens, the client {past}")
+        if past + new > self.max_cache_tokens:
+            raise CacheError(f"KV cache limit: {past + new} tokens > max_cache_tokens={self.max_cache_tokens}")
+        return self.cache
+
+    def cached_tokens(self) -> int:
+        if self.cache is None:
+            return 0
+        first = self.module.blocks[0]
+        layer_idx = getattr(getattr(first, "attn", None), "layer_idx", None)
+        if layer_idx is None:
+            layer_idx = getattr(getattr(first, "self_attn", None), "layer_idx", 0)
+        return int(self.cache.get_seq_length(layer_idx))
+
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def cache_control(self, body: dict[str, Any]) -> dict[str, Any]:
+        op = body.get("op")
+        if op == "reset":
+            self.cache = None
+        elif op == "reorder":
+            if self.cache is None:
+                raise CacheError("no KV cache to reorder")
+            self.cache.reorder_cache(body["beam_idx"].to(self.device))
+        elif op != "info":
+            raise SegmentError(f"unknown cache op {op!r}")
+        return {"tokens": self.cached_tokens(), "bytes": self.cache_bytes()}
+
+    # -- state save / restore -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad} if self.trainable else {}
+        return {
+            "mode": self.mode,
+            "last_step": self.last_step,
+            "params": {n: p.detach().clone() for n, p in trainable.items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["mode"] != self.mode:
+            raise SegmentError(f"saved state is for tail mode {state['mode']!r}, this session is {self.mode!r}")
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for n, value in state["params"].items():
+                params[n].copy_(value)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.last_step = int(state["last_step"])
+        self.graphs.clear()

@@ -1,0 +1,158 @@
+"""The model owner's side: build the target model, split it, serve its segment to sessions.
+
+``SplitService`` is the channel's SessionHandler. Per instruction (message type):
+
+==============  ================================================================================
+SPLIT           describe the split: model config, split, the client part's fingerprint and size
+LOAD            ship the client's part: safetensors bytes (a uint8 tensor) and their sha256
+FORWARD         train: run the segment keeping the graph for the micro-batch's BACKWARD
+BACKWARD        output gradients in, input gradient out
+OPTIMIZER_STEP  ``op="step"`` steps the session's optimizer once per step number; ``"grad_norm"``
+INFER           model inference and result output: no autograd state; KV cache when asked
+CACHE           KV cache control: ``reset``, ``reorder`` (beam search), ``info``
+STATE           ``save`` / ``load`` the session's server state under a tag, on the server's disk
+==============  ================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from lightning_split.channel import HandlerError, Session
+from lightning_split.server.segment_state import TAIL_MODES, CacheError, SegmentError, SessionSegment
+from lightning_split.server.state_store import StateStore
+from lightning_split.split.build import ModelSource, build_model, describe_config
+from lightning_split.split.shipping import fingerprint, pack_part
+from lightning_split.split.spec import SplitSpec
+from lightning_split.split.surgery import cut_model
+from lightning_split.wire import Message, MessageType
+
+log = logging.getLogger(__name__)
+
+
+class SplitService:
+    """Holds the target model's segment and one SessionSegment per client session."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        spec: SplitSpec,
+        device: str | torch.device = "cpu",
+        tail_modes: tuple[str, ...] = TAIL_MODES,
+        state_dir: str | Path | None = None,
+        max_cache_tokens: int = 4096,
+        max_graphs: int = 256,
+    ) -> None:
+        self.source = source
+        model = build_model(source, device=device)
+        self.hf_config = getattr(model, "config", None)
+        self.split = spec.resolve(model)
+        cut = cut_model(model, self.split)
+        self.segment = cut.segment
+        # The shared segment is the model owner's: sessions train copies or adapters, never it.
+        self.segment.requires_grad_(False)
+        self.client_weights, self.client_sha256 = pack_part(model)
+        self.client_fingerprint = fingerprint(model)
+        del model  # the client's part lives on as shipped bytes only
+        self.spec = spec
+        self.tail_modes = tuple(tail_modes)
+        self.store = StateStore(state_dir) if state_dir else None
+        self.max_cache_tokens = max_cache_tokens
+        self.max_graphs = max_graphs
+        self.description = {
+            "model": describe_config(source),
+            "split": spec.to_dict(),
+            "resolved": self.split.to_dict(),
+            "fingerprint": self.client_fingerprint,
+            "weights_sha256": self.client_sha256,
+            "weights_bytes": len(self.client_weights),
+            "tail_modes": list(self.tail_modes),
+        }
+
+    # -- SessionHandler -----------------------------------------------------------------------
+
+    def open_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
+        claimed = hello.get("fingerprint")
+        if claimed and claimed != self.client_fingerprint:
+            raise HandlerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "architecture mismatch: the client's part (names, shapes, dtypes) differs from the "
+                f"server's split (client {str(claimed)[:12]}..., server {self.client_fingerprint[:12]}...)",
+            )
+        tail = dict(hello.get("tail") or {"mode": "frozen"})
+        if tail.get("mode", "frozen") not in self.tail_modes:
+            raise HandlerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tail mode {tail.get('mode')!r} is not offered by this server (offered: {self.tail_modes})",
+            )
+        try:
+            session.state["segment"] = SessionSegment(
+                self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens
+            )
+        except SegmentError as e:
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
+
+    def resume_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
+        return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
+
+    def close_session(self, session: Session) -> None:
+        session.state.clear()
+
+    def handle(self, session: Session, request: Message) -> Any:
+        body = request.body if request.body is not None else {}
+        if not isinstance(body, dict):
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "a request body must be a dict")
+        segment: SessionSegment = session.state["segment"]
+        try:
+            return self._dispatch(session, segment, request, body)
+        except CacheError as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "limit" in str(e) else grpc.StatusCode.FAILED_PRECONDITION
+            raise HandlerError(code, str(e)) from e
+        except (SegmentError, KeyError, TypeError) as e:
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}") from e
+
+    def _dispatch(self, session: Session, segment: SessionSegment, request: Message, body: dict) -> Any:
+        kind = request.type
+        if kind == MessageType.FORWARD:
+            return segment.forward(body, train=True)
+        if kind == MessageType.BACKWARD:
+            return segment.backward(body)
+        if kind == MessageType.INFER:
+            return segment.forward(body, train=False)
+        if kind == MessageType.OPTIMIZER_STEP:
+            if body.get("op") == "grad_norm":
+                return segment.grad_sq_norm()
+            return segment.step(int(request.step), body)
+        if kind == MessageType.CACHE:
+            return segment.cache_control(body)
+        if kind == MessageType.SPLIT:
+            return dict(self.description)
+        if kind == MessageType.LOAD:
+            weights = torch.frombuffer(bytearray(self.client_weights), dtype=torch.uint8)
+            return {"weights": weights, "sha256": self.client_sha256}
+        if kind == MessageType.STATE:
+            return self._state(session, segment, body)
+        raise HandlerError(grpc.StatusCode.UNIMPLEMENTED, f"message type {kind} is not served")
+
+    def _state(self, session: Session, segment: SessionSegment, body: dict) -> dict[str, Any]:
+        if self.store is None:
+            raise HandlerError(grpc.StatusCode.FAILED_PRECONDITION, "this server keeps no state (no state_dir)")
+        tag = str(body.get("tag", ""))
+        try:
+            if body.get("op") == "save":
+                self.store.save(session.node_id, tag, segment.state_dict())
+                return {"tag": tag, "last_step": segment.last_step}
+            if body.get("op") == "load":
+                segment.load_state_dict(self.store.load(session.node_id, tag))
+                return {"tag": tag, "last_step": segment.last_step}
+        except FileNotFoundError as e:
+            raise HandlerError(grpc.StatusCode.NOT_FOUND, str(e)) from e
+        except ValueError as e:
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "STATE op must be 'save' or 'load'")

@@ -1,0 +1,78 @@
+"""The client's side of a split model: building it, and the two-part forward.
+
+``make_client_model`` turns the server's description of a split (model config, split, shipped
+weights) into the client's part: the skeleton is built on the meta device, cut exactly as the
+server cut its copy, then filled with the shipped tensors. Only the client's tensors ever exist.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_split.split.build import ModelSource, build_model
+from lightning_split.split.shipping import load_part
+from lightning_split.split.spec import ResolvedSplit, SplitSpec
+from lightning_split.split.surgery import HandOff, SegmentProxy, cut_model
+
+RESULT_TYPES = ("logits", "hidden_states", "loss", "topk")
+
+
+class SplitOutput(dict):
+    """What a two-part split model returns: a dict with attribute access, like HF's ModelOutput."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            if name in ("loss", "logits", "hidden_states", "topk_ids", "topk_scores", "last_hidden_state"):
+                return None
+            raise AttributeError(name) from None
+
+
+def build_client_skeleton(source: ModelSource, spec: SplitSpec) -> tuple[nn.Module, SegmentProxy, ResolvedSplit]:
+    """The client part as a meta-device skeleton, cut like the server's (the segment is dropped)."""
+    skeleton = build_model(source, device="meta")
+    split = spec.resolve(skeleton)
+    cut = cut_model(skeleton, split)
+    del cut.segment  # the server's blocks were never materialised; let them go
+    if split.shape == "two_part":
+        install_two_part_forward(skeleton, cut.proxy)
+    return skeleton, cut.proxy, split
+
+
+def materialise(skeleton: nn.Module, weights: bytes, sha256: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Load shipped weights into a skeleton; no meta tensor may remain."""
+    load_part(skeleton, weights, sha256, device=device)
+    left = [n for n, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"tensors left without values after loading: {left[:5]}")
+    return skeleton
+
+
+def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_result: str = "logits") -> None:
+    """Make ``model(...)`` of a two-part split return the server's result as a SplitOutput.
+
+    ``labels`` travel with the instruction (the server computes the loss), ``result=`` names the
+    result type. The model's own forward runs until the proxy hands off.
+    """
+    if getattr(model, "_split_original_forward", None) is not None:
+        return
+    original = model.forward
+    model._split_original_forward = original
+
+    @functools.wraps(original)
+    def forward(*args: Any, labels: torch.Tensor | None = None, result: str | None = None, **kwargs: Any) -> Any:
+        proxy.extra = {"labels": labels, "result": result or default_result}
+        try:
+            original(*args, **kwargs)
+        except HandOff as handoff:
+            return SplitOutput(handoff.result)
+        finally:
+            proxy.extra = {}
+        raise RuntimeError("the split model's forward never reached its server segment")
+
+    model.forward = forward

@@ -1,0 +1,95 @@
+"""Joining a split: handshake, SPLIT, LOAD, and a client model wired to its remote segment.
+
+The client either brings its own model source and split (then its fingerprint is checked at the
+handshake: a different architecture is refused before anything runs), or takes the server's
+description, which it accepts only for Hugging Face ``transformers`` classes: a server cannot
+make the client import arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_split.channel import ChannelClient, ChannelConfig, TLSFiles
+from lightning_split.split.build import ModelSource
+from lightning_split.split.client_model import build_client_skeleton, materialise
+from lightning_split.split.remote import RemoteSegment
+from lightning_split.split.shipping import fingerprint
+from lightning_split.split.spec import ResolvedSplit, SplitSpec
+from lightning_split.split.surgery import SegmentProxy
+from lightning_split.wire import MessageType
+
+
+@dataclass
+class SplitModel:
+    """The client's part of a split model, connected."""
+
+    model: nn.Module
+    proxy: SegmentProxy
+    runner: RemoteSegment
+    client: ChannelClient
+    split: ResolvedSplit
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def source_from_description(description: dict[str, Any]) -> tuple[ModelSource, SplitSpec]:
+    model = description["model"]
+    if not str(model["target"]).startswith("transformers:"):
+        raise ValueError(
+            f"the server's model {model['target']!r} is not a transformers class: give the client "
+            "the same model source (target and config) yourself"
+        )
+    config = json.loads(model["config_json"])
+    source = ModelSource(target=model["target"], config=config, dtype=model.get("dtype", "float32"))
+    return source, SplitSpec.from_dict(description["split"])
+
+
+def open_split(
+    address: str,
+    node_id: str,
+    tls: TLSFiles | None = None,
+    *,
+    source: ModelSource | None = None,
+    spec: SplitSpec | None = None,
+    tail: dict[str, Any] | None = None,
+    config: ChannelConfig | None = None,
+    insecure: bool = False,
+    device: str | torch.device = "cpu",
+    server_name_override: str | None = None,
+) -> SplitModel:
+    """Connect to a server, fetch and load the client's part, and return it wired up."""
+    hello: dict[str, Any] = {"tail": tail or {"mode": "frozen"}}
+    skeleton = proxy = split = None
+    if source is not None:
+        if spec is None:
+            raise ValueError("a client that brings its own model source must bring its split too")
+        skeleton, proxy, split = build_client_skeleton(source, spec)
+        hello["fingerprint"] = fingerprint(skeleton)
+    client = ChannelClient(
+        address, node_id, tls=tls, insecure=insecure, config=config or ChannelConfig(),
+        hello_extra=hello, server_name_override=server_name_override,
+    )
+    try:
+        client.connect()
+        description = client.request(MessageType.SPLIT, {}).body
+        if skeleton is None:
+            skeleton, proxy, split = build_client_skeleton(*source_from_description(description))
+        if fingerprint(skeleton) != description["fingerprint"]:
+            raise ValueError("architecture mismatch between the client's skeleton and the server's split")
+        shipped = client.request(MessageType.LOAD, {}).body
+        weights = shipped["weights"].numpy().tobytes()
+        materialise(skeleton, weights, shipped["sha256"], device=device)
+    except BaseException:
+        client.close()
+        raise
+    runner = RemoteSegment(client, proxy, split.cut)
+    proxy.runner = runner
+    return SplitModel(skeleton, proxy, runner, client, split, description)

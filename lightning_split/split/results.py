@@ -1,0 +1,54 @@
+"""The result output instruction: what the server's segment returns for a two-part split.
+
+Shared by the in-process runner and the server runtime so both give the same answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_split.split.surgery import ServerSegment
+
+
+def segment_results(
+    segment: ServerSegment,
+    hidden: torch.Tensor,
+    result: str = "logits",
+    labels: torch.Tensor | None = None,
+    top_k: int = 0,
+) -> dict[str, Any]:
+    """Run the tail after the blocks and keep only what the instruction asks for."""
+    if result == "hidden_states":
+        return {"hidden_states": hidden}
+    logits = segment.head(hidden)
+    out: dict[str, Any] = {}
+    if result in ("logits", "loss"):
+        out["logits"] = logits
+    if labels is not None or result == "loss":
+        if labels is None:
+            raise ValueError("result type 'loss' needs labels")
+        out["loss"] = segment.loss(logits, labels)
+    if result == "topk":
+        k = top_k or 1
+        scores, ids = torch.topk(logits[..., -1, :].float(), k, dim=-1)
+        out["topk_scores"], out["topk_ids"] = scores, ids
+    elif result not in ("logits", "loss"):
+        raise ValueError(f"unknown result type {result!r}")
+    return out
+
+
+class LocalRunner:
+    """Runs a ServerSegment in-process: the reference semantics of the remote runner."""
+
+    def __init__(self, segment: ServerSegment, proxy: Any) -> None:
+        self.segment = segment
+        self.proxy = proxy
+
+    def __call__(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
+        out = self.segment(hidden, args, kwargs)
+        if not self.proxy.hand_off:
+            return out
+        extra = self.proxy.extra
+        return segment_results(self.segment, out, extra.get("result", "logits"), extra.get("labels"))

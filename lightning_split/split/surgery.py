@@ -1,0 +1,132 @@
+"""Cutting a model in two: the server's segment out, a proxy in its place.
+
+The client keeps the user's own model object and its own ``forward``. The first server block is
+replaced by a :class:`SegmentProxy` that receives exactly what that block would have received
+(hidden state, attention mask, position ids, rotary embeddings, the KV cache) and hands it to a
+*runner* (in-process for tests, remote for real runs). The other server blocks become
+:class:`PassThrough` placeholders so the model's loop and layer count are unchanged. In a two-part
+split the proxy ends the client's forward early with :class:`HandOff`, since what follows the
+blocks (final norm, output layer, loss) lives on the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_split.split.spec import ResolvedSplit
+
+
+# Stands on the wire where the client's forward passed its KV-cache object: the server puts the
+# session's own cache for its layers there.
+KV_CACHE = "<kv-cache>"
+# Stands where a block argument needs a gradient (besides the hidden state): the tensor travels in
+# the body's ``grad_inputs`` list at this index, and its gradient comes back in ``grad_extra``.
+GRAD_INPUT = "<grad-input:{}>"
+
+
+class SegmentRunner(Protocol):
+    """Runs the server's blocks on a hidden state; autograd must flow back through the call."""
+
+    def __call__(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any: ...
+
+
+class HandOff(BaseException):  # noqa: N818 - a control-flow signal, not an error
+    """Ends the client's forward of a two-part split early, carrying the server's result.
+
+    A BaseException so that no ``except Exception`` inside a model's forward can swallow it.
+    """
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("split hand-off")
+        self.result = result
+
+
+class SegmentProxy(nn.Module):
+    """Stands where the server's first block stood; forwards its inputs to a runner."""
+
+    def __init__(self, hand_off: bool) -> None:
+        super().__init__()
+        self.hand_off = hand_off
+        self.runner: SegmentRunner | None = None  # attached once a server (or test) is known
+        self.extra: dict[str, Any] = {}  # per-call extras set by the wrapper (labels, result type)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.runner is None:
+            raise RuntimeError("this model's server segment is not connected (no runner attached)")
+        result = self.runner(hidden_states, args, kwargs)
+        if self.hand_off:
+            raise HandOff(result)
+        return result
+
+
+class PassThrough(nn.Module):
+    """Holds a server block's place in the client's block list: the proxy already ran it."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class ServerSegment(nn.Module):
+    """The server's part: blocks ``[cut:end)`` and, in a two-part split, the tail modules."""
+
+    def __init__(self, blocks: list[nn.Module], tail: list[nn.Module], causal_lm: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.tail = nn.ModuleList(tail)
+        self.causal_lm = causal_lm
+
+    def forward(self, hidden: torch.Tensor, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        for block in self.blocks:
+            hidden = block(hidden, *args, **kwargs)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer (two-part splits only)."""
+        for module in self.tail:
+            hidden = module(hidden)
+        return hidden
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's loss: next-token cross-entropy for causal LMs, plain otherwise; -100 ignored."""
+        logits = logits.float()
+        if self.causal_lm:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+@dataclass
+class CutResult:
+    proxy: SegmentProxy
+    segment: ServerSegment
+
+
+def cut_model(model: nn.Module, split: ResolvedSplit) -> CutResult:
+    """Remove the server's part from ``model`` in place; return it and the proxy standing for it.
+
+    Works the same on a real model (the server) and on a skeleton on the meta device (the client).
+    """
+    blocks = model.get_submodule(split.blocks) if split.blocks else model
+    server_blocks = [blocks[i] for i in range(split.cut, split.end)]
+    tail = [model.get_submodule(path) for path in split.tail]
+
+    proxy = SegmentProxy(hand_off=split.shape == "two_part")
+    blocks[split.cut] = proxy
+    for i in range(split.cut + 1, split.end):
+        blocks[i] = PassThrough()
+    for path in split.tail:
+        model.set_submodule(path, nn.Identity())
+    return CutResult(proxy=proxy, segment=ServerSegment(server_blocks, tail, split.causal_lm))
+
+
+def find_proxy(model: nn.Module) -> SegmentProxy:
+    """The one SegmentProxy inside a client model."""
+    proxies = [m for m in model.modules() if isinstance(m, SegmentProxy)]
+    if len(proxies) != 1:
+        raise ValueError(f"expected one SegmentProxy in the client model, found {len(proxies)}")
+    return proxies[0]

@@ -1,0 +1,255 @@
+"""Cutting a message into Frames and putting it back together (claim 6).
+
+Sending: :func:`encode_message` encodes the body once (eagerly, so encoding errors surface before
+anything is sent) and returns an :class:`EncodedMessage` with ``wire_bytes`` / ``raw_bytes``
+statistics; ``.frames()`` yields the Frames lazily. :func:`message_to_frames` is
+``encode_message(...).frames()``: an iterator that also carries the statistics as attributes.
+Each fragment's ``data`` is sliced out of the (meta, buffers...) sequence with one copy; the whole
+data part is never concatenated.
+
+Receiving: one :class:`Reassembler` per stream direction. Fragments of one message arrive in
+order; fragment 0 fixes header and sizes, which are checked against WireLimits before the
+payload buffer is allocated (once, 64-byte aligned, never grown).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from lightning_split._proto import split_pb2 as pb
+
+from .compression import CompressionConfig
+from .errors import WireError, exhausted, invalid
+from .limits import WireLimits
+from .message import PROTOCOL_VERSION, Message
+from .tensor_codec import ALIGN, _decode, _encode
+
+__all__ = ["message_to_frames", "encode_message", "EncodedMessage", "FrameIterator", "Reassembler",
+           "message_header"]
+
+_KNOWN_TYPES = frozenset(v for v in pb.MessageType.values() if v != pb.MESSAGE_TYPE_UNSPECIFIED)
+
+
+def message_header(msg: Message) -> pb.Header:
+    """The pb.Header of ``msg``; WireError(INVALID_ARGUMENT) if a field is out of range."""
+    if msg.type not in _KNOWN_TYPES:
+        raise invalid(f"Header.type: unknown or unspecified value {msg.type}")
+    try:
+        return pb.Header(protocol_version=msg.protocol_version, type=msg.type, node_id=msg.node_id,
+                         code=int(msg.code), session_id=msg.session_id, step=msg.step, sequence=msg.sequence)
+    except (ValueError, TypeError) as e:
+        raise invalid(f"Header field out of range: {e}") from e
+
+
+class EncodedMessage:
+    """A message encoded for sending. ``wire_bytes`` = ``payload_bytes`` = meta + buffers
+    (what crosses the wire, before gRPC/TLS framing); ``raw_bytes`` = tensors before compression."""
+
+    def __init__(self, header: pb.Header, meta: bytes, buffers: list[memoryview], raw_bytes: int,
+                 chunk_size: int, checksum: bool) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if len(meta) >= 2**32:
+            raise WireError("PayloadMeta over 4 GiB", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.header = header
+        self.meta = meta
+        self.buffers = buffers
+        self.raw_bytes = raw_bytes
+        self.meta_bytes = len(meta)
+        self.payload_bytes = len(meta) + sum(len(b) for b in buffers)
+        self.wire_bytes = self.payload_bytes
+        self.chunk_size = chunk_size
+        self.checksum = checksum
+        self.fragment_count = max(1, -(-self.payload_bytes // chunk_size))
+
+    def frames(self) -> FrameIterator:
+        """A fresh iterator over this message's Frames (may be called again, e.g. to resend)."""
+        return FrameIterator(self)
+
+    def _frames(self) -> Iterator[pb.Frame]:
+        pieces = [memoryview(self.meta)] + [b for b in self.buffers if len(b)]
+        pi, po = 0, 0  # current piece, offset in it
+        for index in range(self.fragment_count):
+            want = min(self.chunk_size, self.payload_bytes - index * self.chunk_size)
+            parts: list[memoryview] = []
+            while want:
+                piece = pieces[pi]
+                take = min(want, len(piece) - po)
+                parts.append(piece[po : po + take])
+                want -= take
+                po += take
+                if po == len(piece):
+                    pi, po = pi + 1, 0
+            data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # the one copy
+            yield pb.Frame(header=self.header, fragment_index=index, fragment_count=self.fragment_count,
+                           payload_bytes=self.payload_bytes, meta_bytes=self.meta_bytes,
+                           crc32=zlib.crc32(data) if self.checksum else 0, data=data)
+
+
+class FrameIterator(Iterator[pb.Frame]):
+    """Iterator of Frames that also exposes the message's statistics."""
+
+    def __init__(self, encoded: EncodedMessage) -> None:
+        self.encoded = encoded
+        self.wire_bytes = encoded.wire_bytes
+        self.raw_bytes = encoded.raw_bytes
+        self.payload_bytes = encoded.payload_bytes
+        self.fragment_count = encoded.fragment_count
+        self._it = encoded._frames()
+
+    def __next__(self) -> pb.Frame:
+        return next(self._it)
+
+    def __len__(self) -> int:
+        return self.fragment_count
+
+
+def encode_message(msg: Message, compression: CompressionConfig | None = None, chunk_size: int = 1 << 20,
+                   checksum: bool = True, *, limits: WireLimits | None = None) -> EncodedMessage:
+    """Encode ``msg`` (header + body) for sending; raises WireError if it cannot be encoded."""
+    header = message_header(msg)
+    meta, buffers, raw = _encode(msg.body, compression, limits)
+    return EncodedMessage(header, meta, buffers, raw, chunk_size, checksum)
+
+
+def message_to_frames(msg: Message, compression: CompressionConfig | None = None, chunk_size: int = 1 << 20,
+                      checksum: bool = True) -> FrameIterator:
+    """Frames of ``msg``; the returned iterator has ``wire_bytes``, ``raw_bytes``,
+    ``payload_bytes`` and ``fragment_count`` attributes. The body is encoded at call time."""
+    return encode_message(msg, compression, chunk_size, checksum).frames()
+
+
+class Reassembler:
+    """Merges the Frames of one stream direction back into Messages.
+
+    ``add`` returns a Message when a message's last fragment arrives, else None, and raises
+    WireError on any violation (after which the partial message is dropped; the caller normally
+    ends the stream). Codes: RESOURCE_EXHAUSTED for sizes/counts over ``limits``, DATA_LOSS for a
+    CRC mismatch, FAILED_PRECONDITION for an unsupported protocol version, INVALID_ARGUMENT for
+    anything else malformed. ``checksum`` must match the sender's setting. ``device``: decoded
+    tensors are placed there.
+    """
+
+    def __init__(self, limits: WireLimits | None = None, checksum: bool = True,
+                 compression_allowed: CompressionConfig | None = None, *,
+                 device: torch.device | str | None = None, nthreads: int = 2,
+                 protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION,)) -> None:
+        self.limits = limits or WireLimits()
+        self.checksum = checksum
+        self.compression_allowed = compression_allowed
+        self.device = device
+        self.nthreads = nthreads
+        self.protocol_versions = tuple(protocol_versions)
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop any partially received message."""
+        self._first: pb.Frame | None = None  # fragment 0's frame minus data: the reference header
+        self._next = 0
+        self._buf: torch.Tensor | None = None
+        self._mv: memoryview | None = None
+        self._pad = 0
+        self._pos = 0
+
+    @property
+    def in_progress(self) -> bool:
+        return self._first is not None
+
+    def add(self, frame: pb.Frame) -> Message | None:
+        try:
+            return self._add(frame)
+        except WireError:
+            self.reset()
+            raise
+
+    def _add(self, frame: pb.Frame) -> Message | None:
+        data = frame.data
+        if self.checksum and zlib.crc32(data) != frame.crc32:
+            raise WireError(f"corrupt fragment {frame.fragment_index}: CRC-32 mismatch",
+                            grpc.StatusCode.DATA_LOSS)
+        if self._first is None:
+            if frame.fragment_index != 0:
+                raise invalid(f"fragment {frame.fragment_index} arrived while no message was in progress")
+            self._start(frame)
+        else:
+            self._check_same(frame)
+        first = self._first
+        assert first is not None and self._mv is not None
+        if self._pos + len(data) > first.payload_bytes:
+            raise invalid(f"fragment {frame.fragment_index} overflows payload_bytes={first.payload_bytes}")
+        start = self._pad + self._pos
+        self._mv[start : start + len(data)] = data
+        self._pos += len(data)
+        self._next += 1
+        if self._next < first.fragment_count:
+            return None
+        if self._pos != first.payload_bytes:
+            raise invalid(f"payload short: {self._pos} of {first.payload_bytes} bytes in "
+                          f"{first.fragment_count} fragments")
+        return self._finish()
+
+    def _start(self, frame: pb.Frame) -> None:
+        lim, h = self.limits, frame.header
+        if h.protocol_version not in self.protocol_versions:
+            raise WireError(f"unsupported protocol version {h.protocol_version} (accepted: "
+                            f"{list(self.protocol_versions)})", grpc.StatusCode.FAILED_PRECONDITION)
+        if h.type not in _KNOWN_TYPES:
+            raise invalid(f"Header.type: unknown or unspecified value {h.type}")
+        payload, count, meta = frame.payload_bytes, frame.fragment_count, frame.meta_bytes
+        if payload > lim.max_payload_bytes:
+            raise exhausted(f"payload_bytes={payload} > max_payload_bytes={lim.max_payload_bytes}")
+        if count > lim.max_fragments:
+            raise exhausted(f"fragment_count={count} > max_fragments={lim.max_fragments}")
+        if count < 1:
+            raise invalid("fragment_count must be >= 1")
+        if count > max(1, payload):
+            raise invalid(f"fragment_count={count} > payload_bytes={payload}")
+        if meta > payload:
+            raise invalid(f"meta_bytes={meta} > payload_bytes={payload}")
+        if meta > lim.max_meta_bytes:
+            raise exhausted(f"meta_bytes={meta} > max_meta_bytes={lim.max_meta_bytes}")
+        try:  # torch.empty: no zero-fill, 64-byte aligned; padded so the buffer region is aligned too
+            buf = torch.empty(payload + ALIGN, dtype=torch.uint8)
+        except RuntimeError as e:
+            raise exhausted(f"cannot allocate {payload} bytes: {e}") from e
+        self._pad = -(buf.data_ptr() + meta) % ALIGN
+        self._buf, self._mv = buf, memoryview(buf.numpy())
+        first = pb.Frame()
+        first.CopyFrom(frame)
+        first.ClearField("data")
+        self._first, self._next, self._pos = first, 0, 0
+
+    def _check_same(self, frame: pb.Frame) -> None:
+        first = self._first
+        assert first is not None
+        if frame.fragment_index == 0 and self._next > 0:
+            raise invalid(f"a new message started before fragment {self._next} of "
+                          f"{first.fragment_count} of the previous one arrived")
+        if frame.fragment_index != self._next:
+            what = "duplicate" if frame.fragment_index < self._next else "out of order, or a gap"
+            raise invalid(f"fragment {frame.fragment_index} ({what}); expected {self._next}")
+        if (frame.fragment_count != first.fragment_count or frame.payload_bytes != first.payload_bytes
+                or frame.meta_bytes != first.meta_bytes):
+            raise invalid(f"fragment {frame.fragment_index}: count/payload_bytes/meta_bytes differ "
+                          "from fragment 0")
+        if frame.header != first.header:
+            raise invalid(f"fragment {frame.fragment_index}: header differs from fragment 0 "
+                          "(interleaved messages are not allowed)")
+
+    def _finish(self) -> Message:
+        first, buf, pad = self._first, self._buf, self._pad
+        assert first is not None and buf is not None
+        self.reset()
+        meta_end = pad + first.meta_bytes
+        meta = memoryview(buf.numpy())[pad:meta_end]
+        region = buf[meta_end : pad + first.payload_bytes]
+        body, raw = _decode(meta, region, self.limits, self.device, self.compression_allowed, self.nthreads)
+        h = first.header
+        return Message(type=h.type, body=body, session_id=h.session_id, step=h.step, sequence=h.sequence,
+                       code=h.code, node_id=h.node_id, protocol_version=h.protocol_version,
+                       wire_bytes=first.payload_bytes, raw_bytes=raw)
+

@@ -1,0 +1,24 @@
+"""The logical message: a header (claim 5: type, node id, code, ...) and a body (the data part)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Message", "PROTOCOL_VERSION"]
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class Message:
+    type: int  # a MessageType value (pb enum int)
+    body: Any = None  # nested: tensors, tuple/list/dict (str keys), int, float, bool, str, bytes, None
+    session_id: str = ""
+    step: int = 0
+    sequence: int = 0
+    code: int = 0  # 0 = OK; in ERROR replies a grpc.StatusCode value[0]
+    node_id: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+    wire_bytes: int = 0  # set by the receiver: bytes of the data part as they crossed the wire
+    raw_bytes: int = 0  # set by the receiver: bytes of the tensors before compression

@@ -1,0 +1,330 @@
+"""Body codec: a nested Python value <-> (serialized ``pb.PayloadMeta``, tensor buffers).
+
+The meta describes the structure (tuple/list/dict/scalars) and, per tensor, a ``TensorMeta``
+whose ``offset``/``nbytes`` point into the *buffer region* that follows the meta in the data
+part. Tensor bytes never go through protobuf. Buffers start at 64-byte aligned offsets (the
+receiver aligns the region start too), so RAW tensors decode as zero-copy views.
+
+Decoding never trusts the peer: a first pass over the meta checks every enum, rank, dim,
+element count, byte count, offset, overlap, depth, node count and string length, and sums the
+bytes the body will decode to; only then is anything allocated, decompressed or viewed.
+No pickle, no ``torch.load``, no blosc2 ``unpack_tensor``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from google.protobuf.message import DecodeError
+
+from lightning_split._proto import split_pb2 as pb
+
+from .compression import (
+    CompressionConfig,
+    EncodedTensor,
+    check_blosc2_header,
+    check_blosc2_size,
+    check_encoding,
+    decode_tensor,
+    encode_tensor,
+    encoded_nbytes,
+)
+from .errors import exhausted, invalid
+from .limits import WireLimits
+
+__all__ = ["encode_body", "decode_body", "DTYPE_TO_PB", "PB_TO_DTYPE", "ALIGN"]
+
+DTYPE_TO_PB: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
+    torch.float64: pb.FLOAT64, torch.int64: pb.INT64, torch.int32: pb.INT32, torch.int16: pb.INT16,
+    torch.int8: pb.INT8, torch.uint8: pb.UINT8, torch.bool: pb.BOOL,
+}
+PB_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_PB.items()}
+ALIGN = 64  # buffer alignment: a cache line, and enough for any dtype / SIMD load
+_ZEROS = memoryview(bytes(ALIGN))
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_DEFAULT_LIMITS = WireLimits()
+_DEFAULT_COMPRESSION = CompressionConfig()
+
+
+class _Encoder:
+    def __init__(self, compression: CompressionConfig, limits: WireLimits) -> None:
+        self.cfg = compression
+        self.limits = limits
+        self.buffers: list[memoryview] = []
+        self.tensors: list[EncodedTensor] = []
+        self.offset = 0
+        self.raw_bytes = 0
+        self.nodes = 0
+
+    def fill(self, v: pb.Value, x: Any, depth: int, path: str) -> None:
+        self.nodes += 1
+        if self.nodes > self.limits.max_values:
+            raise exhausted(f"body has more than {self.limits.max_values} values")
+        if depth > self.limits.max_depth:
+            raise exhausted(f"body nesting deeper than {self.limits.max_depth} at {path}")
+        if isinstance(x, torch.Tensor):
+            self._tensor(v.tensor, x)
+        elif x is None:
+            v.none = True
+        elif isinstance(x, bool):  # before int: bool is an int subclass
+            v.bool_value = x
+        elif isinstance(x, int):
+            if not _INT64_MIN <= x <= _INT64_MAX:
+                raise invalid(f"int at {path} does not fit in 64 bits")
+            v.int_value = x
+        elif isinstance(x, float):
+            v.float_value = x
+        elif isinstance(x, str):
+            try:
+                n = len(x.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise invalid(f"str at {path} is not valid UTF-8: {e}") from e
+            self._check_len(n, path)
+            v.string_value = x
+        elif isinstance(x, (bytes, bytearray, memoryview)):
+            b = bytes(x)
+            self._check_len(len(b), path)
+            v.bytes_value = b
+        elif isinstance(x, (tuple, list)):
+            lst = v.tuple if isinstance(x, tuple) else v.list
+            lst.SetInParent()  # an empty container must still be marked as set
+            for i, item in enumerate(x):
+                self.fill(lst.items.add(), item, depth + 1, f"{path}[{i}]")
+        elif isinstance(x, dict):
+            v.dict.SetInParent()
+            for k, item in x.items():
+                if not isinstance(k, str):
+                    raise invalid(f"dict key {k!r} at {path} is not a str")
+                self._check_len(len(k.encode("utf-8")), f"{path} key")
+                v.dict.keys.append(k)
+                self.fill(v.dict.values.add(), item, depth + 1, f"{path}[{k!r}]")
+        else:
+            raise invalid(f"cannot send a {type(x).__name__} at {path} (allowed: tensors, tuple, list, "
+                          "dict with str keys, int, float, bool, str, bytes, None)")
+
+    def _check_len(self, n: int, path: str) -> None:
+        if n > self.limits.max_string_bytes:
+            raise exhausted(f"string/bytes at {path} has {n} bytes > {self.limits.max_string_bytes}")
+
+    def _tensor(self, tm: pb.TensorMeta, t: torch.Tensor) -> None:
+        et = encode_tensor(t, self.cfg)
+        pad = -self.offset % ALIGN
+        if pad:
+            self.buffers.append(_ZEROS[:pad])
+            self.offset += pad
+        tm.dtype = DTYPE_TO_PB[et.dtype]
+        tm.shape.extend(et.shape)
+        tm.encoding = et.encoding
+        tm.block_size = et.block_size
+        tm.blosc2 = et.blosc2
+        tm.offset = self.offset
+        tm.nbytes = len(et.data)
+        if len(et.data):
+            self.buffers.append(et.data)
+        self.offset += len(et.data)
+        self.raw_bytes += et.raw_nbytes
+        self.tensors.append(et)  # keeps staging buffers alive as long as the buffers list
+
+
+def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits | None
+            ) -> tuple[bytes, list[memoryview], int]:
+    enc = _Encoder(compression or _DEFAULT_COMPRESSION, limits or _DEFAULT_LIMITS)
+    if body is None:
+        return b"", [], 0  # an empty PayloadMeta decodes to None: an empty body costs 0 bytes
+    meta = pb.PayloadMeta()
+    try:
+        enc.fill(meta.body, body, 0, "body")
+    except RecursionError as e:  # pragma: no cover - only with a raised max_depth
+        raise exhausted("body nested too deeply") from e
+    except (ValueError, TypeError) as e:  # protobuf range/type errors
+        raise invalid(f"cannot encode body: {e}") from e
+    return meta.SerializeToString(), enc.buffers, enc.raw_bytes
+
+
+def encode_body(body: Any, compression: CompressionConfig | None = None, *,
+                limits: WireLimits | None = None) -> tuple[bytes, list[memoryview]]:
+    """Encode ``body`` into (serialized PayloadMeta, buffers).
+
+    The buffers (memoryviews, some of them zero-copy views of CPU tensors; do not modify those
+    tensors until the buffers are sent) laid back to back form the buffer region; each
+    TensorMeta.offset is relative to its start. ``limits`` (default WireLimits()) is applied on the
+    sending side too, so an over-deep or self-referencing body fails here and not at the peer.
+    Raises WireError for anything not encodable.
+    """
+    meta, buffers, _ = _encode(body, compression, limits)
+    return meta, buffers
+
+
+class _Plan:
+    __slots__ = ("tm", "dtype", "shape", "offset", "nbytes")
+
+    def __init__(self, tm: pb.TensorMeta, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.tm, self.dtype, self.shape = tm, dtype, shape
+        self.offset, self.nbytes = tm.offset, tm.nbytes
+
+
+class _Validator:
+    """Pass 1: checks everything, allocates nothing but the plan list."""
+
+    def __init__(self, limits: WireLimits, region: torch.Tensor, allowed: CompressionConfig | None) -> None:
+        self.limits, self.allowed = limits, allowed
+        self.region_np = region.numpy()
+        self.region_len = len(region)
+        self.nodes = 0
+        self.decoded_bytes = 0
+        self.plans: list[_Plan] = []
+
+    def walk(self, v: pb.Value, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > self.limits.max_values:
+            raise exhausted(f"body has more than {self.limits.max_values} values")
+        if depth > self.limits.max_depth:
+            raise exhausted(f"body nesting deeper than {self.limits.max_depth}")
+        kind = v.WhichOneof("kind")
+        if kind is None:
+            raise invalid("Value.kind is not set")
+        if kind == "tensor":
+            self._tensor(v.tensor)
+        elif kind in ("list", "tuple"):
+            for item in getattr(v, kind).items:
+                self.walk(item, depth + 1)
+        elif kind == "dict":
+            d = v.dict
+            if len(d.keys) != len(d.values):
+                raise invalid(f"ValueMap has {len(d.keys)} keys but {len(d.values)} values")
+            for k in d.keys:
+                self._string(k, "ValueMap.keys")
+            if len(set(d.keys)) != len(d.keys):
+                raise invalid("ValueMap.keys has duplicates")
+            for item in d.values:
+                self.walk(item, depth + 1)
+        elif kind == "string_value":
+            self._string(v.string_value, "Value.string_value")
+        elif kind == "bytes_value":
+            if len(v.bytes_value) > self.limits.max_string_bytes:
+                raise exhausted(f"Value.bytes_value has {len(v.bytes_value)} bytes > "
+                                f"{self.limits.max_string_bytes}")
+
+    def _string(self, s: str, field: str) -> None:
+        limit = self.limits.max_string_bytes
+        if len(s) > limit or (4 * len(s) > limit and len(s.encode("utf-8")) > limit):
+            raise exhausted(f"{field} longer than {limit} bytes")
+
+    def _tensor(self, tm: pb.TensorMeta) -> None:
+        lim = self.limits
+        dtype = PB_TO_DTYPE.get(tm.dtype)
+        if dtype is None:
+            raise invalid(f"TensorMeta.dtype: unknown or disallowed value {tm.dtype}")
+        check_encoding(tm.encoding, dtype, tm.block_size, tm.blosc2, self.allowed)
+        if len(tm.shape) > lim.max_rank:
+            raise exhausted(f"TensorMeta.shape has rank {len(tm.shape)} > {lim.max_rank}")
+        numel = 1
+        for d in tm.shape:
+            if d < 0:
+                raise invalid(f"TensorMeta.shape has a negative dim {d}")
+            numel *= d  # Python int: no overflow; bounded since each d < 2**63 and rank <= max_rank
+        if numel > lim.max_tensor_elements:
+            raise exhausted(f"tensor of {numel} elements > max_tensor_elements {lim.max_tensor_elements}")
+        enc_bytes = encoded_nbytes(dtype, numel, tm.encoding, tm.block_size)
+        if tm.blosc2:
+            check_blosc2_size(enc_bytes)
+        elif tm.nbytes != enc_bytes:
+            raise invalid(f"TensorMeta.nbytes={tm.nbytes}, but {dtype} {list(tm.shape)} "
+                          f"{pb.Encoding.Name(tm.encoding)} needs {enc_bytes}")
+        if tm.offset > self.region_len or tm.nbytes > self.region_len - tm.offset:
+            raise invalid(f"TensorMeta offset {tm.offset} + nbytes {tm.nbytes} outside the "
+                          f"{self.region_len}-byte buffer region")
+        if tm.blosc2:  # header only (32 bytes): declared sizes must match before anything is allocated
+            check_blosc2_header(self.region_np[tm.offset : tm.offset + tm.nbytes].data, enc_bytes)
+        self.decoded_bytes += numel * dtype.itemsize
+        if self.decoded_bytes > lim.max_decoded_bytes:
+            raise exhausted(f"body decodes to more than max_decoded_bytes={lim.max_decoded_bytes}")
+        self.plans.append(_Plan(tm, dtype, tuple(tm.shape)))
+
+    def check_overlap(self) -> None:
+        spans = sorted((p.offset, p.offset + p.nbytes) for p in self.plans if p.nbytes)
+        end = 0
+        for lo, hi in spans:
+            if lo < end:
+                raise invalid(f"tensor buffers overlap at offset {lo}")
+            end = hi
+
+
+def _build(v: pb.Value, tensors: list[torch.Tensor], pos: list[int]) -> Any:
+    """Pass 2: rebuild Python values; tensors are taken in pass-1 order."""
+    kind = v.WhichOneof("kind")
+    if kind == "tensor":
+        t = tensors[pos[0]]
+        pos[0] += 1
+        return t
+    if kind == "list":
+        return [_build(i, tensors, pos) for i in v.list.items]
+    if kind == "tuple":
+        return tuple(_build(i, tensors, pos) for i in v.tuple.items)
+    if kind == "dict":
+        return {k: _build(i, tensors, pos) for k, i in zip(v.dict.keys, v.dict.values, strict=True)}
+    if kind == "none":
+        return None
+    return getattr(v, kind)  # int_value / float_value / bool_value / string_value / bytes_value
+
+
+def _as_region(buffer: Any) -> torch.Tensor:
+    """The buffer region as a 1-D uint8 CPU tensor; zero-copy for tensors and writable buffers."""
+    if isinstance(buffer, torch.Tensor):
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device.type != "cpu":
+            raise TypeError("a tensor buffer region must be a 1-D uint8 CPU tensor")
+        return buffer
+    mv = memoryview(buffer).cast("B")
+    if len(mv) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if mv.readonly:  # torch would hand out writable tensors aliasing immutable bytes: copy instead
+        return torch.frombuffer(bytearray(mv), dtype=torch.uint8)
+    return torch.frombuffer(mv, dtype=torch.uint8)
+
+
+def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | None,
+            device: torch.device | str | None, allowed: CompressionConfig | None, nthreads: int
+            ) -> tuple[Any, int]:
+    limits = limits or _DEFAULT_LIMITS
+    if len(meta_bytes) > limits.max_meta_bytes:
+        raise exhausted(f"PayloadMeta of {len(meta_bytes)} bytes > max_meta_bytes {limits.max_meta_bytes}")
+    meta = pb.PayloadMeta()
+    try:
+        meta.ParseFromString(meta_bytes)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise invalid(f"PayloadMeta does not parse: {e}") from e
+    if not meta.HasField("body"):
+        return None, 0
+    region = _as_region(buffer)
+    val = _Validator(limits, region, allowed)
+    try:
+        val.walk(meta.body, 0)
+    except RecursionError as e:  # pragma: no cover - protobuf's own nesting limit comes first
+        raise exhausted("body nested too deeply") from e
+    val.check_overlap()
+    dev = torch.device(device) if device is not None else None
+    tensors: list[torch.Tensor] = []
+    for p in val.plans:
+        src = region[p.offset : p.offset + p.nbytes]
+        t = decode_tensor(src, dtype=p.dtype, shape=p.shape, encoding=p.tm.encoding,
+                          block_size=p.tm.block_size, use_blosc2=p.tm.blosc2, device=dev, nthreads=nthreads)
+        if dev is not None and t.device != dev:
+            t = t.to(dev)
+        tensors.append(t)
+    return _build(meta.body, tensors, [0]), val.decoded_bytes
+
+
+def decode_body(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | None = None,
+                device: torch.device | str | None = None, *, allowed: CompressionConfig | None = None,
+                nthreads: int = 2) -> Any:
+    """Decode a body from its serialized PayloadMeta and buffer region.
+
+    ``buffer``: a 1-D uint8 CPU tensor, bytearray, writable memoryview (all zero-copy: RAW CPU
+    tensors come back as views of it) or bytes (copied once, since tensors must not alias
+    immutable memory). ``allowed``: if given, tensor encodings it does not accept are rejected.
+    ``device``: tensors are moved there (lossy decoding happens on it). Raises WireError.
+    """
+    body, _ = _decode(meta_bytes, buffer, limits, device, allowed, nthreads)
+    return body
