@@ -26,6 +26,7 @@ def split_server(pki: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
         servers.append(server)
         return f"127.0.0.1:{port}", lambda node_id: client_tls(pki, node_id)
 
+    _start.servers = servers  # tests may look at the server's sessions
     yield _start
     for server in servers:
         server.stop(grace=0)

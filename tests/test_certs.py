@@ -79,7 +79,8 @@ def test_existing_ca_is_reused_for_new_clients(tmp_path: Path) -> None:
 def test_explicit_validity_window(tmp_path: Path) -> None:
     make_certs(tmp_path, client_ids=[])
     past = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
-    cert_path, key_path = make_client_cert(tmp_path, "old", not_before=past, not_after=past + dt.timedelta(days=1))
+    cert_path, key_path = make_client_cert(tmp_path, "old", not_before=past,
+                                           not_after=past + dt.timedelta(days=1))
     cert = _load(cert_path)
     assert cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc)
     assert _mode(key_path) == 0o600

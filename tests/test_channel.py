@@ -25,8 +25,9 @@ from lightning_split.channel import (
     server_tls,
 )
 from lightning_split.channel.certs import make_client_cert
-from lightning_split.wire import CompressionConfig, WireLimits
-from tests.channel_util import EchoHandler, open_raw, sample_body, secure_channel, wait_for
+from lightning_split.channel.handshake import build_hello
+from lightning_split.wire import CompressionConfig, Message, WireLimits
+from tests.channel_util import EchoHandler, RawStream, open_raw, sample_body, secure_channel, wait_for
 
 FORWARD, STATE = pb.FORWARD, pb.STATE
 
@@ -130,9 +131,6 @@ def test_handshake_negotiation_and_extras(start_server, connect) -> None:
 def test_unsupported_protocol_version_is_failed_precondition(start_server, pki) -> None:
     server = start_server(EchoHandler())
     raw = open_raw(server.port, pki)
-    from lightning_split.channel.handshake import build_hello
-    from lightning_split.wire import Message
-
     hello = build_hello(ChannelConfig(), "alice")
     hello["protocol_version"] = 99
     raw.send_message(Message(type=pb.HANDSHAKE, body=hello, node_id="alice"))
@@ -278,20 +276,18 @@ def _expect_unavailable_then_good(server: ChannelServer, pki: Path, attempt: Any
 
 
 def test_tls_rejects_client_without_certificate(start_server, pki) -> None:
-    server = start_server(EchoHandler())
+    handler = EchoHandler()
+    server = start_server(handler)
 
     def attempt() -> None:
-        from tests.channel_util import RawStream
-
         raw = RawStream(secure_channel(server.port, ca=pki / "ca.pem", no_client_cert=True))
-        raw.send_message(__import__("lightning_split.wire", fromlist=["Message"]).Message(
-            type=pb.HANDSHAKE, body={}, node_id="alice"))
+        raw.send_message(Message(type=pb.HANDSHAKE, body={}, node_id="alice"))
         code, details = raw.finish()
         raw.close()
         raise RemoteError(code, details)
 
     _expect_unavailable_then_good(server, pki, attempt)
-    assert len(server.sessions) == 1  # only the good client's
+    assert handler.opened and len(handler.opened) == 1  # only the good client got a session
 
 
 def test_tls_rejects_certificate_from_another_ca(start_server, pki, tmp_path) -> None:

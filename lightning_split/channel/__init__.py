@@ -26,7 +26,10 @@ _WHERE = {
     "TransportStats": "stats",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "ChannelClient", "ChannelConfig", "ChannelServer", "HandlerError", "RemoteError", "Session",
+    "SessionHandler", "TLSFiles", "TransportStats", "client_tls", "make_certs", "server_tls",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -71,6 +71,7 @@ class _Stream:
         self.call: Any = None
         self.reader: threading.Thread | None = None
         self.dead = threading.Event()
+        self.error: RemoteError | None = None  # set (under the client's pending lock) once it failed
 
     def requests(self) -> Iterator[pb.Frame]:
         while True:
@@ -80,6 +81,7 @@ class _Stream:
             yield from frames
 
     def shutdown(self) -> None:
+        self.dead.set()  # before the reader notices: no new request may pick this stream
         self.outbox.put(None)
         if self.call is not None:
             self.call.cancel()
@@ -112,6 +114,7 @@ class ChannelClient:
         self._lock = threading.RLock()  # opening streams, numbering and queueing requests
         self._pending: dict[int, _Pending] = {}
         self._pending_cv = threading.Condition()
+        self._generation = 0  # bumped per queued request: the watchdog's wake-up check
         self._channel: grpc.Channel | None = None
         self._stream: _Stream | None = None
         self._closed = False
@@ -191,7 +194,11 @@ class ChannelClient:
         now = time.monotonic()
         limit = self.config.request_deadline_s if timeout is None else timeout
         with self._pending_cv:
+            if stream.error is not None:  # the stream died while we encoded
+                fut.set_exception(RemoteError(stream.error.code, stream.error.message))
+                return fut
             self._pending[seq] = _Pending(fut, stream, now, now + limit)
+            self._generation += 1
             self._pending_cv.notify()
         self.stats.record_sent(it.wire_bytes, it.raw_bytes)
         stream.outbox.put(frames)
@@ -240,7 +247,10 @@ class ChannelClient:
             stream.call.cancel()
         stream.dead.set()
         stream.outbox.put(None)
-        self._fail_pending(lambda p: p.stream is stream, err)
+        with self._pending_cv:
+            stream.error = err  # from now on _enqueue fails requests for this stream at once
+            doomed = self._take_pending(lambda p: p.stream is stream)
+        _fail(doomed, err)
 
     def _resolve(self, msg: Message) -> None:
         with self._pending_cv:
@@ -253,23 +263,18 @@ class ChannelClient:
         else:
             pending.future.set_result(msg)
 
-    def _fail_pending(self, which: Any, err: RemoteError) -> None:
+    def _take_pending(self, which: Any) -> list[_Pending]:
         with self._pending_cv:
-            doomed = [(s, p) for s, p in self._pending.items() if which(p)]
-            for s, _ in doomed:
-                del self._pending[s]
-        for _, p in doomed:
-            if not p.future.done():
-                p.future.set_exception(RemoteError(err.code, err.message))
+            seqs = [s for s, p in self._pending.items() if which(p)]
+            return [self._pending.pop(s) for s in seqs]
 
     def _expire(self, now: float) -> float | None:
         """Fail requests past their deadline; returns seconds until the next one (None: none)."""
+        expired = self._take_pending(lambda p: p.deadline <= now)
         with self._pending_cv:
-            expired = [p for p in self._pending.values() if p.deadline <= now]
-            rest = [p.deadline for p in self._pending.values() if p.deadline > now]
+            rest = [p.deadline for p in self._pending.values()]
         if expired:
-            self._fail_pending(lambda p: p in expired,
-                               RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline exceeded"))
+            _fail(expired, RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline exceeded"))
             # Replies come in order: everything behind the late one is stuck, so start over.
             for stream in {p.stream for p in expired}:
                 stream.shutdown()
@@ -309,16 +314,28 @@ class ChannelClient:
 
 
 
+def _fail(pending: list[_Pending], err: RemoteError) -> None:
+    for p in pending:
+        if not p.future.done():
+            p.future.set_exception(RemoteError(err.code, err.message))
+
+
 def _watch_deadlines(ref: weakref.ref[ChannelClient], cv: threading.Condition) -> None:
     """Deadline watchdog of one client. Holds only a weak reference between checks, so a client
     dropped without close() is still garbage-collected (and the thread then ends)."""
     while True:
+        client = ref()
+        if client is None:
+            return
         with cv:
-            client = ref()
-            if client is None or (client._closed and not client._pending):
+            if client._closed and not client._pending:
                 return
-            wait_s = client._expire(time.monotonic())
-            del client
-            # Wake up at the next deadline, on a new request (notify), or every second to
-            # notice a collected client.
-            cv.wait(1.0 if wait_s is None else min(wait_s, 1.0))
+            generation = client._generation
+        wait_s = client._expire(time.monotonic())  # fails futures: not under the lock
+        with cv:
+            # A request queued meanwhile may have an earlier deadline: then look again at once.
+            if client._generation == generation:
+                del client
+                # Wake at the next deadline, on a new request, or each second to notice a
+                # collected client.
+                cv.wait(1.0 if wait_s is None else min(wait_s, 1.0))

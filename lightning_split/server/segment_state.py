@@ -13,6 +13,7 @@ number already applied is acknowledged but never applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 from typing import Any
@@ -113,7 +114,24 @@ class SessionSegment:
         hidden = body["hidden"].to(self.device)
         grad_inputs = [t.to(self.device).requires_grad_(train) for t in body.get("grad_inputs") or []]
         args, kwargs = self._block_arguments(body, grad_inputs)
-        self.module.train(bool(body.get("training", train)))
+        if self.mode != "frozen":
+            # A frozen segment is shared by every session and always runs in eval mode (no
+            # dropout, fixed norm statistics): flipping a shared module's mode would race.
+            self.module.train(bool(body.get("training", train)))
+        autocast = body.get("autocast")
+        if autocast is not None:
+            if autocast not in ("bfloat16", "float16"):
+                raise SegmentError(f"autocast dtype {autocast!r} is not supported")
+            context = torch.autocast(self.device.type, dtype=getattr(torch, autocast))
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            return self._forward(hidden, grad_inputs, args, kwargs, body, train)
+
+    def _forward(
+        self, hidden: torch.Tensor, grad_inputs: list[torch.Tensor], args: tuple, kwargs: dict[str, Any],
+        body: dict[str, Any], train: bool,
+    ) -> dict[str, Any]:
         if not train:
             with torch.no_grad():
                 return self._run(hidden, args, kwargs, body)
@@ -147,11 +165,21 @@ class SessionSegment:
             "grad_extra": [t.grad for t in grad_inputs],
         }
 
+    def configure_optimizer(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Replace the session's optimizer (the client's optimizer class and hyper-parameters)."""
+        if not self.trainable:
+            raise SegmentError("a frozen tail has no optimizer")
+        self.optimizer = make_optimizer(self.trainable, spec)
+        return {"optimizer": type(self.optimizer).__name__}
+
     def step(self, step: int, body: dict[str, Any]) -> dict[str, Any]:
         """Apply one optimizer step for training step ``step``; a repeat is a no-op."""
         if step <= self.last_step:
             return {"applied": False, "last_step": self.last_step}
         if self.optimizer is not None:
+            if body.get("lr") is not None:  # follow the client's learning-rate schedule
+                for group in self.optimizer.param_groups:
+                    group["lr"] = float(body["lr"])
             scale = body.get("clip_coef")
             if scale is not None and scale < 1.0:
                 for p in self.trainable:

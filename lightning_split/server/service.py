@@ -56,6 +56,7 @@ class SplitService:
         self.segment = cut.segment
         # The shared segment is the model owner's: sessions train copies or adapters, never it.
         self.segment.requires_grad_(False)
+        self.segment.eval()
         self.client_weights, self.client_sha256 = pack_part(model)
         self.client_fingerprint = fingerprint(model)
         del model  # the client's part lives on as shipped bytes only
@@ -128,6 +129,8 @@ class SplitService:
         if kind == MessageType.OPTIMIZER_STEP:
             if body.get("op") == "grad_norm":
                 return segment.grad_sq_norm()
+            if body.get("op") == "configure":
+                return segment.configure_optimizer(dict(body["optimizer"]))
             return segment.step(int(request.step), body)
         if kind == MessageType.CACHE:
             return segment.cache_control(body)

@@ -63,6 +63,7 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_resu
         return
     original = model.forward
     model._split_original_forward = original
+    hf_model = hasattr(model, "config")
 
     @functools.wraps(original)
     def forward(*args: Any, labels: torch.Tensor | None = None, result: str | None = None, **kwargs: Any) -> Any:
@@ -70,6 +71,9 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_resu
         try:
             original(*args, **kwargs)
         except HandOff as handoff:
+            if not hf_model and len(handoff.result) == 1:
+                # A plain nn.Module returned a tensor locally: return the one result the same way.
+                return next(iter(handoff.result.values()))
             return SplitOutput(handoff.result)
         finally:
             proxy.extra = {}

@@ -2,8 +2,8 @@
 
 The client either brings its own model source and split (then its fingerprint is checked at the
 handshake: a different architecture is refused before anything runs), or takes the server's
-description, which it accepts only for Hugging Face ``transformers`` classes: a server cannot
-make the client import arbitrary code.
+description, which it accepts only for Hugging Face ``transformers`` classes and this package's
+examples: a server cannot make the client import arbitrary code.
 """
 
 from __future__ import annotations
@@ -40,11 +40,15 @@ class SplitModel:
         self.client.close()
 
 
+# Code the client may import on the server's word: Hugging Face classes and our own examples.
+TRUSTED_TARGETS = ("transformers:", "lightning_split.examples.")
+
+
 def source_from_description(description: dict[str, Any]) -> tuple[ModelSource, SplitSpec]:
     model = description["model"]
-    if not str(model["target"]).startswith("transformers:"):
+    if not str(model["target"]).startswith(TRUSTED_TARGETS):
         raise ValueError(
-            f"the server's model {model['target']!r} is not a transformers class: give the client "
+            f"the server's model {model['target']!r} is not from {TRUSTED_TARGETS}: give the client "
             "the same model source (target and config) yourself"
         )
     config = json.loads(model["config_json"])

@@ -73,6 +73,9 @@ class RemoteSegment:
         args, kwargs, cache, differentiable = wire_arguments(args, kwargs)
         extra = self.proxy.extra
         body: dict[str, Any] = {"args": args, "kwargs": kwargs, "training": self.proxy.training}
+        if torch.is_autocast_enabled(hidden.device.type):
+            # The server runs its blocks under the same mixed precision as the client's forward.
+            body["autocast"] = str(torch.get_autocast_dtype(hidden.device.type)).removeprefix("torch.")
         if self.proxy.hand_off:
             body["result"] = extra.get("result") or "logits"
             body["labels"] = extra.get("labels")

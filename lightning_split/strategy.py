@@ -1,0 +1,221 @@
+"""SplitStrategy: Lightning training, validation, testing and prediction through a remote segment.
+
+A thin adapter over a few of Lightning's Strategy hooks (like ``SingleDeviceStrategy``, which it
+extends):
+
+* ``setup``: connect to the server (mutual TLS), handshake, SPLIT and LOAD, and put the client's
+  part of the model where the LightningModule expects its model (``model_attr``), *before* the
+  optimizers are made, so they only see the client's parameters. A trainable or LoRA tail gets an
+  optimizer of the same class and hyper-parameters on the server.
+* ``training_step``: stamp the step number on every message; log transport metrics.
+* ``optimizer_step``: after the client's optimizer steps, the server's steps for the same step
+  number (a retried step is never applied twice). Gradient clipping by norm is global: the
+  server's squared gradient norm joins the client's before the clip coefficient is computed.
+* ``save_checkpoint`` / ``load_model_state_dict``: the server saves (restores) its session state
+  under a tag that the client's checkpoint records; the model owner's weights stay on the server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from lightning_split.channel import ChannelConfig, TLSFiles, client_tls
+from lightning_split.split.build import ModelSource
+from lightning_split.split.connect import SplitModel, open_split
+from lightning_split.split.spec import SplitSpec
+from lightning_split.split.surgery import SegmentProxy
+from lightning_split.wire import MessageType
+
+OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "dampening", "alpha", "amsgrad")
+
+
+def _optimizer_spec(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and first parameter group's hyper-parameters, for the server's copy."""
+    group = optimizer.param_groups[0]
+    spec: dict[str, Any] = {"name": type(optimizer).__name__}
+    for key in OPTIMIZER_OPTIONS:
+        value = group.get(key)
+        if value is not None:
+            spec[key] = list(value) if isinstance(value, tuple) else value
+    return spec
+
+
+class SplitStrategy(SingleDeviceStrategy):
+    """Run the LightningModule's model split between this client and a remote server.
+
+    Args:
+        address: the server, ``host:port`` (default: ``$LIGHTNING_SPLIT_ADDRESS`` or ``127.0.0.1:50051``).
+        node_id: this client's identity, the CN of its certificate (``$LIGHTNING_SPLIT_NODE_ID``).
+        certs: a folder made by ``lightning-split certs`` (``$LIGHTNING_SPLIT_CERTS``, default ``certs``).
+        tls: explicit certificate files, instead of ``certs``.
+        insecure: plaintext, for loopback experiments only; never the default.
+        model_attr: the LightningModule attribute that holds the split model (``None`` until setup).
+        source, spec: the client's own copy of the model source and split, checked against the
+            server's at the handshake; by default the server's description is used.
+        tail: the server segment's mode, ``"frozen"``, ``"trainable"`` or ``"lora"``, or a dict
+            ``{"mode": ..., "optimizer": {...}, "lora": {...}}``.
+        channel: ChannelConfig (chunk size, compression per direction, limits, deadlines).
+        log_transport: log bytes each way, compression ratio and round-trip time each step.
+    """
+
+    strategy_name = "split"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        node_id: str | None = None,
+        certs: str | Path | None = None,
+        tls: TLSFiles | None = None,
+        insecure: bool = False,
+        model_attr: str = "model",
+        source: ModelSource | dict | None = None,
+        spec: SplitSpec | dict | None = None,
+        tail: str | dict[str, Any] = "frozen",
+        channel: ChannelConfig | dict | None = None,
+        log_transport: bool = True,
+        server_name_override: str | None = None,
+        device: str | torch.device | None = None,
+        accelerator: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        if device is None:
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        super().__init__(device=device, accelerator=accelerator, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
+        self.address = address or os.environ.get("LIGHTNING_SPLIT_ADDRESS", "127.0.0.1:50051")
+        self.node_id = node_id or os.environ.get("LIGHTNING_SPLIT_NODE_ID", "client")
+        self.certs = Path(certs or os.environ.get("LIGHTNING_SPLIT_CERTS", "certs"))
+        self.tls = tls
+        self.insecure = insecure
+        self.model_attr = model_attr
+        self.source = ModelSource.from_dict(source) if isinstance(source, dict) else source
+        self.spec = SplitSpec.from_dict(spec) if isinstance(spec, dict) else spec
+        self.tail = {"mode": tail} if isinstance(tail, str) else dict(tail)
+        self.channel = ChannelConfig.from_dict(channel) if isinstance(channel, dict) else channel
+        self.log_transport = log_transport
+        self.server_name_override = server_name_override
+        self.split: SplitModel | None = None
+        self._clip_coef: float | None = None
+        self._stats_before: Any = None
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # The client's part exists only once setup has connected; restore into it afterwards.
+        return True
+
+    def connect_split(self) -> SplitModel:
+        """Open the split (once per strategy; later fit/validate/test calls reuse the session)."""
+        if self.split is None:
+            tls = None if self.insecure else (self.tls or client_tls(self.certs, self.node_id))
+            self.split = open_split(
+                self.address, self.node_id, tls, source=self.source, spec=self.spec, tail=self.tail,
+                config=self.channel, insecure=self.insecure, device=self.root_device,
+                server_name_override=self.server_name_override,
+            )
+            weakref.finalize(self, self.split.close)
+        return self.split
+
+    def setup(self, trainer: Any) -> None:
+        module = self.lightning_module
+        current = getattr(module, self.model_attr, None)
+        split = self.connect_split()
+        if current is not split.model:
+            if current is not None and not any(isinstance(m, SegmentProxy) for m in current.modules()):
+                raise ValueError(
+                    f"{type(module).__name__}.{self.model_attr} holds a whole local model; with "
+                    "SplitStrategy leave it None: the client's part comes from the server"
+                )
+            setattr(module, self.model_attr, split.model)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+        super().setup(trainer)
+        if self.tail.get("mode", "frozen") != "frozen" and "optimizer" not in self.tail and self.optimizers:
+            self._request(MessageType.OPTIMIZER_STEP,
+                          {"op": "configure", "optimizer": _optimizer_spec(self.optimizers[0])})
+
+    def close(self) -> None:
+        """End the server session (its state is freed; saved checkpoints stay on the server)."""
+        if self.split is not None:
+            self.split.close()
+            self.split = None
+
+    def _request(self, kind: int, body: dict[str, Any], step: int = 0) -> Any:
+        assert self.split is not None, "SplitStrategy is not connected"
+        return self.split.client.request(kind, body, step=step).body
+
+    # -- training -----------------------------------------------------------------------------
+
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        assert self.split is not None
+        self.split.runner.step = self.lightning_module.trainer.global_step
+        output = super().training_step(*args, **kwargs)
+        self._log_transport()
+        return output
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        step = self.lightning_module.trainer.global_step
+        self._clip_coef = None
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        body: dict[str, Any] = {"lr": float(optimizer.param_groups[0]["lr"])}
+        if self._clip_coef is not None:
+            body["clip_coef"] = self._clip_coef
+        self._request(MessageType.OPTIMIZER_STEP, body, step=step)
+        return output
+
+    def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+        """torch's clip_grad_norm_, over the client's and the server's gradients together."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local_sq = sum(float(g.detach().float().pow(2).sum()) for g in grads)
+        remote_sq = 0.0
+        if self.tail.get("mode", "frozen") != "frozen":
+            remote_sq = float(self._request(MessageType.OPTIMIZER_STEP, {"op": "grad_norm"})["sq_norm"])
+        total = math.sqrt(local_sq + remote_sq)
+        coef = min(float(clip_val) / (total + 1e-6), 1.0)
+        for g in grads:
+            g.mul_(coef)
+        self._clip_coef = coef
+
+    def _log_transport(self) -> None:
+        if not self.log_transport or self.split is None:
+            return
+        stats = self.split.client.stats
+        now = stats.snapshot()
+        delta = now - self._stats_before if self._stats_before is not None else now
+        self._stats_before = now
+        module = self.lightning_module
+        module.log("split/rtt_ms", 1e3 * delta.mean_rtt_s, prog_bar=True, on_step=True, on_epoch=False)
+        module.log("split/sent_MB", now.bytes_sent / 1e6, prog_bar=True, on_step=True, on_epoch=False)
+        module.log("split/recv_MB", now.bytes_received / 1e6, prog_bar=True, on_step=True, on_epoch=False)
+        module.log("split/compression", now.compression_ratio_sent, on_step=True, on_epoch=False)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        step = self.lightning_module.trainer.global_step
+        tag = f"step{step}-{uuid.uuid4().hex[:12]}"
+        saved = self._request(MessageType.STATE, {"op": "save", "tag": tag})
+        checkpoint["lightning_split"] = {"tag": tag, "last_step": saved["last_step"], "node_id": self.node_id}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        record = checkpoint.get("lightning_split")
+        if record is not None:
+            self._request(MessageType.STATE, {"op": "load", "tag": record["tag"]})
+
+
+def register() -> None:
+    """Make ``Trainer(strategy="split")`` resolve to SplitStrategy (connection from the environment)."""
+    if "split" not in StrategyRegistry:
+        StrategyRegistry.register("split", SplitStrategy, description="split learning over mutual-TLS gRPC")
