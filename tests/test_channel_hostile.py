@@ -151,7 +151,6 @@ def test_hostile_frames_after_handshake(server, pki, name: str) -> None:
     raw.send(*make(sid))
     got, details = raw.finish()
     raw.close()
-    print(f"{name}: {got.name}: {details}")
     assert got == code, (got, details)
     assert details and word.lower() in details.lower(), details
     assert_still_serves(server, pki, sid)

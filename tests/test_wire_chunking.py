@@ -24,11 +24,13 @@ from lightning_split.wire import (
 )
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+MANY_FRAGMENTS = WireLimits(max_fragments=1 << 20)  # property tests use chunk sizes down to 1 byte
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def make_msg(body=None, **kw) -> Message:
-    fields = dict(type=MessageType.FORWARD, session_id="sess-1", step=7, sequence=3, code=0, node_id="client-a")
+    fields = dict(type=MessageType.FORWARD, session_id="sess-1", step=7, sequence=3, code=0,
+                  node_id="client-a")
     fields.update(kw)
     return Message(body=body, **fields)
 
@@ -183,7 +185,7 @@ def test_overflow():
     frames = frames_of(make_msg(body_of()))
     big = pb.Frame()
     big.CopyFrom(frames[1])
-    big.data = big.data + b"\0" * 10_000
+    big.data = big.data + b"\0" * big.payload_bytes
     expect_error([frames[0], with_crc(big)], match="overflows")
 
 
@@ -196,7 +198,7 @@ def test_corrupted_fragment_detected(where):
     data[len(data) // 2] ^= 0x01
     bad.data = bytes(data)
     frames[where] = bad
-    expect_error(frames, grpc.StatusCode.DATA_LOSS, "corrupt fragment")
+    expect_error(frames, grpc.StatusCode.DATA_LOSS, "corrupt fragment", Reassembler(MANY_FRAGMENTS))
 
 
 @pytest.mark.parametrize("field,value", [("session_id", "other"), ("step", 8), ("sequence", 4), ("type", 5),
@@ -221,7 +223,10 @@ def test_limits_on_first_fragment_before_allocation(monkeypatch):
         f = pb.Frame(header=pb.Header(protocol_version=1, type=MessageType.FORWARD), fragment_index=0,
                      fragment_count=1, payload_bytes=10, meta_bytes=0, data=b"")
         for k, v in kw.items():
-            setattr(f, k, v)
+            if k == "header":
+                f.header.CopyFrom(v)
+            else:
+                setattr(f, k, v)
         return with_crc(f)
 
     real_empty = torch.empty
@@ -279,7 +284,8 @@ def test_sender_rejects_bad_header_fields():
 _bodies = st.recursive(
     st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=30), st.binary(max_size=300),
               st.integers(0, 3000).map(lambda n: torch.arange(n, dtype=torch.float32))),
-    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=5), kids, max_size=4)),
+    lambda kids: st.one_of(st.lists(kids, max_size=4),
+                           st.dictionaries(st.text(max_size=5), kids, max_size=4)),
     max_leaves=8,
 )
 
@@ -301,7 +307,7 @@ def test_property_reassembly_roundtrip(body, chunk_size, lossless):
     it = message_to_frames(make_msg(body), cfg, chunk_size=chunk_size)
     frames = list(it)
     assert all(len(f.data) <= chunk_size for f in frames)
-    out = feed(frames)
+    out = feed(frames, Reassembler(MANY_FRAGMENTS))
     assert _same(body, out.body)
     assert out.wire_bytes == it.wire_bytes and out.raw_bytes == it.raw_bytes
 
@@ -309,7 +315,8 @@ def test_property_reassembly_roundtrip(body, chunk_size, lossless):
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(0, 2000), chunk_size=st.integers(1, 3000), data=st.data())
 def test_property_single_byte_corruption_always_detected(n, chunk_size, data):
-    frames = frames_of(make_msg({"x": torch.arange(n, dtype=torch.float32), "s": "abc"}), chunk_size=chunk_size)
+    msg = make_msg({"x": torch.arange(n, dtype=torch.float32), "s": "abc"})
+    frames = frames_of(msg, chunk_size=chunk_size)
     i = data.draw(st.integers(0, len(frames) - 1))
     f = frames[i]
     assert len(f.data) > 0
@@ -318,4 +325,4 @@ def test_property_single_byte_corruption_always_detected(n, chunk_size, data):
     corrupted = bytearray(f.data)
     corrupted[pos] ^= flip
     f.data = bytes(corrupted)
-    expect_error(frames, grpc.StatusCode.DATA_LOSS, "corrupt fragment")
+    expect_error(frames, grpc.StatusCode.DATA_LOSS, "corrupt fragment", Reassembler(MANY_FRAGMENTS))

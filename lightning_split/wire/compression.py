@@ -16,22 +16,23 @@ size; kept only when it actually shrinks the bytes. blosc2 chunks must be < 2 Gi
 (``blosc2.MAX_BUFFERSIZE``): a larger encoded tensor is sent without the blosc2 stage (documented
 choice: never an error, never split). Tensors under ``min_bytes`` skip both stages.
 
-Default blosc2 settings, measured (/tmp/wiremeasure/blosc_bench.py, 2-core x86 VM, 32 MiB of
-GELU(Linear(1024->4096)) activations and their pre-activations, nthreads=2)::
+Default blosc2 settings, measured (/tmp/wiremeasure/blosc_bench.py; 2-core shared x86 VM, so
+speeds are noisy; 32 MiB of Linear(1024->4096) outputs on randn input, nthreads=2)::
 
-    data        codec/filter        ratio   compress   decompress
-    fp32        ZSTD-1  SHUFFLE     1.19    0.7-1.7    2.5-7.6 GB/s
-    fp32        ZSTD-1  BITSHUFFLE  1.16    0.8-1.9    4.5-8.2
-    fp32        LZ4-1   SHUFFLE     1.06    2.7        11
-    fp32        LZ4-1   BITSHUFFLE  1.15    4.3-4.5    5.9-10
-    bf16        ZSTD-1  SHUFFLE     1.45-1.48  0.8-1.0  2.7
-    bf16        LZ4-1   BITSHUFFLE  1.37-1.39  2.6-4.3  3.8-7.3
-    (ZSTD-3 is slower than ZSTD-1 with no better ratio; BLOSCLZ does not compress these at all.)
+    data (fp32 / bf16)           ZSTD-1 SHUFFLE     ZSTD-1 BITSHUF    LZ4-1 BITSHUF     LZ4-1 SHUFFLE
+    GELU outputs      ratio      1.19 / 1.48        1.16 / 1.40       1.15 / 1.37       1.06 / 1.13
+    pre-activations   ratio      1.18 / 1.45        1.17 / 1.41       1.16 / 1.39       1.06 / 1.13
+    ReLU outputs      ratio      1.78 / 2.10        1.35 / 1.26       1.14 / 1.33       1.11 / 1.21
+    compress   GB/s              0.4-1.7            0.7-1.9           1.4-4.5           0.8-2.7
+    decompress GB/s              1.0-7.6            1.4-8.2           3.9-10            2.1-11
+    (ZSTD-3: slower, no better ratio. BLOSCLZ / BYTEDELTA: ratio 1.00 on all of these.)
 
-Activations are mostly mantissa noise: lossless compression only saves 15-30 % on them, so it
-is only worth it when the compressor is faster than the link. LZ4 + BITSHUFFLE keeps ~80-90 % of
-ZSTD's saving at 3-5x ZSTD's compression speed (faster than a 10 GbE link per core), hence the
-default ``codec="LZ4", level=1, filter="BITSHUFFLE"``. Choose ZSTD-1/SHUFFLE for slow links.
+Dense activations are mostly mantissa noise (15-30 % saving whatever the codec); sparse ones
+(ReLU, ~50 % zeros scattered) are where lossless pays, and only ZSTD + byte SHUFFLE catches them
+(1.8-2.1x vs 1.1-1.3x for LZ4/BITSHUFFLE). Lossless is off by default and is turned on to save
+bandwidth, so the default is the robust ratio: ``codec="ZSTD", level=1, filter="SHUFFLE"``
+(as in docs/contracts.md). On a fast link with dense activations, ``LZ4`` + ``BITSHUFFLE``
+keeps ~80-90 % of that saving at 2-4x the compression speed.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ class CompressionConfig:
 
     lossless: str = "none"  # "none" | "blosc2"
     lossy: str = "none"  # "none" | "bf16" | "fp16" | "int8"
-    codec: str = "LZ4"  # blosc2 codec (see module docstring for why not ZSTD)
+    codec: str = "ZSTD"  # blosc2 codec; defaults chosen by measurement (module docstring)
     level: int = 1
-    filter: str = "BITSHUFFLE"
+    filter: str = "SHUFFLE"
     nthreads: int = 2
     int8_block_size: int = 128
     min_bytes: int = 4096  # tensors smaller than this are sent RAW

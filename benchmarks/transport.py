@@ -1,0 +1,291 @@
+"""Round-trip throughput of activation-sized tensors: our mTLS channel vs raw TCP vs torch.distributed gloo.
+
+    python benchmarks/transport.py --quick          # < 60 s on a 2-core machine
+    python benchmarks/transport.py                  # 1, 16, 64 MiB x fp32, bf16
+    python benchmarks/transport.py --device cuda    # CUDA tensors as the source
+
+Every transport moves the same bytes: the client sends a tensor, the peer sends it back, and the
+client has it again (on the source device). MB/s = bytes each way / round-trip time, median of
+``--repeats`` after ``--warmup``. The channel server and the gloo peer run in their own processes
+(as they would in a deployment); the raw-TCP echo is a thread (its socket calls release the GIL).
+Results go to ``benchmarks/results/transport.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_split._proto import split_pb2 as pb  # noqa: E402
+from lightning_split.channel import (  # noqa: E402
+    ChannelClient,
+    ChannelConfig,
+    ChannelServer,
+    client_tls,
+    make_certs,
+    server_tls,
+)
+from lightning_split.wire import CompressionConfig  # noqa: E402
+
+MiB = 1 << 20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -- the channel: an echo server in its own process ----------------------------------------------
+
+class Echo:
+    def open_session(self, session: Any, hello: dict) -> dict:
+        return {}
+
+    def handle(self, session: Any, request: Any) -> Any:
+        return request.body
+
+    def close_session(self, session: Any) -> None:
+        pass
+
+
+def _serve(pki: str, config: ChannelConfig, ready: Any, stop: Any) -> None:
+    server = ChannelServer(Echo(), "127.0.0.1:0", tls=server_tls(pki), config=config)
+    ready.put(server.start())
+    stop.wait()
+    server.stop(grace=0)
+
+
+def channel_round_trip(pki: str, config: ChannelConfig) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable]:
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_serve, args=(pki, config, ready, stop), daemon=True)
+    proc.start()
+    port = ready.get(timeout=120)
+    client = ChannelClient(f"127.0.0.1:{port}", "client", tls=client_tls(pki, "client"), config=config)
+    client.connect()
+
+    def rt(t: torch.Tensor) -> torch.Tensor:
+        out = client.request(pb.FORWARD, t).body
+        return out.to(t.device, non_blocking=False)
+
+    def close() -> None:
+        client.close()
+        stop.set()
+        proc.join(30)
+
+    return rt, close
+
+
+# -- raw TCP: length-prefixed echo on loopback ---------------------------------------------------
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("peer closed")
+        got += n
+
+
+def _tcp_echo_server(listener: socket.socket) -> None:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    hdr = bytearray(8)
+    try:
+        while True:
+            _recv_exact(conn, memoryview(hdr))
+            (n,) = struct.unpack("<Q", hdr)
+            if n == 0:
+                return
+            if len(buf) < n:
+                buf = bytearray(n)
+            view = memoryview(buf)[:n]
+            _recv_exact(conn, view)
+            conn.sendall(hdr)
+            conn.sendall(view)
+    finally:
+        conn.close()
+
+
+def tcp_round_trip() -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_tcp_echo_server, args=(listener,), daemon=True)
+    thread.start()
+    sock = socket.create_connection(listener.getsockname())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    hdr = bytearray(8)
+
+    def rt(t: torch.Tensor) -> torch.Tensor:
+        src = t.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        sock.sendall(struct.pack("<Q", src.numel()))
+        sock.sendall(memoryview(src.numpy()))
+        _recv_exact(sock, memoryview(hdr))
+        out = torch.empty(struct.unpack("<Q", hdr)[0], dtype=torch.uint8)
+        _recv_exact(sock, memoryview(out.numpy()))
+        return out.view(t.dtype).view(t.shape).to(t.device)
+
+    def close() -> None:
+        sock.sendall(struct.pack("<Q", 0))
+        sock.close()
+        thread.join(10)
+        listener.close()
+
+    return rt, close
+
+
+# -- torch.distributed gloo: rank 1 echoes --------------------------------------------------------
+
+def _gloo_peer(rank: int, port: int, plan: list[tuple[int, int]]) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for nbytes, count in plan:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        for _ in range(count):
+            dist.recv(buf, src=0)
+            dist.send(buf, dst=0)
+    dist.destroy_process_group()
+
+
+def gloo_round_trip(plan: list[tuple[int, int]]) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable]:
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_gloo_peer, args=(1, port, plan), daemon=True)
+    proc.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+
+    def rt(t: torch.Tensor) -> torch.Tensor:
+        # gloo's send/recv are CPU-only: stage through host memory like the others do. Bytes, so
+        # every dtype (bf16 included) goes the same way.
+        src = t.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        dist.send(src, dst=1)
+        out = torch.empty_like(src)
+        dist.recv(out, src=1)
+        return out.view(t.dtype).view(t.shape).to(t.device)
+
+    def close() -> None:
+        dist.destroy_process_group()
+        proc.join(30)
+
+    return rt, close
+
+
+# -- measurement -----------------------------------------------------------------------------------
+
+def make_tensor(nbytes: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    n = nbytes // torch.empty((), dtype=dtype).element_size()
+    # Activation-like values (GELU of a normal): what a split model's cut actually carries.
+    return torch.nn.functional.gelu(torch.randn(n // 1024, 1024, generator=g)).to(dtype).to(device)
+
+
+def measure(rt: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, warmup: int, repeats: int,
+            check: bool = True) -> float:
+    for _ in range(warmup):
+        out = rt(t)
+    if check:
+        assert torch.equal(out, t), "round trip changed the tensor"
+    times = []
+    for _ in range(repeats):
+        if t.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rt(t)
+        if t.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 and 16 MiB, fewer repeats (< 60 s)")
+    p.add_argument("--sizes", type=float, nargs="+", help="tensor sizes in MiB (default 1 16 64)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--chunk-size", type=float, default=None, help="channel chunk size in MiB")
+    p.add_argument("--no-blosc2", action="store_true", help="skip the informational blosc2 rows")
+    p.add_argument("--no-gloo", action="store_true")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
+    args = p.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    sizes = args.sizes or ([1, 16] if args.quick else [1, 16, 64])
+    repeats = args.repeats or (3 if args.quick else 7)
+    base = ChannelConfig() if args.chunk_size is None else ChannelConfig(chunk_size=int(args.chunk_size * MiB))
+    blosc = CompressionConfig(lossless="blosc2")
+    cases = [(s, d) for s in sizes for d in args.dtypes]
+    tensors = {(s, d): make_tensor(int(s * MiB), DTYPES[d], device) for s, d in cases}
+
+    results: dict[tuple[float, str], dict[str, float]] = {c: {} for c in cases}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as pki:
+        make_certs(pki, client_ids=["client"])
+        transports: list[tuple[str, Callable[[], tuple[Callable, Callable]]]] = [
+            ("channel", lambda: channel_round_trip(pki, base)),
+            ("tcp", tcp_round_trip),
+        ]
+        if not args.no_blosc2:
+            transports.append(("channel_blosc2", lambda: channel_round_trip(
+                pki, base.replace(client_to_server=blosc, server_to_client=blosc))))
+        if not args.no_gloo:
+            plan = [(tensors[c].numel() * tensors[c].element_size(), args.warmup + repeats) for c in cases]
+            transports.append(("gloo", lambda: gloo_round_trip(plan)))
+        for name, factory in transports:
+            rt, close = factory()
+            try:
+                for c in cases:
+                    t = tensors[c]
+                    results[c][name] = t.numel() * t.element_size() / measure(rt, t, args.warmup, repeats) / 1e6
+                    print(f"  {name:>15} {c[0]:>5g} MiB {c[1]}: {results[c][name]:8.0f} MB/s", flush=True)
+            finally:
+                close()
+
+    cols = ["channel", "tcp", "gloo", "channel_blosc2"]
+    cols = [c for c in cols if any(c in r for r in results.values())]
+    print(f"\nround trip, MB/s (bytes each way / time), device={device}, chunk={base.chunk_size // 1024} KiB, "
+          f"median of {repeats}:")
+    head = f"{'size':>8} {'dtype':>5} " + " ".join(f"{c:>15}" for c in cols) + f" {'ours/tcp':>9} {'ours/gloo':>9}"
+    print(head)
+    rows = []
+    for (s, d), r in results.items():
+        ratio_tcp = r["channel"] / r["tcp"]
+        ratio_gloo = r["channel"] / r["gloo"] if "gloo" in r else float("nan")
+        print(f"{s:>5g}MiB {d:>5} " + " ".join(f"{r.get(c, float('nan')):>15.0f}" for c in cols)
+              + f" {ratio_tcp:>9.2f} {ratio_gloo:>9.2f}")
+        rows.append({"size_mib": s, "dtype": d, **{f"{k}_MBps": v for k, v in r.items()},
+                     "ours_over_tcp": ratio_tcp, "ours_over_gloo": ratio_gloo})
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "device": device, "chunk_size": base.chunk_size, "repeats": repeats, "warmup": args.warmup,
+        "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+        "seconds": time.perf_counter() - t_start, "rows": rows,
+    }, indent=2))
+    print(f"\nwrote {out} ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
