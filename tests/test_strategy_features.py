@@ -154,12 +154,16 @@ def test_lora_tail_trains_adapters_only(split_server):
     assert rec.losses[-1] < rec.losses[0]  # the labels travelled; the server computed and trained on the loss
     (session,) = [s for s in _sessions_of(split_server) if s.id == strategy.split.client.session_id]
     segment = session.state["segment"]
-    base = split_server.servers[0]._handler.segment if hasattr(split_server.servers[0], "_handler") else None
+    base = split_server.servers[0].handler.segment
+    before = {n: p.clone() for n, p in build_model(GPT2).named_parameters()}
     lora_names = [n for n, p in segment.module.named_parameters() if p.requires_grad]
     assert lora_names and all("lora_" in n for n in lora_names)
-    if base is not None:  # the owner's base weights are untouched
-        for p in base.parameters():
-            assert not p.requires_grad
+    # The owner's base weights are shared with the adapters' copy and untouched by training.
+    shared = {id(p) for p in base.parameters()}
+    assert all(id(p) in shared for n, p in segment.module.named_parameters() if "lora_" not in n)
+    for i, block in enumerate(base.blocks):
+        for n, p in block.named_parameters():
+            torch.testing.assert_close(p, before[f"transformer.h.{1 + i}.{n}"], rtol=0, atol=0)
     strategy.close()
 
 

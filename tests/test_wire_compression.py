@@ -58,7 +58,8 @@ def test_config_defaults_and_dict_roundtrip():
 
 
 @pytest.mark.parametrize("kw", [{"lossless": "gzip"}, {"lossy": "fp8"}, {"codec": "SNAPPY"}, {"filter": "X"},
-                                {"level": 10}, {"nthreads": 0}, {"int8_block_size": 0}, {"min_bytes": -1}])
+                                {"level": 10}, {"nthreads": 0}, {"int8_block_size": 0}, {"min_bytes": -1},
+                                {"level": "1"}, {"nthreads": 1.5}, {"min_bytes": True}])
 def test_config_validation(kw):
     with pytest.raises(ValueError):
         CompressionConfig(**kw)

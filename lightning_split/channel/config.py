@@ -88,6 +88,8 @@ class ChannelConfig:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
+        import json, os  # EXPERIMENT
+        opts += [tuple(x) for x in json.loads(os.environ.get("LS_GRPC_EXTRA", "[]"))]
         if self.http2_write_buffer_bytes:
             opts.append(("grpc.http2.write_buffer_size", self.http2_write_buffer_bytes))
         return opts

@@ -203,7 +203,10 @@ class SessionSegment:
             return {"output": out}
         labels = body.get("labels")
         labels = labels.to(self.device) if labels is not None else None
-        return segment_results(self.module, out, body.get("result") or "logits", labels, int(body.get("top_k", 0)))
+        return segment_results(
+            self.module, out, body.get("result") or "logits", labels,
+            int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)),
+        )
 
     def _block_arguments(
         self, body: dict[str, Any], grad_inputs: list[torch.Tensor]
@@ -240,6 +243,11 @@ class SessionSegment:
         from transformers import DynamicCache
 
         past, new = int(info["past"]), int(info["new"])
+        if info.get("reorder") is not None and past > 0:
+            # Beam search reordered the client's cache since the last step: follow it.
+            if self.cache is None:
+                raise CacheError("no KV cache to reorder")
+            self.cache.reorder_cache(info["reorder"].to(self.device))
         if past == 0 or self.cache is None:
             if past != 0:
                 raise CacheError(f"the client expects {past} cached tokens, the server holds none")

@@ -54,10 +54,13 @@ def materialise(skeleton: nn.Module, weights: bytes, sha256: str, device: str | 
 
 
 def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_result: str = "logits") -> None:
-    """Make ``model(...)`` of a two-part split return the server's result as a SplitOutput.
+    """Make ``model(...)`` of a two-part split return the server's result.
 
     ``labels`` travel with the instruction (the server computes the loss), ``result=`` names the
-    result type. The model's own forward runs until the proxy hands off.
+    result type, and ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server
+    to run the output layer on the last positions only. The model's own forward runs until the
+    proxy hands off. A Hugging Face model gets a ``CausalLMOutputWithPast`` carrying the client's
+    KV cache, so ``model.generate()`` works unchanged; a plain module gets its one result tensor.
     """
     if getattr(model, "_split_original_forward", None) is not None:
         return
@@ -66,17 +69,29 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_resu
     hf_model = hasattr(model, "config")
 
     @functools.wraps(original)
-    def forward(*args: Any, labels: torch.Tensor | None = None, result: str | None = None, **kwargs: Any) -> Any:
-        proxy.extra = {"labels": labels, "result": result or default_result}
+    def forward(
+        *args: Any, labels: torch.Tensor | None = None, result: str | None = None, logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        proxy.extra = {"labels": labels, "result": result or default_result, "logits_to_keep": int(logits_to_keep)}
         try:
             original(*args, **kwargs)
         except HandOff as handoff:
-            if not hf_model and len(handoff.result) == 1:
-                # A plain nn.Module returned a tensor locally: return the one result the same way.
-                return next(iter(handoff.result.values()))
-            return SplitOutput(handoff.result)
+            return _two_part_output(handoff.result, hf_model, proxy.last_cache)
         finally:
             proxy.extra = {}
         raise RuntimeError("the split model's forward never reached its server segment")
 
     model.forward = forward
+
+
+def _two_part_output(result: dict[str, Any], hf_model: bool, cache: Any) -> Any:
+    if not hf_model:
+        if len(result) == 1:  # a plain nn.Module returned a tensor locally: do the same
+            return next(iter(result.values()))
+        return SplitOutput(result)
+    if set(result) <= {"logits", "loss"}:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(loss=result.get("loss"), logits=result.get("logits"), cache=cache)
+    return SplitOutput(result, cache=cache)

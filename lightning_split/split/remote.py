@@ -80,6 +80,8 @@ class RemoteSegment:
             body["result"] = extra.get("result") or "logits"
             body["labels"] = extra.get("labels")
             body["top_k"] = int(extra.get("top_k", 0))
+            body["logits_to_keep"] = int(extra.get("logits_to_keep", 0))
+        self.proxy.last_cache = cache
         if torch.is_grad_enabled():
             outputs = _RemoteForward.apply(self, body, hidden, *differentiable)
             return self._unpack(dict(zip(self._keys, outputs)))
@@ -89,12 +91,37 @@ class RemoteSegment:
         reply = self.client.request(MessageType.INFER, body)
         return self._unpack({k: v.to(hidden.device) for k, v in reply.body.items()})
 
-    def _cache_info(self, cache: Any, hidden: torch.Tensor) -> dict[str, int]:
+    def _cache_info(self, cache: Any, hidden: torch.Tensor) -> dict[str, Any]:
         if self.cut == 0:
             raise RuntimeError("KV-cached generation needs at least one client block before the cut (cut >= 1)")
+        self._follow_reorders(cache)
         new = hidden.shape[1]
         # The client's own layers already stored this call's tokens: the rest is the past.
-        return {"past": int(cache.get_seq_length()) - new, "new": new}
+        info: dict[str, Any] = {"past": int(cache.get_seq_length()) - new, "new": new}
+        pending = getattr(cache, "_split_pending_reorder", None)
+        if pending is not None:
+            info["reorder"] = pending
+            cache._split_pending_reorder = None
+        return info
+
+    @staticmethod
+    def _follow_reorders(cache: Any) -> None:
+        """Beam search reorders the client's cache; remember it and send it with the next step.
+
+        Riding on the next request costs no extra round trip per generated token.
+        """
+        if getattr(cache, "_split_follows_reorders", False):
+            return
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.Tensor) -> Any:
+            pending = getattr(cache, "_split_pending_reorder", None)
+            # Two reorders before one step compose: new[i] = old[pending[beam_idx[i]]].
+            cache._split_pending_reorder = beam_idx if pending is None else pending[beam_idx.to(pending.device)]
+            return original(beam_idx)
+
+        cache.reorder_cache = reorder_cache
+        cache._split_follows_reorders = True
 
     def _unpack(self, outputs: dict[str, torch.Tensor]) -> Any:
         if not self.proxy.hand_off:

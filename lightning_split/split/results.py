@@ -18,10 +18,17 @@ def segment_results(
     result: str = "logits",
     labels: torch.Tensor | None = None,
     top_k: int = 0,
+    logits_to_keep: int = 0,
 ) -> dict[str, Any]:
-    """Run the tail after the blocks and keep only what the instruction asks for."""
+    """Run the tail after the blocks and keep only what the instruction asks for.
+
+    ``logits_to_keep > 0`` runs the output layer on the last positions only (generation needs the
+    last one): a prefill of T tokens then returns one row of logits, not T.
+    """
     if result == "hidden_states":
         return {"hidden_states": hidden}
+    if logits_to_keep > 0 and labels is None:
+        hidden = hidden[..., -logits_to_keep:, :]
     logits = segment.head(hidden)
     out: dict[str, Any] = {}
     if result in ("logits", "loss"):
@@ -51,4 +58,6 @@ class LocalRunner:
         if not self.proxy.hand_off:
             return out
         extra = self.proxy.extra
-        return segment_results(self.segment, out, extra.get("result", "logits"), extra.get("labels"))
+        return segment_results(
+            self.segment, out, extra.get("result", "logits"), extra.get("labels"), 0, extra.get("logits_to_keep", 0)
+        )

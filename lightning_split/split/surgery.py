@@ -54,6 +54,7 @@ class SegmentProxy(nn.Module):
         self.hand_off = hand_off
         self.runner: SegmentRunner | None = None  # attached once a server (or test) is known
         self.extra: dict[str, Any] = {}  # per-call extras set by the wrapper (labels, result type)
+        self.last_cache: Any = None  # the client's KV cache of the last call, for a two-part output
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.runner is None:

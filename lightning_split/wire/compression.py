@@ -90,6 +90,10 @@ class CompressionConfig:
         def bad(field: str, allowed: Any) -> ValueError:
             return ValueError(f"CompressionConfig.{field}={getattr(self, field)!r}; allowed: {allowed}")
 
+        for name in ("level", "nthreads", "int8_block_size", "min_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):  # configs may come from a peer
+                raise bad(name, "an int")
         if self.lossless not in LOSSLESS_MODES:
             raise bad("lossless", LOSSLESS_MODES)
         if self.lossy not in LOSSY_MODES:
