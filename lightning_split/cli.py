@@ -43,8 +43,21 @@ def _certs(argv: list[str]) -> int:
     return 0
 
 
+def _hydra_app(name: str) -> Runner:
+    """A runner that imports the Hydra apps (torch, Lightning, gRPC) only when asked for."""
+
+    def run(argv: list[str]) -> int:
+        from lightning_split import apps
+
+        return apps.RUNNERS[name](argv)
+
+    return run
+
+
 COMMANDS: dict[str, tuple[str, Runner]] = {
     "certs": ("create the CA, server and client certificates", _certs),
+    "serve": ("serve a model's split to clients (Hydra app: conf/serve.yaml)", _hydra_app("serve")),
+    "train": ("train the client's part through the server (Hydra app: conf/train.yaml)", _hydra_app("train")),
 }
 
 

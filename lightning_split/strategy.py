@@ -61,8 +61,8 @@ class SplitStrategy(SingleDeviceStrategy):
         model_attr: the LightningModule attribute that holds the split model (``None`` until setup).
         source, spec: the client's own copy of the model source and split, checked against the
             server's at the handshake; by default the server's description is used.
-        tail: the server segment's mode, ``"frozen"``, ``"trainable"`` or ``"lora"``, or a dict
-            ``{"mode": ..., "optimizer": {...}, "lora": {...}}``.
+        tail: the server segment's mode, ``"frozen"`` (``$LIGHTNING_SPLIT_TAIL``, default), ``"trainable"``
+            or ``"lora"``, or a dict ``{"mode": ..., "optimizer": {...}, "lora": {...}}``.
         channel: ChannelConfig (chunk size, compression per direction, limits, deadlines).
         log_transport: log bytes each way, compression ratio and round-trip time each step.
     """
@@ -79,7 +79,7 @@ class SplitStrategy(SingleDeviceStrategy):
         model_attr: str = "model",
         source: ModelSource | dict | None = None,
         spec: SplitSpec | dict | None = None,
-        tail: str | dict[str, Any] = "frozen",
+        tail: str | dict[str, Any] | None = None,
         channel: ChannelConfig | dict | None = None,
         log_transport: bool = True,
         server_name_override: str | None = None,
@@ -100,6 +100,7 @@ class SplitStrategy(SingleDeviceStrategy):
         self.model_attr = model_attr
         self.source = ModelSource.from_dict(source) if isinstance(source, dict) else source
         self.spec = SplitSpec.from_dict(spec) if isinstance(spec, dict) else spec
+        tail = tail or os.environ.get("LIGHTNING_SPLIT_TAIL", "frozen")
         self.tail = {"mode": tail} if isinstance(tail, str) else dict(tail)
         self.channel = ChannelConfig.from_dict(channel) if isinstance(channel, dict) else channel
         self.log_transport = log_transport

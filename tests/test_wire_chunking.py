@@ -144,6 +144,28 @@ def test_received_tensors_are_aligned_views():
     assert all(t.data_ptr() % 64 == 0 for t in out.body)
 
 
+def test_payload_buffer_reused_only_when_no_tensor_refers_to_it():
+    r = Reassembler(WireLimits())
+    x = torch.randn(1 << 16)
+
+    def send(v: torch.Tensor) -> torch.Tensor:
+        return feed(frames_of(make_msg({"x": v, "y": v[:10].clone()}), chunk_size=1 << 14), r).body["x"]
+
+    a = send(x)
+    b = send(x * 2)  # `a` is alive: its buffer must not be overwritten
+    assert torch.equal(a, x) and torch.equal(b, x * 2)
+    y = b[5:7]  # a view of a view keeps the buffer busy too
+    del b
+    c = send(x * 3)
+    assert torch.equal(y, (x * 2)[5:7]) and torch.equal(c, x * 3) and torch.equal(a, x)
+    ptr = c.data_ptr()
+    del c
+    d = send(x * 4)
+    assert torch.equal(d, x * 4)
+    if hasattr(torch._C, "_storage_Use_Count"):
+        assert d.data_ptr() == ptr  # idle buffer reused: no fresh pages to fault in
+
+
 def test_large_tensor_with_compression():
     x = torch.randn(1 << 18)
     x[::2] = 0

@@ -58,6 +58,13 @@ if sys.byteorder != "little":  # the format is little-endian and we move bytes w
 # blosc2 holds the GIL while (de)compressing unless told otherwise; gRPC threads need it released.
 blosc2.set_releasegil(True)
 
+# The dtype allow-list of the wire (pb.DType <-> torch.dtype).
+DTYPE_TO_PB: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
+    torch.float64: pb.FLOAT64, torch.int64: pb.INT64, torch.int32: pb.INT32, torch.int16: pb.INT16,
+    torch.int8: pb.INT8, torch.uint8: pb.UINT8, torch.bool: pb.BOOL,
+}
+PB_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_PB.items()}
 FLOAT_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 LOSSLESS_MODES = ("none", "blosc2")
 LOSSY_MODES = ("none", "bf16", "fp16", "int8")
@@ -206,8 +213,6 @@ def _quantize_int8(x: torch.Tensor, block: int) -> torch.Tensor | None:
 def encode_tensor(t: torch.Tensor, cfg: CompressionConfig) -> EncodedTensor:
     """Encode one tensor per ``cfg``. Lossy work runs on the tensor's own device (a GPU shrinks
     the bytes before they cross PCIe); then the bytes are staged in host memory."""
-    from .tensor_codec import DTYPE_TO_PB  # local import: tensor_codec imports this module
-
     t = t.detach()
     if t.layout != torch.strided:
         t = t.to_dense()

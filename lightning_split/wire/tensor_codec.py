@@ -21,8 +21,9 @@ from google.protobuf.message import DecodeError
 from lightning_split._proto import split_pb2 as pb
 
 from .compression import (
+    DTYPE_TO_PB,
+    PB_TO_DTYPE,
     CompressionConfig,
-    EncodedTensor,
     check_blosc2_header,
     check_blosc2_size,
     check_encoding,
@@ -35,12 +36,6 @@ from .limits import WireLimits
 
 __all__ = ["encode_body", "decode_body", "DTYPE_TO_PB", "PB_TO_DTYPE", "ALIGN"]
 
-DTYPE_TO_PB: dict[torch.dtype, int] = {
-    torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
-    torch.float64: pb.FLOAT64, torch.int64: pb.INT64, torch.int32: pb.INT32, torch.int16: pb.INT16,
-    torch.int8: pb.INT8, torch.uint8: pb.UINT8, torch.bool: pb.BOOL,
-}
-PB_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_PB.items()}
 ALIGN = 64  # buffer alignment: a cache line, and enough for any dtype / SIMD load
 _ZEROS = memoryview(bytes(ALIGN))
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -52,8 +47,7 @@ class _Encoder:
     def __init__(self, compression: CompressionConfig, limits: WireLimits) -> None:
         self.cfg = compression
         self.limits = limits
-        self.buffers: list[memoryview] = []
-        self.tensors: list[EncodedTensor] = []
+        self.buffers: list[memoryview] = []  # each view keeps its staging tensor / bytes alive
         self.offset = 0
         self.raw_bytes = 0
         self.nodes = 0
@@ -125,7 +119,6 @@ class _Encoder:
             self.buffers.append(et.data)
         self.offset += len(et.data)
         self.raw_bytes += et.raw_nbytes
-        self.tensors.append(et)  # keeps staging buffers alive as long as the buffers list
 
 
 def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits | None
@@ -273,8 +266,9 @@ def _build(v: pb.Value, tensors: list[torch.Tensor], pos: list[int]) -> Any:
 def _as_region(buffer: Any) -> torch.Tensor:
     """The buffer region as a 1-D uint8 CPU tensor; zero-copy for tensors and writable buffers."""
     if isinstance(buffer, torch.Tensor):
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device.type != "cpu":
-            raise TypeError("a tensor buffer region must be a 1-D uint8 CPU tensor")
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device.type != "cpu" \
+                or not buffer.is_contiguous():
+            raise TypeError("a tensor buffer region must be a contiguous 1-D uint8 CPU tensor")
         return buffer
     mv = memoryview(buffer).cast("B")
     if len(mv) == 0:

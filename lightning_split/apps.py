@@ -1,0 +1,104 @@
+"""The Hydra apps behind ``lightning-split serve`` and ``lightning-split train``.
+
+Both read ``conf/`` (``serve.yaml``, ``train.yaml`` and a ``model/`` group); every key can be
+overridden on the command line the Hydra way (``model=gpt2_tiny trainer.max_epochs=1``).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+Runner = Callable[[list[str]], int]
+
+
+def config_dir() -> str:
+    """``./conf`` if the working directory has one, else the repository's ``conf/``."""
+    here = Path.cwd() / "conf"
+    if (here / "serve.yaml").exists():
+        return str(here)
+    return str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_server(cfg: DictConfig) -> Any:
+    """A started ChannelServer serving the configured model's split."""
+    from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
+    from lightning_split.server.service import SplitService
+    from lightning_split.split.build import ModelSource
+    from lightning_split.split.spec import SplitSpec
+
+    s = cfg.server
+    service = SplitService(
+        ModelSource.from_dict(_plain(cfg.model.source)),
+        SplitSpec.from_dict(_plain(cfg.model.split)),
+        device=s.device,
+        tail_modes=tuple(s.tail_modes),
+        state_dir=s.state_dir,
+        max_cache_tokens=s.max_cache_tokens,
+    )
+    tls = None if s.insecure else server_tls(s.certs)
+    server = ChannelServer(service, s.address, tls=tls, insecure=s.insecure,
+                           config=ChannelConfig.from_dict(_plain(cfg.channel)), max_workers=s.max_workers)
+    server.start()
+    return server
+
+
+def serve(cfg: DictConfig) -> None:
+    server = build_server(cfg)
+    split = server.handler.description["resolved"]
+    print(f"lightning-split: serving {cfg.model.source.target} ({split['shape']}, server blocks "
+          f"{split['cut']}..{split['end'] - 1}) on {cfg.server.address}"
+          f"{' (INSECURE plaintext)' if cfg.server.insecure else ' with mutual TLS'}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    import lightning as L
+
+    from lightning_split import SplitStrategy
+
+    L.seed_everything(cfg.seed, verbose=False)
+    c = cfg.client
+    strategy = SplitStrategy(
+        address=c.address, node_id=c.node_id, certs=c.certs, insecure=c.insecure, tail=_plain(c.tail),
+        source=_plain(cfg.model.source), spec=_plain(cfg.model.split), channel=_plain(cfg.channel),
+    )
+    module = hydra.utils.instantiate(cfg.model.module)
+    train_loader, val_loader = hydra.utils.instantiate(cfg.model.data)
+    trainer = L.Trainer(strategy=strategy, **_plain(cfg.trainer))
+    trainer.fit(module, train_loader, val_loader)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    strategy.close()
+    return metrics
+
+
+def _hydra_runner(config_name: str, task: Any) -> Runner:
+    def run(argv: list[str]) -> int:
+        app = hydra.main(config_path=config_dir(), config_name=config_name, version_base=None)(task)
+        saved = sys.argv
+        sys.argv = [f"lightning-split {config_name}", *argv]
+        try:
+            app()
+        finally:
+            sys.argv = saved
+        return 0
+
+    return run
+
+
+RUNNERS: dict[str, Runner] = {"serve": _hydra_runner("serve", serve), "train": _hydra_runner("train", train)}
