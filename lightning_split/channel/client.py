@@ -28,13 +28,13 @@ from typing import Any
 import grpc
 
 from lightning_split._proto import split_pb2 as pb
-from lightning_split._proto import split_pb2_grpc as pb_grpc
-from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError, message_to_frames
+from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
 from .certs import TLSFiles, validate_node_id
 from .config import ChannelConfig
-from .server import is_loopback_address
+from .framing import EncodedFrames, encode_frames, passthrough
+from .server import EXCHANGE_METHOD, is_loopback_address
 from .stats import TransportStats
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,13 @@ class _Stream:
     """One Exchange call: its outgoing queue, the call object and its reader thread."""
 
     def __init__(self) -> None:
-        self.outbox: queue.SimpleQueue[list[pb.Frame] | None] = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue[EncodedFrames | None] = queue.SimpleQueue()
         self.call: Any = None
         self.reader: threading.Thread | None = None
         self.dead = threading.Event()
         self.error: RemoteError | None = None  # set (under the client's pending lock) once it failed
 
-    def requests(self) -> Iterator[pb.Frame]:
+    def requests(self) -> Iterator[bytes]:
         while True:
             frames = self.outbox.get()
             if frames is None:  # half-close our side
@@ -140,7 +140,9 @@ class ChannelClient:
         if self._channel is None:
             self._channel = self._make_channel()
         stream = _Stream()
-        stream.call = pb_grpc.SplitStub(self._channel).Exchange(stream.requests())
+        exchange = self._channel.stream_stream(EXCHANGE_METHOD, request_serializer=passthrough,
+                                               response_deserializer=pb.Frame.FromString)
+        stream.call = exchange(stream.requests())
         # Replies may only use what we asked for; the server grants a subset of it.
         reassembler = Reassembler(self.config.limits, checksum=self.config.checksum,
                                   compression_allowed=self.config.server_to_client)
@@ -187,9 +189,9 @@ class ChannelClient:
         seq = next(self._seq)
         msg = Message(type=type_, body=body, session_id=self.session_id, step=step, sequence=seq,
                       node_id=self.node_id)
-        # Encode here, in the caller's thread: an unencodable body raises to the caller.
-        it = message_to_frames(msg, compression, chunk_size=chunk_size, checksum=self.config.checksum)
-        frames = list(it)
+        # Encode here, in the caller's thread: an unencodable body raises to the caller. The frames
+        # themselves are cut lazily by the sending thread.
+        frames = encode_frames(msg, compression, chunk_size, self.config.checksum)
         fut: Future = Future()
         now = time.monotonic()
         limit = self.config.request_deadline_s if timeout is None else timeout
@@ -200,7 +202,7 @@ class ChannelClient:
             self._pending[seq] = _Pending(fut, stream, now, now + limit)
             self._generation += 1
             self._pending_cv.notify()
-        self.stats.record_sent(it.wire_bytes, it.raw_bytes)
+        self.stats.record_sent(frames.wire_bytes, frames.raw_bytes)
         stream.outbox.put(frames)
         return fut
 
@@ -208,6 +210,8 @@ class ChannelClient:
         """Send a request without waiting; the Future resolves to the reply Message.
 
         It fails with RemoteError for an ERROR reply, a broken stream or a missed deadline.
+        Like ``torch.distributed.isend``: CPU tensors in ``body`` are sent from their own memory,
+        so do not modify them in place until the future is done.
         """
         with self._lock:
             if self._closed:

@@ -38,8 +38,11 @@ class ChannelConfig:
     # only notice after many minutes; the server tolerates pings as often as the client sends them.
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 20.0
-    # Zero leaves gRPC's own flow control (BDP probing) in charge.
+    # HTTP/2 tuning; zero keeps gRPC's default. See benchmarks/transport.py for measurements.
+    http2_max_frame_bytes: int = 0
+    http2_lookahead_bytes: int = 0
     http2_write_buffer_bytes: int = 0
+    grpc_options: tuple[tuple[str, Any], ...] = ()  # extra raw gRPC channel/server arguments
 
     def __post_init__(self) -> None:
         if not 4096 <= self.chunk_size <= 64 << 20:
@@ -88,8 +91,11 @@ class ChannelConfig:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
-        import json, os  # EXPERIMENT
-        opts += [tuple(x) for x in json.loads(os.environ.get("LS_GRPC_EXTRA", "[]"))]
+        if self.http2_max_frame_bytes:
+            opts.append(("grpc.http2.max_frame_size", self.http2_max_frame_bytes))
+        if self.http2_lookahead_bytes:
+            opts.append(("grpc.http2.lookahead_bytes", self.http2_lookahead_bytes))
+        opts += list(self.grpc_options)
         if self.http2_write_buffer_bytes:
             opts.append(("grpc.http2.write_buffer_size", self.http2_write_buffer_bytes))
         return opts

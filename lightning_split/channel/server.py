@@ -26,17 +26,19 @@ from typing import Any
 import grpc
 
 from lightning_split._proto import split_pb2 as pb
-from lightning_split._proto import split_pb2_grpc as pb_grpc
-from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError, message_to_frames
+from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
 from .certs import TLSFiles
 from .config import ChannelConfig
+from .framing import EncodedFrames, encode_frames, passthrough
 from .session import HandlerError, Session, SessionHandler, SessionTable
 
 log = logging.getLogger(__name__)
 
 SERVER_NODE_ID = "server"
+SERVICE_NAME = "lightning_split.v1.Split"
+EXCHANGE_METHOD = f"/{SERVICE_NAME}/Exchange"
 _NO_COMPRESSION = CompressionConfig()
 
 
@@ -57,12 +59,19 @@ def error_message(request: Message, code: grpc.StatusCode, text: str) -> Message
                    step=request.step, sequence=request.sequence, node_id=SERVER_NODE_ID)
 
 
-class _Servicer(pb_grpc.SplitServicer):
+class _Servicer:
+    """``Split.Exchange``, registered by hand so replies can be pre-serialized bytes (framing.py)."""
+
     def __init__(self, server: ChannelServer) -> None:
         self._srv = server
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self.Exchange, request_deserializer=pb.Frame.FromString, response_serializer=passthrough)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Exchange": method})
+
     def Exchange(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
-                 ) -> Iterator[pb.Frame]:
+                 ) -> Iterator[bytes]:
         stream = _Stream(self._srv, context)
         # The handshake must arrive in time: a connected peer that stays silent holds a worker.
         timer = threading.Timer(self._srv.config.handshake_timeout_s, stream.handshake_timed_out)
@@ -112,7 +121,7 @@ class _Stream:
         self.session = None
 
     # -- frames -> messages ------------------------------------------------------------------
-    def on_frame(self, frame: pb.Frame) -> list[pb.Frame] | None:
+    def on_frame(self, frame: pb.Frame) -> EncodedFrames | None:
         node_id = frame.header.node_id
         if self.identity is None:  # insecure mode: the first frame names the peer
             if not node_id:
@@ -133,7 +142,7 @@ class _Stream:
         reply = self.on_message(msg)
         comp = self.session.server_to_client if self.session else _NO_COMPRESSION
         chunk = self.session.chunk_size if self.session else self.cfg.chunk_size
-        return list(message_to_frames(reply, comp, chunk_size=chunk, checksum=self.cfg.checksum))
+        return encode_frames(reply, comp, chunk, self.cfg.checksum)
 
     def _abort(self, err: HandlerError) -> None:
         self.context.abort(err.code, err.message)
@@ -276,7 +285,7 @@ class ChannelServer:
             # Streams beyond the worker count are refused (RESOURCE_EXHAUSTED) instead of queued.
             maximum_concurrent_rpcs=self.max_workers,
         )
-        pb_grpc.add_SplitServicer_to_server(_Servicer(self), server)
+        server.add_generic_rpc_handlers((_Servicer(self).handler(),))
         if self.insecure:
             port = server.add_insecure_port(self.address)
         else:

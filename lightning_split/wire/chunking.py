@@ -9,7 +9,15 @@ data part is never concatenated.
 
 Receiving: one :class:`Reassembler` per stream direction. Fragments of one message arrive in
 order; fragment 0 fixes header and sizes, which are checked against WireLimits before the
-payload buffer is allocated (once, 64-byte aligned, never grown).
+payload buffer is allocated (once, 64-byte aligned, never grown; reused for the next message
+once no decoded tensor refers to it any more).
+
+Measured (2-core x86 VM, fp32 tensor, 1 MiB fragments, frames consumed as a stream): sending
+4.4-4.9 GB/s with CRC-32, 12-17 GB/s without; receiving 4.2-5.2 GB/s with CRC, 12-21 GB/s
+without. zlib.crc32 itself runs at ~7 GB/s here (2 GB/s on the GPU hosts' zlib), so it is the
+main cost: TLS already authenticates every record, and ``checksum=False`` on both sides skips it.
+Holding all Frames of a big message in a list (instead of streaming them) costs ~2x: every
+fragment is then fresh memory to fault in.
 """
 
 from __future__ import annotations

@@ -1,0 +1,333 @@
+"""Shared helpers of ``benchmarks/train.py`` and ``benchmarks/generate.py``.
+
+Model configs (GPT-2 tiny/small/medium, random init, nothing downloaded), command-line flags,
+certificates, the split server in its own (spawned) process, CUDA-aware timing, tables and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lightning_split.channel import ChannelServer, client_tls, make_certs, server_tls  # noqa: E402
+from lightning_split.server.service import SplitService  # noqa: E402
+from lightning_split.split.build import ModelSource  # noqa: E402
+from lightning_split.split.connect import SplitModel, open_split  # noqa: E402
+from lightning_split.split.spec import SplitSpec  # noqa: E402
+from lightning_split.wire import Message, MessageType, Reassembler, message_to_frames  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def quiet() -> None:
+    """Keep the benchmark's output readable: no per-model config notices, no Lightning banners."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|litlogger).*")
+
+
+quiet()  # also in the spawned server and gloo processes, which import this module
+CLIENT_ID = "bench"
+# GPT-2's own sizes; dropout off so that every variant computes the same numbers from the same init.
+GPT2_COMMON = dict(vocab_size=50257, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+MODELS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=8192, bos_token_id=8191, eos_token_id=8191),
+    "small": dict(n_layer=12, n_embd=768, n_head=12),  # GPT-2 small, 124 M parameters
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16),  # GPT-2 medium, 355 M parameters
+}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def model_source(name: str, dtype: str = "fp32") -> ModelSource:
+    """The benchmark model as a ModelSource (the server builds it; the client checks its fingerprint)."""
+    return ModelSource("transformers:GPT2LMHeadModel", {**GPT2_COMMON, **MODELS[name]}, seed=0,
+                       dtype=TORCH_DTYPES[dtype])
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+def base_parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps (< 90 s on a 2-core CPU)")
+    p.add_argument("--model", choices=list(MODELS), default=None, help="default: tiny (--quick), small")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None, help="sequence (prompt) length")
+    p.add_argument("--cut", type=int, default=2, help="first block on the server (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps / repeats after warm-up")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=list(TORCH_DTYPES), default=None,
+                   help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--json", default=None,
+                   help="result file (default: benchmarks/results/<bench>_<model>_<device>.json)")
+    return p
+
+
+def finish_args(args: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any]) -> argparse.Namespace:
+    """Fill the flags left unset from the --quick or the full defaults; pick device and dtype."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda":
+        args.device = "cuda:0"  # Lightning and the timing helpers want an explicit index
+    if args.dtype is None:
+        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    return args
+
+
+def json_path(args: argparse.Namespace, bench: str) -> Path:
+    if args.json:
+        return Path(args.json)
+    quick = "_quick" if args.quick else ""
+    return RESULTS / f"{bench}_{args.model}_{torch.device(args.device).type}{quick}.json"
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, Any]:
+    """(seconds, result) of ``fn()``, with CUDA synchronised on both sides of the measurement."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def autocast(device: str | torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for --dtype bf16 (fp32 master weights), nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def random_batches(n: int, batch: int, seq: int, vocab: int, device: str,
+                   seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(n)]
+
+
+# -- certificates and the split server in its own process --------------------------------------------
+
+@contextlib.contextmanager
+def pki_dir() -> Iterator[Path]:
+    """A fresh CA, server certificate and one client certificate (CN ``bench``) in a temp dir."""
+    with tempfile.TemporaryDirectory(prefix="ls-bench-pki-") as d:
+        make_certs(d, client_ids=[CLIENT_ID])
+        yield Path(d)
+
+
+class _TimedService(SplitService):
+    """SplitService that adds the time spent in its handler (compute, CUDA included) to ``busy``."""
+
+    def __init__(self, *args: Any, busy: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._busy = busy
+        self._cuda = torch.device(kwargs.get("device", "cpu")).type == "cuda"
+
+    def handle(self, session: Any, request: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return super().handle(session, request)
+        finally:
+            if self._cuda:
+                torch.cuda.synchronize()
+            with self._busy.get_lock():
+                self._busy[0] += time.perf_counter() - t0
+                self._busy[1] += 1
+
+
+def _serve(pki: str, source: dict, spec: dict, device: str, ready: Any, stop: Any, busy: Any) -> None:
+    try:
+        service = _TimedService(ModelSource.from_dict(source), SplitSpec.from_dict(spec), device=device,
+                                busy=busy)
+        server = ChannelServer(service, "127.0.0.1:0", tls=server_tls(pki))
+        ready.put(server.start())
+    except BaseException as e:  # tell the parent instead of leaving it waiting
+        ready.put(f"{type(e).__name__}: {e}")
+        raise
+    stop.wait()
+    server.stop(grace=0)
+
+
+class SplitServer:
+    """A SplitService behind a mutual-TLS ChannelServer on loopback, in a spawned process.
+
+    The SplitService is timed: ``busy()`` is the server's handler time (compute, not transport).
+    """
+
+    def __init__(self, pki: Path, source: ModelSource, spec: SplitSpec, device: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.pki = pki
+        self._ready, self._stop, self._busy = ctx.Queue(), ctx.Event(), ctx.Array("d", 2)
+        self._proc = ctx.Process(
+            target=_serve, name="split-server", daemon=True,
+            args=(str(pki), source.to_dict(), spec.to_dict(), device, self._ready, self._stop, self._busy),
+        )
+        self._proc.start()
+        self._address: str | None = None
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:port`` once the server listens (waits for it: servers may start in parallel)."""
+        if self._address is None:
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    port = self._ready.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._proc.is_alive() or time.monotonic() > deadline:
+                        raise RuntimeError("the split server process did not start") from None
+            if isinstance(port, str):
+                self.close()
+                raise RuntimeError(f"the split server failed to start: {port}")
+            self._address = f"127.0.0.1:{port}"
+        return self._address
+
+    def busy(self) -> tuple[float, int]:
+        """(seconds spent in the service's handler, requests handled) so far."""
+        with self._busy.get_lock():
+            return self._busy[0], int(self._busy[1])
+
+    def connect(self, source: ModelSource, spec: SplitSpec, device: str,
+                tail: dict[str, Any] | None = None) -> SplitModel:
+        """``open_split`` as a benchmark client: mutual TLS, own source and split (fingerprint checked)."""
+        return open_split(self.address, CLIENT_ID, client_tls(self.pki, CLIENT_ID), source=source, spec=spec,
+                          tail=tail, device=device)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(10)
+
+    def __enter__(self) -> SplitServer:
+        self.address  # noqa: B018 - wait until it listens
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def channel_rtt_ms(split: SplitModel, n: int = 50) -> float:
+    """Median round trip of a tiny request (``CACHE info``) over the connected channel."""
+    times = []
+    for _ in range(n + 5):
+        t0 = time.perf_counter()
+        split.client.request(MessageType.CACHE, {"op": "info"})
+        times.append(time.perf_counter() - t0)
+    return 1e3 * median(times[5:])
+
+
+# -- what one step sends ------------------------------------------------------------------------------
+
+def record_one_step(split: SplitModel, run: Callable[[], Any]) -> list[tuple[int, Any, Any]]:
+    """(type, request body, reply body) of every request ``run()`` makes through the split's client."""
+    client, seen = split.client, []
+    original = client.request
+
+    def recording(type_: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Any:
+        reply = original(type_, body, step, timeout)
+        seen.append((type_, body, reply.body))
+        return reply
+
+    client.request = recording  # this instance only, for one step
+    try:
+        run()
+    finally:
+        del client.request
+    return seen
+
+
+def _to(body: Any, device: str | torch.device) -> Any:
+    if isinstance(body, torch.Tensor):
+        return body.to(device)
+    if isinstance(body, dict):
+        return {k: _to(v, device) for k, v in body.items()}
+    if isinstance(body, (list, tuple)):
+        return type(body)(_to(v, device) for v in body)
+    return body
+
+
+def codec_seconds(messages: list[tuple[int, Any, Any]], device: str, repeats: int = 3) -> float:
+    """Encode + frame + reassemble + decode of one step's requests and replies, device copies included."""
+    bodies = [(t, _to(b, device)) for t, req, rep in messages for b in (req, rep)]
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for type_, body in bodies:
+            reassembler, msg = Reassembler(), None
+            for frame in message_to_frames(Message(type=type_, body=body, node_id="bench", sequence=1)):
+                msg = reassembler.add(frame)
+            _to(msg.body, device)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    for line in [headers, *cells]:
+        cols = enumerate(zip(line, widths, strict=True))
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in cols))
+
+
+def environment(device: str) -> dict[str, Any]:
+    env = {"device": device, "torch": torch.__version__, "cpus": os.cpu_count(),
+           "platform": platform.platform(), "python": platform.python_version()}
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json(path: Path, args: Any, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"args": vars(args), "environment": environment(args.device), **payload}
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path

@@ -1,0 +1,364 @@
+"""Training steps/s of a GPT-2: local vs our split (mutual-TLS gRPC) vs a hand-built torch.distributed split.
+
+    python benchmarks/train.py --quick                                  # tiny GPT-2 on CPU, < 90 s
+    python benchmarks/train.py --model small --device cuda              # bf16 autocast by default on CUDA
+    python benchmarks/train.py --model medium --device cuda --batch 8 --seq 512 --steps 30
+
+Rows (same model source, seed, batches and AdamW everywhere; dropout off):
+
+* local:      the whole GPT2LMHeadModel in this process: forward + backward + AdamW step.
+* ours:       ``open_split`` against a SplitService (``two_part``, tail mode ``trainable``: the server
+              steps its own AdamW) behind a mutual-TLS ChannelServer in another process; per step
+              ``model(input_ids=ids, labels=ids).loss.backward()``, client step, OPTIMIZER_STEP
+              (what SplitStrategy does).
+* hand-built: what a PyTorch user writes first: two processes, gloo over TCP loopback, no TLS, no
+              auth; rank 0 embeddings + blocks[:cut], rank 1 the rest + loss + its own AdamW;
+              activation and labels out, activation gradient and loss back, via the CPU.
+* lightning local / lightning ours (unless --no-lightning): ``Trainer.fit`` of
+  ``examples.modules.CausalLM``, the second with ``strategy=SplitStrategy(...)``.
+
+Steps/s = 1 / median step time after warm-up (CUDA synchronised around every step). The transport
+breakdown of ``ours`` comes from ``client.stats`` and the server's handler time; the codec row is
+an offline estimate (encode + decode of one step's real messages, device copies included).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    SplitServer,
+    autocast,
+    base_parser,
+    channel_rtt_ms,
+    codec_seconds,
+    finish_args,
+    json_path,
+    median,
+    model_source,
+    pki_dir,
+    print_table,
+    random_batches,
+    record_one_step,
+    sync,
+    timed,
+    write_json,
+)
+
+from lightning_split.channel import client_tls  # noqa: E402
+from lightning_split.split.build import ModelSource, build_model  # noqa: E402
+from lightning_split.split.spec import SplitSpec  # noqa: E402
+from lightning_split.wire import MessageType  # noqa: E402
+
+LR = 1e-4
+QUICK = dict(model="tiny", batch=4, seq=64, steps=20, warmup=3)
+FULL = dict(model="small", batch=8, seq=512, steps=30, warmup=5)
+TARGETS = {"small": 0.9, "medium": 0.95}  # ours / local steps/s, GPU runs
+
+
+@dataclass
+class Run:
+    name: str
+    times: list[float]
+    losses: list[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_per_s(self) -> float:
+        return 1.0 / median(self.times)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps_per_s": self.steps_per_s, "median_step_ms": 1e3 * median(self.times),
+                "step_ms": [1e3 * t for t in self.times], "losses": self.losses, **self.extra}
+
+
+# -- local -------------------------------------------------------------------------------------------
+
+def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Run:
+    model = build_model(source, device=args.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def step(ids: torch.Tensor) -> float:
+        with autocast(args.device, args.dtype):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    times, losses = [], []
+    for ids in batches:
+        dt, loss = timed(lambda ids=ids: step(ids), args.device)
+        times.append(dt)
+        losses.append(float(loss))
+    return Run("local", times[args.warmup:], losses)
+
+
+# -- ours --------------------------------------------------------------------------------------------
+
+def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
+             batches: list[torch.Tensor]) -> Run:
+    split = server.connect(source, spec, args.device, tail={"mode": "trainable",
+                                                             "optimizer": {"name": "AdamW", "lr": LR}})
+    try:
+        model, client = split.model.train(), split.client
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+
+        def step(i: int, ids: torch.Tensor) -> torch.Tensor:
+            split.runner.step = i
+            with autocast(args.device, args.dtype):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
+            return loss.detach()
+
+        times, losses = [], []
+        for i, ids in enumerate(batches):
+            if i == args.warmup:
+                stats0, busy0 = client.stats.snapshot(), server.busy()
+            dt, loss = timed(lambda i=i, ids=ids: step(i, ids), args.device)
+            times.append(dt)
+            losses.append(float(loss))
+        delta, busy1 = client.stats - stats0, server.busy()
+        n = len(batches) - args.warmup
+        messages = record_one_step(split, lambda: step(len(batches), batches[0]))
+        extra = {
+            "round_trips_per_step": delta.messages / n,
+            "sent_MB_per_step": delta.bytes_sent / n / 1e6,
+            "received_MB_per_step": delta.bytes_received / n / 1e6,
+            "mean_rtt_ms": 1e3 * delta.mean_rtt_s,
+            "rtt_ms_per_step": 1e3 * delta.total_rtt_s / n,
+            "server_handler_ms_per_step": 1e3 * (busy1[0] - busy0[0]) / n,
+            "codec_ms_per_step_est": 1e3 * codec_seconds(messages, args.device),
+            "logits_MB_per_step": sum(rep["logits"].nbytes for _, _, rep in messages
+                                      if isinstance(rep, dict) and "logits" in rep) / 1e6,
+            "bare_rtt_ms": channel_rtt_ms(split, 30),
+        }
+        return Run("ours", times[args.warmup:], losses, extra)
+    finally:
+        split.close()
+
+
+# -- hand-built: torch.distributed gloo, no TLS -------------------------------------------------------
+
+def _hand_built_rank(rank: int, port: int, args: dict[str, Any], source: dict, out: Any) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    device, dtype, cut = args["device"], args["dtype"], args["cut"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = build_model(ModelSource.from_dict(source), device=device).train()
+    t = model.transformer
+    if rank == 0:
+        mine = [t.wte, t.wpe, *t.h[:cut]]
+    else:
+        mine = [*t.h[cut:], t.ln_f, model.lm_head]  # lm_head: the server's copy of the tied wte
+    params = list({id(p): p for m in mine for p in m.parameters()}.values())
+    opt = torch.optim.AdamW(params, lr=LR)
+    vocab = model.config.vocab_size
+    batches = random_batches(args["warmup"] + args["steps"], args["batch"], args["seq"], vocab, device)
+    b, s, h = args["batch"], args["seq"], model.config.n_embd
+    times, losses = [], []
+    for ids in batches:
+        sync(device)
+        t0 = time.perf_counter()
+        if rank == 0:
+            with autocast(device, dtype):
+                x = t.drop(t.wte(ids) + t.wpe(torch.arange(s, device=device))[None])
+                for block in t.h[:cut]:
+                    x = block(x)
+            dist.send(x.detach().float().cpu(), dst=1)
+            dist.send(ids.cpu(), dst=1)
+            grad, loss = torch.empty(b, s, h), torch.empty(1)
+            dist.recv(grad, src=1)
+            dist.recv(loss, src=1)
+            x.backward(grad.to(device, x.dtype))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            x, labels = torch.empty(b, s, h), torch.empty(b, s, dtype=torch.long)
+            dist.recv(x, src=0)
+            dist.recv(labels, src=0)
+            x = x.to(device).requires_grad_(True)
+            labels = labels.to(device)
+            with autocast(device, dtype):
+                y = x
+                for block in t.h[cut:]:
+                    y = block(y)
+                logits = model.lm_head(t.ln_f(y))
+            logits = logits.float()[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+            loss.backward()
+            dist.send(x.grad.float().cpu(), dst=0)
+            dist.send(loss.detach().float().cpu().view(1), dst=0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put((times, losses))
+
+
+def run_hand_built(args: Any, source: ModelSource) -> Run:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    keys = ("device", "dtype", "cut", "batch", "seq", "steps", "warmup")
+    conf = {k: getattr(args, k) for k in keys}
+    procs = [ctx.Process(target=_hand_built_rank, args=(r, port, conf, source.to_dict(), out), daemon=True)
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        times, losses = out.get(timeout=1800)
+    finally:
+        for p in procs:
+            p.join(60)
+    return Run("hand-built", times[args.warmup:], losses)
+
+
+# -- Lightning ---------------------------------------------------------------------------------------
+
+def run_lightning(args: Any, source: ModelSource, batches: list[torch.Tensor],
+                  server: SplitServer | None = None, spec: SplitSpec | None = None) -> Run:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_split import SplitStrategy
+    from lightning_split.examples.modules import CausalLM
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_batch_start(self, *a: Any) -> None:
+            sync(args.device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *a: Any) -> None:
+            sync(args.device)
+            self.times.append(time.perf_counter() - self.t0)
+            self.losses.append(float(outputs["loss"]))
+
+    timer = StepTimer()
+    if server is None:
+        module = CausalLM(build_model(source, args.device), lr=LR, optimizer="AdamW")
+        strategy, name = "auto", "local"
+    else:
+        module, name = CausalLM(lr=LR, optimizer="AdamW"), "ours"
+        strategy = SplitStrategy(address=server.address, node_id="bench", tls=client_tls(server.pki, "bench"),
+                                 source=source, spec=spec, tail="trainable", device=args.device,
+                                 log_transport=False)
+    data = torch.utils.data.DataLoader([ids.cpu() for ids in batches], batch_size=None)
+    trainer = L.Trainer(
+        max_steps=len(batches), accelerator=torch.device(args.device).type, devices=1, strategy=strategy,
+        precision="bf16-mixed" if args.dtype == "bf16" else "32-true", logger=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, data)
+    if server is not None:
+        strategy.close()
+    return Run(f"lightning {name}", timer.times[args.warmup:], timer.losses)
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--no-lightning", action="store_true", help="skip the two Lightning Trainer rows")
+    p.add_argument("--no-hand-built", action="store_true")
+    args = finish_args(p.parse_args(argv), QUICK, FULL)
+    t_start = time.perf_counter()
+    source = model_source(args.model, "fp32")  # fp32 master weights; bf16 is autocast
+    spec = SplitSpec(cut=args.cut, shape="two_part")
+    vocab = source.config["vocab_size"]
+    batches = random_batches(args.warmup + args.steps, args.batch, args.seq, vocab, args.device)
+    print(f"train: GPT-2 {args.model} ({source.config['n_layer']} x {source.config['n_embd']}), "
+          f"batch {args.batch} x seq {args.seq}, cut {args.cut}, {args.device} {args.dtype}, "
+          f"{args.steps} steps after {args.warmup} warm-up", flush=True)
+
+    runs: list[Run] = []
+    with pki_dir() as pki, SplitServer(pki, source, spec, args.device) as server:
+        runs.append(run_local(args, source, batches))
+        print(f"  local      {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        runs.append(run_ours(args, server, source, spec, batches))
+        print(f"  ours       {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        if not args.no_lightning:
+            runs.append(run_lightning(args, source, batches))
+            runs.append(run_lightning(args, source, batches, server, spec))
+            print(f"  lightning  {runs[-2].steps_per_s:8.2f} local, {runs[-1].steps_per_s:.2f} ours steps/s",
+                  flush=True)
+    if not args.no_hand_built:
+        runs.append(run_hand_built(args, source))
+        print(f"  hand-built {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+
+    by = {r.name: r for r in runs}
+    local = by["local"]
+    print_table(
+        f"training, GPT-2 {args.model}, batch {args.batch} x {args.seq}, {args.device} {args.dtype} "
+        f"(median of {args.steps} steps)",
+        ["variant", "steps/s", "ms/step", "best ms", "x local", "loss[0]", "loss[-1]"],
+        [[r.name, r.steps_per_s, 1e3 * median(r.times), 1e3 * min(r.times), r.steps_per_s / local.steps_per_s,
+          f"{r.losses[0]:.4f}", f"{r.losses[-1]:.4f}"] for r in runs],
+    )
+    ratios = {"ours/local": by["ours"].steps_per_s / local.steps_per_s}
+    if "hand-built" in by:
+        ratios["hand-built/local"] = by["hand-built"].steps_per_s / local.steps_per_s
+        ratios["ours/hand-built"] = by["ours"].steps_per_s / by["hand-built"].steps_per_s
+    if "lightning ours" in by:
+        ratios["lightning ours/local"] = by["lightning ours"].steps_per_s / by["lightning local"].steps_per_s
+    print("\nratios (steps/s): " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
+
+    x = by["ours"].extra
+    step_ms = 1e3 * median(by["ours"].times)
+    print_table(
+        "ours, per training step (transport from client.stats; server handler time from the server process)",
+        ["quantity", "value"],
+        [["step (ms)", step_ms],
+         ["client outside round trips (ms)", step_ms - x["rtt_ms_per_step"]],
+         ["round trips (ms)", x["rtt_ms_per_step"]],
+         ["  server handler compute (ms)", x["server_handler_ms_per_step"]],
+         ["  channel overhead: rtt - handler (ms)", x["rtt_ms_per_step"] - x["server_handler_ms_per_step"]],
+         ["codec+copies, all msgs, est. (ms)", x["codec_ms_per_step_est"]],
+         ["round trips per step", x["round_trips_per_step"]],
+         ["mean rtt (ms)", x["mean_rtt_ms"]],
+         ["bare rtt, CACHE info (ms)", x["bare_rtt_ms"]],
+         ["client -> server (MB/step)", x["sent_MB_per_step"]],
+         ["server -> client (MB/step)", x["received_MB_per_step"]],
+         ["  of which logits, unused by loss.backward (MB/step)", x["logits_MB_per_step"]]],
+    )
+    if torch.device(args.device).type == "cuda":
+        target = TARGETS.get(args.model)
+        if target is not None:
+            ok = ratios["ours/local"] >= target and ratios.get("ours/hand-built", 1.0) > 1.0
+            print(f"\ntarget (GPU): ours >= {target} x local and ahead of hand-built: "
+                  f"{'MET' if ok else 'MISSED'}")
+    out = write_json(json_path(args, "train"), args, {
+        "runs": {r.name: r.as_dict() for r in runs}, "ratios": ratios,
+        "seconds": time.perf_counter() - t_start,
+    })
+    print(f"\nwrote {out} ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
