@@ -65,6 +65,8 @@ class SplitStrategy(SingleDeviceStrategy):
             or ``"lora"``, or a dict ``{"mode": ..., "optimizer": {...}, "lora": {...}}``.
         channel: ChannelConfig (chunk size, compression per direction, limits, deadlines).
         log_transport: log bytes each way, compression ratio and round-trip time each step.
+        micro_batches: cut each training batch into this many micro-batches in flight, so that
+            transfers overlap the server's compute (default: 4 once a hidden state reaches 4 MiB).
     """
 
     strategy_name = "split"
@@ -82,6 +84,7 @@ class SplitStrategy(SingleDeviceStrategy):
         tail: str | dict[str, Any] | None = None,
         channel: ChannelConfig | dict | None = None,
         log_transport: bool = True,
+        micro_batches: int | None = None,
         server_name_override: str | None = None,
         device: str | torch.device | None = None,
         accelerator: Any = None,
@@ -104,6 +107,7 @@ class SplitStrategy(SingleDeviceStrategy):
         self.tail = {"mode": tail} if isinstance(tail, str) else dict(tail)
         self.channel = ChannelConfig.from_dict(channel) if isinstance(channel, dict) else channel
         self.log_transport = log_transport
+        self.micro_batches = micro_batches
         self.server_name_override = server_name_override
         self.split: SplitModel | None = None
         self._clip_coef: float | None = None
@@ -123,7 +127,7 @@ class SplitStrategy(SingleDeviceStrategy):
             self.split = open_split(
                 self.address, self.node_id, tls, source=self.source, spec=self.spec, tail=self.tail,
                 config=self.channel, insecure=self.insecure, device=self.root_device,
-                server_name_override=self.server_name_override,
+                server_name_override=self.server_name_override, micro_batches=self.micro_batches,
             )
             weakref.finalize(self, self.split.close)
         return self.split

@@ -29,7 +29,9 @@ BERT = ModelSource(
          attention_probs_dropout_prob=0.0, add_pooling_layer=False),
     seed=5,
 )
-MLP = ModelSource("lightning_split.examples.models:mlp", dict(in_features=16, hidden=32, depth=4, out_features=5), seed=6)
+MLP = ModelSource(
+    "lightning_split.examples.models:mlp", dict(in_features=16, hidden=32, depth=4, out_features=5), seed=6
+)
 RESNET = ModelSource("lightning_split.examples.models:tiny_resnet", dict(in_features=12, width=32, depth=5), seed=7)
 
 

@@ -113,3 +113,36 @@ def test_architecture_mismatch_is_refused_at_handshake(split_server):
     with pytest.raises(RemoteError) as err:
         open_split(address, "alice", tls_for("alice"), source=other, spec=spec)
     assert "architecture mismatch" in str(err.value)
+
+
+@pytest.mark.parametrize("family,shape", [("gpt2", "two_part"), ("llama", "u_shape"), ("user_module", "u_shape")])
+def test_micro_batches_in_flight_match_local(family, shape, split_server):
+    """A batch cut into micro-batches (all requests in flight at once) gives the whole batch's numbers."""
+    case = CASES[family]
+    spec = case.spec(shape)
+    local = build_model(case.source).eval()
+    if shape == "two_part" and hasattr(local, "lm_head"):
+        local.lm_head.weight = torch.nn.Parameter(local.lm_head.weight.detach().clone())
+    inputs = case.inputs(local)
+    inputs = {k: torch.cat([v, v.flip(0), v]) for k, v in inputs.items()}  # batch 6 (3 for the MLPs: 9)
+    if "labels" in inputs:
+        inputs["labels"][1, :4] = -100  # uneven target counts: the loss weights micro-batches by them
+
+    address, tls_for = split_server(case.source, spec)
+    remote = open_split(address, "alice", tls_for("alice"), source=case.source, spec=spec, micro_batches=4)
+    try:
+        remote.model.eval()
+        out_l, y_l, gin_l = _run(local, inputs, case.kind)
+        sent_before = remote.client.stats.messages
+        out_r, y_r, gin_r = _run(remote.model, inputs, case.kind)
+        assert remote.client.stats.messages - sent_before == 8  # 4 forwards and 4 backwards
+        torch.testing.assert_close(y_r, y_l, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(gin_r, gin_l, atol=ATOL, rtol=1e-5)
+        if getattr(out_l, "loss", None) is not None:
+            torch.testing.assert_close(out_r.loss, out_l.loss, atol=ATOL, rtol=1e-5)
+        local_params = dict(local.named_parameters())
+        for name, p in remote.model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, local_params[name].grad, atol=ATOL, rtol=1e-5, msg=name)
+    finally:
+        remote.close()

@@ -90,7 +90,7 @@ def test_training_parity_with_local(case, tail, split_server):
     blocks = local_module.model.get_submodule(spec.resolve(local_module.model).blocks or "")
     server_blocks = sessions[0].state["segment"].module.blocks
     for i, block in enumerate(server_blocks):
-        for (n, p), (_, q) in zip(block.named_parameters(), blocks[spec.cut + i].named_parameters()):
+        for (n, p), (_, q) in zip(block.named_parameters(), blocks[spec.cut + i].named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server block {i} {n}")
     assert segment.client.stats.messages > 0
     strategy.close()

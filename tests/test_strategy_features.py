@@ -111,7 +111,7 @@ def test_checkpoint_resume_restores_both_sides(split_server, tmp_path):
     for name, p in resumed.named_parameters():
         torch.testing.assert_close(p, local_params[name], rtol=1e-5, atol=1e-6, msg=name)
     for i, block in enumerate(resumed.server_blocks):
-        for (n, p), (_, q) in zip(block.named_parameters(), local.model[SPEC.cut + i].named_parameters()):
+        for (n, p), (_, q) in zip(block.named_parameters(), local.model[SPEC.cut + i].named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server block {i} {n}")
 
 

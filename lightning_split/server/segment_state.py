@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.split.results import segment_results
-from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, ServerSegment
+from lightning_split.split.surgery import KV_CACHE, ServerSegment
 
 TAIL_MODES = ("frozen", "trainable", "lora")
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")

@@ -68,6 +68,7 @@ def open_split(
     insecure: bool = False,
     device: str | torch.device = "cpu",
     server_name_override: str | None = None,
+    micro_batches: int | None = None,
 ) -> SplitModel:
     """Connect to a server, fetch and load the client's part, and return it wired up."""
     hello: dict[str, Any] = {"tail": tail or {"mode": "frozen"}}
@@ -94,6 +95,6 @@ def open_split(
     except BaseException:
         client.close()
         raise
-    runner = RemoteSegment(client, proxy, split.cut)
+    runner = RemoteSegment(client, proxy, split.cut, causal_lm=split.causal_lm, micro_batches=micro_batches)
     proxy.runner = runner
     return SplitModel(skeleton, proxy, runner, client, split, description)

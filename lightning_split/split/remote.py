@@ -61,10 +61,17 @@ def wire_arguments(
 class RemoteSegment:
     """Runs the server's blocks for one proxy through a connected ChannelClient."""
 
-    def __init__(self, client: Any, proxy: SegmentProxy, cut: int) -> None:
+    # Cut a training batch into micro-batches in flight once its hidden state is this large.
+    PIPELINE_MIN_BYTES = 4 << 20
+    PIPELINE_CHUNKS = 4
+
+    def __init__(self, client: Any, proxy: SegmentProxy, cut: int, causal_lm: bool = False,
+                 micro_batches: int | None = None) -> None:
         self.client = client
         self.proxy = proxy
         self.cut = cut
+        self.causal_lm = causal_lm
+        self.micro_batches = micro_batches  # None: automatic (PIPELINE_*); 1: never cut
         self.step = 0  # the training step, stamped on every training message's header
         self._ids = itertools.count()
         self._keys: tuple[str, ...] = ()
@@ -83,13 +90,35 @@ class RemoteSegment:
             body["logits_to_keep"] = int(extra.get("logits_to_keep", 0))
         self.proxy.last_cache = cache
         if torch.is_grad_enabled():
-            outputs = _RemoteForward.apply(self, body, hidden, *differentiable)
-            return self._unpack(dict(zip(self._keys, outputs)))
+            chunks = self._chunks_for(hidden)
+            outputs = _RemoteForward.apply(self, body, chunks, hidden, *differentiable)
+            result = dict(zip(self._keys, outputs, strict=True))
+            if "loss" in result and result["loss"].dim() == 1:
+                result["loss"] = self._combine_losses(result["loss"], body.get("labels"), chunks)
+            return self._unpack(result)
         body["hidden"] = hidden
         if cache is not None and kwargs.get("use_cache", True):
             body["cache"] = self._cache_info(cache, hidden)
         reply = self.client.request(MessageType.INFER, body)
         return self._unpack({k: v.to(hidden.device) for k, v in reply.body.items()})
+
+    def _chunks_for(self, hidden: torch.Tensor) -> int:
+        batch = hidden.shape[0] if hidden.dim() >= 1 else 1
+        if self.micro_batches is not None:
+            return max(1, min(self.micro_batches, batch))
+        if hidden.numel() * hidden.element_size() < self.PIPELINE_MIN_BYTES:
+            return 1
+        return max(1, min(self.PIPELINE_CHUNKS, batch))
+
+    def _combine_losses(self, losses: torch.Tensor, labels: torch.Tensor | None, chunks: int) -> torch.Tensor:
+        """The batch's mean loss from the micro-batches' means, weighted by their counted targets."""
+        if labels is None:
+            return losses.mean()
+        targets = labels[..., 1:] if self.causal_lm else labels
+        counts = torch.stack([
+            (targets[a:b] != -100).sum() for a, b in _batch_ranges(labels.shape[0], chunks)
+        ]).to(losses.device, losses.dtype)
+        return (losses * counts).sum() / counts.sum()
 
     def _cache_info(self, cache: Any, hidden: torch.Tensor) -> dict[str, Any]:
         if self.cut == 0:
@@ -135,36 +164,94 @@ class RemoteSegment:
         self._keys = keys
 
 
+def _batch_ranges(batch: int, chunks: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges of the batch, as equal as possible (like torch.tensor_split)."""
+    bounds = [batch * i // chunks for i in range(chunks + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _slice_batch(value: Any, batch: int, start: int, stop: int) -> Any:
+    """A block argument's share of one micro-batch: tensors whose first dim is the batch are cut,
+    everything else (broadcast position ids, rotary tables, flags) is sent whole."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop] if value.dim() >= 1 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_slice_batch(v, batch, start, stop) for v in value)
+    if isinstance(value, list):
+        return [_slice_batch(v, batch, start, stop) for v in value]
+    if isinstance(value, dict):
+        return {k: _slice_batch(v, batch, start, stop) for k, v in value.items()}
+    return value
+
+
+def _merge(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One output from the micro-batches' replies: batch outputs concatenated, scalars stacked."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
+
+
 class _RemoteForward(torch.autograd.Function):
+    """Forward and backward of the server's segment, as micro-batches in flight.
+
+    With ``chunks > 1`` the batch is cut into micro-batches whose requests are all submitted before
+    the first reply is awaited: while the server computes one, the next is on the wire, and the
+    replies stream back the same way. The backward does the same with the gradients.
+    """
+
     @staticmethod
     def forward(
-        ctx: Any, runner: RemoteSegment, body: dict[str, Any], hidden: torch.Tensor, *extra: torch.Tensor
+        ctx: Any, runner: RemoteSegment, body: dict[str, Any], chunks: int, hidden: torch.Tensor,
+        *extra: torch.Tensor,
     ) -> Any:
-        micro_id = runner.next_id()
-        request = dict(body, hidden=hidden.detach(), id=micro_id, input_grad=hidden.requires_grad)
-        if extra:
-            request["grad_inputs"] = [t.detach() for t in extra]
-        ctx.extra_meta = [(t.device, t.dtype) for t in extra]
-        reply = runner.client.request(MessageType.FORWARD, request, step=runner.step)
-        keys = tuple(sorted(reply.body))
+        batch = hidden.shape[0]
+        ranges = _batch_ranges(batch, chunks) if chunks > 1 else [(0, batch)]
+        ids, futures = [], []
+        for start, stop in ranges:
+            request = _slice_batch(body, batch, start, stop) if len(ranges) > 1 else dict(body)
+            micro_id = runner.next_id()
+            request.update(hidden=hidden[start:stop].detach(), id=micro_id, input_grad=hidden.requires_grad)
+            if extra:
+                request["grad_inputs"] = [_slice_batch(t.detach(), batch, start, stop) for t in extra]
+            ids.append(micro_id)
+            futures.append(runner.client.submit(MessageType.FORWARD, request, step=runner.step))
+        replies = [f.result() for f in futures]
+        keys = tuple(sorted(replies[0].body))
         runner.remember_keys(keys)
-        ctx.runner, ctx.micro_id, ctx.keys = runner, micro_id, keys
+        ctx.runner, ctx.ids, ctx.ranges, ctx.keys, ctx.batch = runner, ids, ranges, keys, batch
         ctx.hidden_device, ctx.hidden_dtype = hidden.device, hidden.dtype
+        ctx.extra_meta = [(t.device, t.dtype, t.dim() >= 1 and t.shape[0] == batch) for t in extra]
         ctx.set_materialize_grads(False)
-        outputs = tuple(reply.body[k].to(hidden.device) for k in keys)
+        ctx.stacked = {k for k in keys if replies[0].body[k].dim() == 0}
+        outputs = tuple(_merge([r.body[k] for r in replies]).to(hidden.device) for k in keys)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
         return outputs
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        payload = {k: g for k, g in zip(ctx.keys, grads) if g is not None}
         runner: RemoteSegment = ctx.runner
-        reply = runner.client.request(MessageType.BACKWARD, {"id": ctx.micro_id, "grads": payload}, step=runner.step)
-        grad_input = reply.body.get("grad_input")
-        if grad_input is not None:
-            grad_input = grad_input.to(ctx.hidden_device, ctx.hidden_dtype)
-        extra = reply.body.get("grad_extra") or [None] * len(ctx.extra_meta)
-        extra_grads = [
-            g.to(device, dtype) if g is not None else None for g, (device, dtype) in zip(extra, ctx.extra_meta)
-        ]
-        return (None, None, grad_input, *extra_grads)
+        many = len(ctx.ranges) > 1
+        futures = []
+        for i, (micro_id, (start, stop)) in enumerate(zip(ctx.ids, ctx.ranges, strict=True)):
+            payload = {}
+            for key, grad in zip(ctx.keys, grads, strict=True):
+                if grad is not None:
+                    # Scalars (the loss) were stacked, one per micro-batch; the rest concatenated.
+                    payload[key] = (grad[i] if key in ctx.stacked else grad[start:stop]) if many else grad
+            futures.append(runner.client.submit(
+                MessageType.BACKWARD, {"id": micro_id, "grads": payload}, step=runner.step))
+        replies = [f.result().body for f in futures]
+        grad_input = None
+        if replies[0].get("grad_input") is not None:
+            grad_input = _merge([r["grad_input"] for r in replies]).to(ctx.hidden_device, ctx.hidden_dtype)
+        extra_grads = []
+        for j, (device, dtype, per_sample) in enumerate(ctx.extra_meta):
+            parts = [(r.get("grad_extra") or [None] * len(ctx.extra_meta))[j] for r in replies]
+            if any(p is None for p in parts):
+                extra_grads.append(None)
+                continue
+            # A per-sample argument was cut, so its gradient is the concatenation; a broadcast one
+            # reached every micro-batch whole, so its gradient is the sum.
+            merged = torch.cat(parts) if (per_sample and many) else torch.stack(parts).sum(0)
+            extra_grads.append(merged.to(device, dtype))
+        return (None, None, None, grad_input, *extra_grads)

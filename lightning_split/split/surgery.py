@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from lightning_split.split.spec import ResolvedSplit
 
-
 # Stands on the wire where the client's forward passed its KV-cache object: the server puts the
 # session's own cache for its layers there.
 KV_CACHE = "<kv-cache>"
