@@ -1,0 +1,75 @@
+"""The CUDA path: client and server on the GPU; tensors go device -> host -> wire and back.
+
+Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_split import SplitSpec, SplitStrategy
+from lightning_split.examples.modules import CausalLM
+from lightning_split.split.build import build_model
+from lightning_split.split.connect import open_split
+from tests.split_cases import GPT2, LLAMA
+from tests.test_strategy import LossRecorder, _gpt2_batches
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    # TF32 would make local and split differ by more than float tolerance.
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("shape", ["u_shape", "two_part"])
+def test_cuda_forward_backward_and_generation(shape, split_server):
+    spec = SplitSpec(cut=1, end=3 if shape == "u_shape" else None, shape=shape)
+    local = build_model(LLAMA, device="cuda").eval()
+    address, tls_for = split_server(LLAMA, spec, device="cuda")
+    remote = open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec, device="cuda",
+                        micro_batches=2)
+    try:
+        model = remote.model.eval()
+        assert all(p.is_cuda for p in model.parameters())
+        ids = torch.randint(0, 128, (4, 16), device="cuda")
+        out_l = local(input_ids=ids, labels=ids)
+        out_r = model(input_ids=ids, labels=ids)
+        torch.testing.assert_close(out_r.loss, out_l.loss, rtol=1e-4, atol=1e-5)
+        assert out_r.logits.is_cuda
+        out_l.loss.backward()
+        out_r.loss.backward()
+        for name, p in model.named_parameters():
+            ref = dict(local.named_parameters())[name]
+            if p.grad is not None and name != "model.embed_tokens.weight":
+                torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids[:2, :6], **kw), local.generate(ids[:2, :6], **kw))
+    finally:
+        remote.close()
+
+
+def test_cuda_trainer_matches_local(split_server):
+    spec = SplitSpec(cut=1, end=3)
+    local = CausalLM(lr=3e-3, optimizer="Adam")
+    local.model = build_model(GPT2)
+    rec_l = LossRecorder()
+    L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, callbacks=[rec_l]).fit(local, _gpt2_batches())
+
+    address, tls_for = split_server(GPT2, spec, device="cuda")
+    strategy = SplitStrategy(address=address, node_id="alice", tls=tls_for("alice"), device="cuda:0", tail="trainable")
+    rec_s = LossRecorder()
+    L.Trainer(max_steps=4, accelerator="gpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, callbacks=[rec_s]).fit(CausalLM(lr=3e-3, optimizer="Adam"), _gpt2_batches())
+    torch.testing.assert_close(torch.tensor(rec_s.losses), torch.tensor(rec_l.losses), rtol=1e-4, atol=1e-5)
+    strategy.close()
