@@ -224,11 +224,11 @@ class SplitServer:
         with self._busy.get_lock():
             return self._busy[0], int(self._busy[1])
 
-    def connect(self, source: ModelSource, spec: SplitSpec, device: str,
-                tail: dict[str, Any] | None = None) -> SplitModel:
+    def connect(self, source: ModelSource, spec: SplitSpec, device: str, tail: dict[str, Any] | None = None,
+                **kwargs: Any) -> SplitModel:
         """``open_split`` as a benchmark client: mutual TLS, own source and split (fingerprint checked)."""
         return open_split(self.address, CLIENT_ID, client_tls(self.pki, CLIENT_ID), source=source, spec=spec,
-                          tail=tail, device=device)
+                          tail=tail, device=device, **kwargs)
 
     def close(self) -> None:
         self._stop.set()
@@ -260,19 +260,19 @@ def channel_rtt_ms(split: SplitModel, n: int = 50) -> float:
 def record_one_step(split: SplitModel, run: Callable[[], Any]) -> list[tuple[int, Any, Any]]:
     """(type, request body, reply body) of every request ``run()`` makes through the split's client."""
     client, seen = split.client, []
-    original = client.request
+    original = client.submit  # request() goes through submit() too
 
     def recording(type_: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Any:
-        reply = original(type_, body, step, timeout)
-        seen.append((type_, body, reply.body))
-        return reply
+        future = original(type_, body, step, timeout)
+        seen.append((type_, body, future))
+        return future
 
-    client.request = recording  # this instance only, for one step
+    client.submit = recording  # this instance only, for one step
     try:
         run()
     finally:
-        del client.request
-    return seen
+        del client.submit
+    return [(type_, body, future.result().body) for type_, body, future in seen]
 
 
 def _to(body: Any, device: str | torch.device) -> Any:

@@ -88,7 +88,7 @@ class RawStream:
         self._out: queue.SimpleQueue[pb.Frame | None] = queue.SimpleQueue()
         self._call = pb_grpc.SplitStub(channel).Exchange(self._gen(), timeout=20)
         self._replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._reasm = Reassembler(checksum=True)
+        self._reasm = Reassembler(checksum=False)  # replies carry CRCs only if we asked
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self._reader = threading.Thread(target=self._read, daemon=True)

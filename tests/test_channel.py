@@ -25,8 +25,9 @@ from lightning_split.channel import (
     server_tls,
 )
 from lightning_split.channel.certs import make_client_cert
+from lightning_split.channel.framing import encode_frames
 from lightning_split.channel.handshake import build_hello
-from lightning_split.wire import CompressionConfig, Message, WireLimits
+from lightning_split.wire import CompressionConfig, Message, WireLimits, message_to_frames
 from tests.channel_util import EchoHandler, RawStream, open_raw, sample_body, secure_channel, wait_for
 
 FORWARD, STATE = pb.FORWARD, pb.STATE
@@ -82,6 +83,27 @@ def test_round_trip_each_compression(start_server, connect, mode: str, chunk_siz
     else:
         assert stats.bytes_sent < raw
     assert stats.messages == 2 and stats.last_rtt_s > 0  # handshake + request
+
+
+@pytest.mark.parametrize("body", [None, "x", sample_body()])
+@pytest.mark.parametrize("chunk_size", [4096, 100_000, 1 << 20])
+@pytest.mark.parametrize("checksum", [True, False])
+def test_hand_serialized_frames_equal_protobuf(body: Any, chunk_size: int, checksum: bool) -> None:
+    msg = Message(type=FORWARD, body=body, session_id="s" * 32, step=3, sequence=9, node_id="alice")
+    comp = CompressionConfig(lossless="blosc2")
+    ours = list(encode_frames(msg, comp, chunk_size, checksum))
+    ref = [f.SerializeToString() for f in message_to_frames(msg, comp, chunk_size=chunk_size, checksum=checksum)]
+    assert ours == ref
+
+
+@pytest.mark.parametrize(("client_crc", "server_crc", "agreed"),
+                         [(None, None, False), (True, None, True), (None, True, True), (False, False, False)])
+def test_checksum_negotiation(start_server, connect, client_crc, server_crc, agreed) -> None:
+    server = start_server(EchoHandler(), config=ChannelConfig(checksum=server_crc, chunk_size=64 * 1024))
+    client = connect(server.port, config=ChannelConfig(checksum=client_crc, chunk_size=64 * 1024))
+    assert client.welcome["checksum"] is agreed  # under TLS the default (None) means off
+    x = torch.randn(100_000)
+    assert torch.equal(client.request(FORWARD, x).body, x)
 
 
 def test_many_fragments_and_stats_deltas(start_server, connect) -> None:
@@ -338,5 +360,6 @@ def test_insecure_mode_is_loopback_only(start_server, connect) -> None:
         ChannelServer(EchoHandler(), "127.0.0.1:0")  # neither TLS nor insecure
     server = start_server(EchoHandler(), insecure=True)
     client = connect(server.port, "carol", insecure=True)
+    assert client.welcome["checksum"] is True  # plaintext: CRCs on by default
     assert client.request(FORWARD, {"a": torch.ones(3)}).body["a"].sum() == 3
     assert next(iter(server.sessions.snapshot().values())).node_id == "carol"

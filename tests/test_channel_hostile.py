@@ -20,7 +20,7 @@ from tests.channel_util import EchoHandler, RawStream, open_raw, secure_channel
 
 CHUNK = 64 * 1024
 LIMITS = WireLimits(max_fragments=16, max_payload_bytes=1 << 20)
-SERVER_CFG = ChannelConfig(chunk_size=CHUNK, limits=LIMITS, handshake_timeout_s=2.0,
+SERVER_CFG = ChannelConfig(chunk_size=CHUNK, limits=LIMITS, handshake_timeout_s=2.0, checksum=True,
                            client_to_server=CompressionConfig())
 BLOSC = CompressionConfig(lossless="blosc2")
 S = grpc.StatusCode

@@ -57,7 +57,9 @@ def test_split_matches_local(family, shape, split_server):
     remote = open_split(address, "alice", tls_for("alice"), source=case.source, spec=spec)
     try:
         remote.model.eval()
-        result = "hidden_states" if (case.kind == "encoder" and shape == "two_part") else None
+        result = None
+        if shape == "two_part" and case.kind != "tensor":  # ask for more than the loss alone
+            result = "hidden_states" if case.kind == "encoder" else "logits"
         out_l, y_l, gin_l = _run(local, inputs, case.kind)
         out_r, y_r, gin_r = _run(remote.model, inputs, case.kind, result)
         torch.testing.assert_close(y_r, y_l, atol=ATOL, rtol=1e-5)
@@ -134,7 +136,7 @@ def test_micro_batches_in_flight_match_local(family, shape, split_server):
         remote.model.eval()
         out_l, y_l, gin_l = _run(local, inputs, case.kind)
         sent_before = remote.client.stats.messages
-        out_r, y_r, gin_r = _run(remote.model, inputs, case.kind)
+        out_r, y_r, gin_r = _run(remote.model, inputs, case.kind, "logits" if shape == "two_part" else None)
         assert remote.client.stats.messages - sent_before == 8  # 4 forwards and 4 backwards
         torch.testing.assert_close(y_r, y_l, atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(gin_r, gin_l, atol=ATOL, rtol=1e-5)
@@ -144,5 +146,22 @@ def test_micro_batches_in_flight_match_local(family, shape, split_server):
         for name, p in remote.model.named_parameters():
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, local_params[name].grad, atol=ATOL, rtol=1e-5, msg=name)
+    finally:
+        remote.close()
+
+
+def test_two_part_training_returns_the_loss_alone(split_server):
+    """With labels and no result type asked for, the server answers with the loss only (no logits)."""
+    spec = SplitSpec(cut=1, shape="two_part")
+    address, tls_for = split_server(GPT2, spec)
+    remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
+    try:
+        ids = torch.randint(0, 128, (2, 16))
+        before = remote.client.stats.snapshot()
+        out = remote.model(input_ids=ids, labels=ids)
+        received = remote.client.stats.bytes_received - before.bytes_received
+        assert out.logits is None and out.loss.dim() == 0
+        assert received < 1024  # a scalar, not 2 x 16 x 128 logits
+        out.loss.backward()
     finally:
         remote.close()

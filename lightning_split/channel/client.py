@@ -110,6 +110,8 @@ class ChannelClient:
         # Until the welcome says otherwise: the configured chunk size, compression as requested.
         self._chunk_size = self.config.chunk_size
         self._c2s = self.config.client_to_server
+        self._verify = self.config.wants_checksum(insecure)  # check CRCs of replies
+        self._send_crc = True  # until the welcome says what was agreed
         self._seq = itertools.count(1)
         self._lock = threading.RLock()  # opening streams, numbering and queueing requests
         self._pending: dict[int, _Pending] = {}
@@ -144,7 +146,7 @@ class ChannelClient:
                                                response_deserializer=pb.Frame.FromString)
         stream.call = exchange(stream.requests())
         # Replies may only use what we asked for; the server grants a subset of it.
-        reassembler = Reassembler(self.config.limits, checksum=self.config.checksum,
+        reassembler = Reassembler(self.config.limits, checksum=self._verify,
                                   compression_allowed=self.config.server_to_client)
         stream.reader = threading.Thread(target=self._read, args=(stream, reassembler),
                                          name=f"split-reader-{self.node_id}", daemon=True)
@@ -169,7 +171,8 @@ class ChannelClient:
             if self._stream is not None:
                 self._stream.shutdown()
             stream = self._open_stream()
-            hello = handshake.build_hello(self.config, self.node_id, self.hello_extra, self.session_id)
+            hello = handshake.build_hello(self.config, self.node_id, self.hello_extra, self.session_id,
+                                          checksum=self._verify)
             fut = self._enqueue(stream, pb.HANDSHAKE, hello, 0, self.config.handshake_timeout_s,
                                 CompressionConfig(), self.config.chunk_size)
         reply = self._wait(fut, self.config.handshake_timeout_s)
@@ -179,6 +182,7 @@ class ChannelClient:
         with self._lock:
             self.session_id = body["session_id"]
             self._chunk_size = int(body["chunk_size"])
+            self._send_crc = bool(body.get("checksum", True))
             self._c2s = CompressionConfig.from_dict(body["compression"]["client_to_server"])
             self.welcome = body
         return body
@@ -191,7 +195,9 @@ class ChannelClient:
                       node_id=self.node_id)
         # Encode here, in the caller's thread: an unencodable body raises to the caller. The frames
         # themselves are cut lazily by the sending thread.
-        frames = encode_frames(msg, compression, chunk_size, self.config.checksum)
+        # The hello always carries CRCs: the server may want them, and we don't know yet.
+        crc = True if type_ == pb.HANDSHAKE else self._send_crc
+        frames = encode_frames(msg, compression, chunk_size, crc)
         fut: Future = Future()
         now = time.monotonic()
         limit = self.config.request_deadline_s if timeout is None else timeout

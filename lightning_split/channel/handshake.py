@@ -30,12 +30,13 @@ from .config import LOSSLESS_MODES, LOSSY_MODES, ChannelConfig
 from .session import HandlerError
 
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
-CORE_WELCOME_KEYS = ("session_id", "protocol_version", "chunk_size", "compression", "limits", "resumed")
+CORE_WELCOME_KEYS = ("session_id", "protocol_version", "chunk_size", "checksum", "compression", "limits",
+                     "resumed")
 _HELLO_KEYS = ("protocol_version", "node_id", "capabilities", "compression", "session_id")
 
 
 def build_hello(config: ChannelConfig, node_id: str, extra: dict[str, Any] | None = None,
-                session_id: str = "") -> dict[str, Any]:
+                session_id: str = "", checksum: bool = True) -> dict[str, Any]:
     hello: dict[str, Any] = dict(extra or {})
     clash = set(hello) & set(_HELLO_KEYS)
     if clash:
@@ -48,6 +49,7 @@ def build_hello(config: ChannelConfig, node_id: str, extra: dict[str, Any] | Non
             "lossy": [m for m in LOSSY_MODES if m in config.allow_lossy],
             "chunk_size": config.chunk_size,
             "max_payload_bytes": int(limits_dict(config)["max_payload_bytes"]),
+            "checksum": checksum,
         },
         compression={
             "client_to_server": config.client_to_server.to_dict(),
@@ -89,10 +91,11 @@ def _grant(requested: Any, fallback: CompressionConfig, allow_lossless: set[str]
     )
 
 
-def negotiate(hello: Any, identity: str, config: ChannelConfig) -> dict[str, Any]:
+def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) -> dict[str, Any]:
     """Check a hello against the authenticated identity and agree the session's parameters.
 
-    Returns ``{"chunk_size", "client_to_server", "server_to_client"}`` (the latter two
+    ``checksum`` is the server's own wish: CRCs are on if either end wants them. Returns
+    ``{"chunk_size", "checksum", "client_to_server", "server_to_client"}`` (the latter two
     CompressionConfig). Raises HandlerError: FAILED_PRECONDITION for a protocol version we do not
     speak, PERMISSION_DENIED for a hello naming another node, INVALID_ARGUMENT for malformed ones.
     """
@@ -115,6 +118,9 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig) -> dict[str, Any
     chunk = caps.get("chunk_size", config.chunk_size)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 4096:
         raise _bad(f"chunk_size {chunk!r} must be an int >= 4096")
+    peer_crc = caps.get("checksum", True)
+    if not isinstance(peer_crc, bool):
+        raise _bad(f"checksum {peer_crc!r} must be a bool")
     comp = hello.get("compression") or {}
     if not isinstance(comp, dict):
         raise _bad("compression must be a dict")
@@ -124,6 +130,7 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig) -> dict[str, Any
     peer_lossy = set(caps.get("lossy", ["none"])) | {"none"}
     return {
         "chunk_size": min(chunk, config.chunk_size),
+        "checksum": peer_crc or checksum,
         "client_to_server": _grant(comp.get("client_to_server"), config.client_to_server,
                                    allow_lossless, allow_lossy),
         "server_to_client": _grant(comp.get("server_to_client"), config.server_to_client,
@@ -139,6 +146,7 @@ def welcome(session_id: str, agreed: dict[str, Any], config: ChannelConfig,
         session_id=session_id,
         protocol_version=PROTOCOL_VERSION,
         chunk_size=agreed["chunk_size"],
+        checksum=agreed["checksum"],
         compression={
             "client_to_server": agreed["client_to_server"].to_dict(),
             "server_to_client": agreed["server_to_client"].to_dict(),

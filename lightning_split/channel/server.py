@@ -102,7 +102,9 @@ class _Stream:
         self.session: Session | None = None
         self.finished = False
         self.handshake_done = threading.Event()
-        self.reassembler = Reassembler(self.cfg.limits, checksum=self.cfg.checksum,
+        # We verify CRCs if *we* want them; the handshake makes the client send them then.
+        self.verify = server.checksum
+        self.reassembler = Reassembler(self.cfg.limits, checksum=self.verify,
                                        compression_allowed=_NO_COMPRESSION)
 
     def _certificate_identity(self) -> str:
@@ -142,7 +144,7 @@ class _Stream:
         reply = self.on_message(msg)
         comp = self.session.server_to_client if self.session else _NO_COMPRESSION
         chunk = self.session.chunk_size if self.session else self.cfg.chunk_size
-        return encode_frames(reply, comp, chunk, self.cfg.checksum)
+        return encode_frames(reply, comp, chunk, self.session.checksum if self.session else True)
 
     def _abort(self, err: HandlerError) -> None:
         self.context.abort(err.code, err.message)
@@ -176,7 +178,7 @@ class _Stream:
     def _bind(self, session: Session) -> None:
         self.session = session
         # From now on the client may only use the compression the handshake granted it.
-        self.reassembler = Reassembler(self.cfg.limits, checksum=self.cfg.checksum,
+        self.reassembler = Reassembler(self.cfg.limits, checksum=self.verify,
                                        compression_allowed=session.client_to_server)
 
     def _reply(self, request: Message, body: Any) -> Message:
@@ -209,7 +211,7 @@ class _Stream:
         assert self.identity is not None
         table, handler = self.srv.sessions, self.srv.handler
         try:
-            agreed = handshake.negotiate(msg.body, self.identity, self.cfg)
+            agreed = handshake.negotiate(msg.body, self.identity, self.cfg, self.verify)
             resume_id = msg.body.get("session_id") or msg.session_id
             if resume_id:
                 session = table.get(resume_id, self.identity)
@@ -217,11 +219,13 @@ class _Stream:
                     session.client_to_server = agreed["client_to_server"]
                     session.server_to_client = agreed["server_to_client"]
                     session.chunk_size = agreed["chunk_size"]
+                    session.checksum = agreed["checksum"]
                     resume = getattr(handler, "resume_session", None)
                     extras = resume(session, msg.body) if resume else {}
                 resumed = True
             else:
                 session = table.create(self.identity, hello=msg.body, chunk_size=agreed["chunk_size"],
+                                       checksum=agreed["checksum"],
                                        client_to_server=agreed["client_to_server"],
                                        server_to_client=agreed["server_to_client"])
                 try:
@@ -267,6 +271,7 @@ class ChannelServer:
         self.tls = tls
         self.insecure = insecure
         self.config = config or ChannelConfig()
+        self.checksum = self.config.wants_checksum(insecure)
         # Each live stream holds a worker thread for its lifetime (sync gRPC server).
         self.max_workers = max_workers or self.config.max_sessions + 8
         self.sessions = SessionTable(handler, self.config.max_sessions, self.config.session_ttl_s)

@@ -41,6 +41,7 @@ class Session:
     client_to_server: CompressionConfig
     server_to_client: CompressionConfig
     chunk_size: int
+    checksum: bool = True  # frames to the client carry CRCs (agreed at the handshake)
     hello: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)

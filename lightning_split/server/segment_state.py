@@ -199,12 +199,12 @@ class SessionSegment:
 
     def _run(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any], body: dict[str, Any]) -> dict:
         out = self.module(hidden, args, kwargs)
-        if not self.module.tail and body.get("result") is None:
+        if "result" not in body:  # a U-shaped middle: the hidden state goes back as it is
             return {"output": out}
         labels = body.get("labels")
         labels = labels.to(self.device) if labels is not None else None
         return segment_results(
-            self.module, out, body.get("result") or "logits", labels,
+            self.module, out, body.get("result"), labels,
             int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)),
         )
 

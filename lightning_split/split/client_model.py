@@ -53,11 +53,11 @@ def materialise(skeleton: nn.Module, weights: bytes, sha256: str, device: str | 
     return skeleton
 
 
-def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_result: str = "logits") -> None:
+def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
     """Make ``model(...)`` of a two-part split return the server's result.
 
     ``labels`` travel with the instruction (the server computes the loss), ``result=`` names the
-    result type, and ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server
+    result type (default: the loss alone when labels are given, else the logits), and ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server
     to run the output layer on the last positions only. The model's own forward runs until the
     proxy hands off. A Hugging Face model gets a ``CausalLMOutputWithPast`` carrying the client's
     KV cache, so ``model.generate()`` works unchanged; a plain module gets its one result tensor.
@@ -73,7 +73,7 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy, default_resu
         *args: Any, labels: torch.Tensor | None = None, result: str | None = None, logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> Any:
-        proxy.extra = {"labels": labels, "result": result or default_result, "logits_to_keep": int(logits_to_keep)}
+        proxy.extra = {"labels": labels, "result": result, "logits_to_keep": int(logits_to_keep)}
         try:
             original(*args, **kwargs)
         except HandOff as handoff:

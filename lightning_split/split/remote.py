@@ -84,7 +84,7 @@ class RemoteSegment:
             # The server runs its blocks under the same mixed precision as the client's forward.
             body["autocast"] = str(torch.get_autocast_dtype(hidden.device.type)).removeprefix("torch.")
         if self.proxy.hand_off:
-            body["result"] = extra.get("result") or "logits"
+            body["result"] = extra.get("result")
             body["labels"] = extra.get("labels")
             body["top_k"] = int(extra.get("top_k", 0))
             body["logits_to_keep"] = int(extra.get("logits_to_keep", 0))

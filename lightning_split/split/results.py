@@ -15,23 +15,28 @@ from lightning_split.split.surgery import ServerSegment
 def segment_results(
     segment: ServerSegment,
     hidden: torch.Tensor,
-    result: str = "logits",
+    result: str | None = None,
     labels: torch.Tensor | None = None,
     top_k: int = 0,
     logits_to_keep: int = 0,
 ) -> dict[str, Any]:
     """Run the tail after the blocks and keep only what the instruction asks for.
 
+    With labels and no explicit result type the answer is the loss alone: a training step needs
+    nothing else, and the logits (batch x sequence x vocabulary) would dwarf every other transfer.
+
     ``logits_to_keep > 0`` runs the output layer on the last positions only (generation needs the
     last one): a prefill of T tokens then returns one row of logits, not T.
     """
+    if result is None:
+        result = "loss" if labels is not None else "logits"
     if result == "hidden_states":
         return {"hidden_states": hidden}
     if logits_to_keep > 0 and labels is None:
         hidden = hidden[..., -logits_to_keep:, :]
     logits = segment.head(hidden)
     out: dict[str, Any] = {}
-    if result in ("logits", "loss"):
+    if result == "logits":
         out["logits"] = logits
     if labels is not None or result == "loss":
         if labels is None:
@@ -59,5 +64,5 @@ class LocalRunner:
             return out
         extra = self.proxy.extra
         return segment_results(
-            self.segment, out, extra.get("result", "logits"), extra.get("labels"), 0, extra.get("logits_to_keep", 0)
+            self.segment, out, extra.get("result"), extra.get("labels"), 0, extra.get("logits_to_keep", 0)
         )
