@@ -57,8 +57,9 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
     """Make ``model(...)`` of a two-part split return the server's result.
 
     ``labels`` travel with the instruction (the server computes the loss), ``result=`` names the
-    result type (default: the loss alone when labels are given, else the logits), and ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server
-    to run the output layer on the last positions only. The model's own forward runs until the
+    result type (default: the loss alone when labels are given, else the logits), and
+    ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server to run the
+    output layer on the last positions only. The model's own forward runs until the
     proxy hands off. A Hugging Face model gets a ``CausalLMOutputWithPast`` carrying the client's
     KV cache, so ``model.generate()`` works unchanged; a plain module gets its one result tensor.
     """
