@@ -78,6 +78,8 @@ class ChannelConfig:
         for key in ("allow_lossless", "allow_lossy"):
             if key in d:
                 d[key] = tuple(d[key])
+        if "grpc_options" in d:
+            d["grpc_options"] = tuple(tuple(kv) for kv in d["grpc_options"])
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.split.results import segment_results
-from lightning_split.split.surgery import KV_CACHE, ServerSegment
+from lightning_split.split.surgery import KV_CACHE, ServerSegment, map_leaves
 
 TAIL_MODES = ("frozen", "trainable", "lora")
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
@@ -225,16 +225,9 @@ class SessionSegment:
                 return grad_inputs[index]
             if isinstance(value, torch.Tensor):
                 return value.to(self.device)
-            if isinstance(value, tuple):
-                return tuple(fix(v) for v in value)
-            if isinstance(value, list):
-                return [fix(v) for v in value]
-            if isinstance(value, dict):
-                return {k: fix(v) for k, v in value.items()}
             return value
 
-        args = tuple(fix(a) for a in body.get("args", ()))
-        kwargs = {k: fix(v) for k, v in (body.get("kwargs") or {}).items()}
+        args, kwargs = map_leaves(fix, (tuple(body.get("args", ())), dict(body.get("kwargs") or {})))
         if "use_cache" in kwargs:
             kwargs["use_cache"] = use_cache
         return args, kwargs

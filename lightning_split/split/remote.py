@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, SegmentProxy
+from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, SegmentProxy, map_leaves
 from lightning_split.wire import MessageType
 
 
@@ -43,18 +43,11 @@ def wire_arguments(
                 differentiable.append(value)
                 return GRAD_INPUT.format(len(differentiable) - 1)
             return value.detach()
-        if isinstance(value, tuple):
-            return tuple(fix(v) for v in value)
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
         if value is None or isinstance(value, (bool, int, float, str, bytes)):
             return value
         raise TypeError(f"a block argument of type {type(value).__name__} cannot be sent to the server")
 
-    wired_args = tuple(fix(a) for a in args)
-    wired_kwargs = {k: fix(v) for k, v in kwargs.items()}
+    wired_args, wired_kwargs = map_leaves(fix, (tuple(args), dict(kwargs)))
     return wired_args, wired_kwargs, (found[0] if found else None), differentiable
 
 
@@ -171,17 +164,15 @@ def _batch_ranges(batch: int, chunks: int) -> list[tuple[int, int]]:
 
 
 def _slice_batch(value: Any, batch: int, start: int, stop: int) -> Any:
-    """A block argument's share of one micro-batch: tensors whose first dim is the batch are cut,
+    """A request's share of one micro-batch: tensors whose first dim is the batch are cut,
     everything else (broadcast position ids, rotary tables, flags) is sent whole."""
-    if isinstance(value, torch.Tensor):
-        return value[start:stop] if value.dim() >= 1 and value.shape[0] == batch else value
-    if isinstance(value, tuple):
-        return tuple(_slice_batch(v, batch, start, stop) for v in value)
-    if isinstance(value, list):
-        return [_slice_batch(v, batch, start, stop) for v in value]
-    if isinstance(value, dict):
-        return {k: _slice_batch(v, batch, start, stop) for k, v in value.items()}
-    return value
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] == batch:
+            return leaf[start:stop]
+        return leaf
+
+    return map_leaves(cut, value)
 
 
 def _merge(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,7 @@ blocks (final norm, output layer, loss) lives on the server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,17 @@ KV_CACHE = "<kv-cache>"
 # Stands where a block argument needs a gradient (besides the hidden state): the tensor travels in
 # the body's ``grad_inputs`` list at this index, and its gradient comes back in ``grad_extra``.
 GRAD_INPUT = "<grad-input:{}>"
+
+
+def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
+    """Apply ``fn`` to every leaf of nested tuples, lists and dicts (block arguments, request bodies)."""
+    if isinstance(value, tuple):
+        return tuple(map_leaves(fn, v) for v in value)
+    if isinstance(value, list):
+        return [map_leaves(fn, v) for v in value]
+    if isinstance(value, dict):
+        return {k: map_leaves(fn, v) for k, v in value.items()}
+    return fn(value)
 
 
 class SegmentRunner(Protocol):
