@@ -276,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
               + f" {ratio_tcp:>9.2f} {ratio_gloo:>9.2f}")
         rows.append({"size_mib": s, "dtype": d, **{f"{k}_MBps": v for k, v in r.items()},
                      "ours_over_tcp": ratio_tcp, "ours_over_gloo": ratio_gloo})
+    ratios = [row["ours_over_tcp"] for row in rows]
+    geo = statistics.geometric_mean(ratios)
+    best = max(rows, key=lambda row: row["ours_over_tcp"])
+    print(f"\nours/raw TCP: geometric mean {geo:.2f}, best {best['ours_over_tcp']:.2f} "
+          f"({best['size_mib']:g} MiB {best['dtype']}); target >= 0.5: {'met' if geo >= 0.5 else 'NOT met'}")
+    gloo = [row["ours_over_gloo"] for row in rows if row["ours_over_gloo"] == row["ours_over_gloo"]]
+    if gloo:
+        print(f"ours/gloo: geometric mean {statistics.geometric_mean(gloo):.2f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -25,7 +25,7 @@ from lightning_split.channel import (
     server_tls,
 )
 from lightning_split.channel.certs import make_client_cert
-from lightning_split.channel.framing import encode_frames
+from lightning_split.channel.framing import encode_frames, fragment_plan
 from lightning_split.channel.handshake import build_hello
 from lightning_split.wire import CompressionConfig, Message, WireLimits, message_to_frames
 from tests.channel_util import EchoHandler, RawStream, open_raw, sample_body, secure_channel, wait_for
@@ -90,10 +90,21 @@ def test_round_trip_each_compression(start_server, connect, mode: str, chunk_siz
 @pytest.mark.parametrize("checksum", [True, False])
 def test_hand_serialized_frames_equal_protobuf(body: Any, chunk_size: int, checksum: bool) -> None:
     msg = Message(type=FORWARD, body=body, session_id="s" * 32, step=3, sequence=9, node_id="alice")
-    comp = CompressionConfig(lossless="blosc2")
-    ours = list(encode_frames(msg, comp, chunk_size, checksum))
-    ref = [f.SerializeToString() for f in message_to_frames(msg, comp, chunk_size=chunk_size, checksum=checksum)]
-    assert ours == ref
+    comp = CompressionConfig(lossy="bf16")  # deterministic (blosc2 output is not, across runs)
+    frames = encode_frames(msg, comp, chunk_size, checksum)
+    assert chunk_size // 2 < frames.fragment_size <= chunk_size + 32 * 1024 or frames.fragment_count == 1
+    ours = list(frames)
+    assert len(ours) == frames.fragment_count
+    ref = message_to_frames(msg, comp, chunk_size=frames.fragment_size, checksum=checksum)
+    assert ours == [f.SerializeToString() for f in ref]  # byte for byte what protobuf would write
+
+
+@pytest.mark.parametrize(("payload", "chunk", "plan"), [
+    (0, 1 << 20, (1, 1)), (100, 1 << 20, (100, 1)), ((1 << 20) + 60, 1 << 20, ((1 << 20) + 60, 1)),
+    ((16 << 20) + 80, 1 << 20, ((1 << 20) + 5, 16)), ((1 << 20) + (40 << 10), 1 << 20, (544768, 2)),
+])
+def test_fragment_plan_avoids_stragglers(payload: int, chunk: int, plan: tuple[int, int]) -> None:
+    assert fragment_plan(payload, chunk) == plan
 
 
 @pytest.mark.parametrize(("client_crc", "server_crc", "agreed"),
@@ -253,6 +264,19 @@ def test_broken_stream_fails_pending_and_resumes_session(start_server, connect) 
     assert client.session_id == sid and handler.opened == [sid] and handler.closed == []
     # A resuming handshake also works and says so.
     assert client.connect()["resumed"] is True
+    # close() after another break still reaches the server: the session is freed now, not at its TTL.
+    client._stream.call.cancel()
+    client.close()
+    assert handler.closed == [sid]
+
+
+def test_close_with_server_gone_returns_promptly(start_server, connect) -> None:
+    server = start_server(EchoHandler())
+    client = connect(server.port)
+    server.stop(grace=0)
+    t0 = time.monotonic()
+    client.close()
+    assert time.monotonic() - t0 < 6
 
 
 def test_deadline_exceeded_then_recovers(start_server, connect) -> None:
