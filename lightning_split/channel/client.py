@@ -292,18 +292,25 @@ class ChannelClient:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
-        """End the session (CLOSE), the stream and the channel. Safe to call twice."""
+        """End the session (CLOSE), the stream and the channel. Safe to call twice.
+
+        If the stream had broken, a new one carries the CLOSE, so the server frees the session's
+        state now rather than at its idle TTL (which does it if the server is unreachable).
+        """
         with self._lock:
             if self._closed:
                 return
-            stream = self._stream
-            if stream is not None and not stream.dead.is_set() and self.session_id:
-                try:
-                    self._wait(self._enqueue(stream, pb.CLOSE, None, 0, 5.0, CompressionConfig(),
+            for attempt in range(2 if self.session_id else 0):
+                try:  # a second try only if the stream was found dying under the first
+                    self._wait(self._enqueue(self._live_stream(), pb.CLOSE, None, 0, 5.0, CompressionConfig(),
                                              self._chunk_size), 5.0)
+                    break
                 except RemoteError as e:
-                    log.debug("CLOSE failed: %s", e)
+                    log.debug("CLOSE failed (attempt %d): %s", attempt + 1, e)
+                    if e.code != grpc.StatusCode.CANCELLED:
+                        break
             self._closed = True
+            stream = self._stream
             if stream is not None:
                 stream.shutdown()
                 if stream.reader is not None:
