@@ -33,7 +33,7 @@ from lightning_split.wire import CompressionConfig, Message, Reassembler, WireEr
 from . import handshake
 from .certs import TLSFiles, validate_node_id
 from .config import ChannelConfig
-from .framing import EncodedFrames, encode_frames, passthrough
+from .framing import EncodedFrames, encode_frames, identity, passthrough, split_frame
 from .server import EXCHANGE_METHOD, is_loopback_address
 from .stats import TransportStats
 
@@ -143,7 +143,7 @@ class ChannelClient:
             self._channel = self._make_channel()
         stream = _Stream()
         exchange = self._channel.stream_stream(EXCHANGE_METHOD, request_serializer=passthrough,
-                                               response_deserializer=pb.Frame.FromString)
+                                               response_deserializer=identity)
         stream.call = exchange(stream.requests())
         # Replies may only use what we asked for; the server grants a subset of it.
         reassembler = Reassembler(self.config.limits, checksum=self._verify,
@@ -241,8 +241,8 @@ class ChannelClient:
     def _read(self, stream: _Stream, reassembler: Reassembler) -> None:
         err: RemoteError
         try:
-            for frame in stream.call:
-                msg = reassembler.add(frame)
+            for raw in stream.call:
+                msg = reassembler.add(*split_frame(raw))
                 if msg is not None:
                     self._resolve(msg)
             err = RemoteError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")

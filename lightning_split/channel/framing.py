@@ -8,6 +8,12 @@ buffers by the single ``bytes.join`` that produces the gRPC message. The bytes a
 ``pb.Frame(...).SerializeToString()`` would give (``data`` is the last field; the tests check it),
 so the peer parses them with the ordinary generated code.
 
+Receiving is the mirror image: both ends let gRPC hand over the raw bytes of each Frame (identity
+deserializer) and :func:`split_frame` cuts field 7 out of them: the small remaining fields are
+parsed by protobuf (so protobuf still validates everything but ``data``), and ``data`` goes to
+``Reassembler.add(frame, data)`` as a memoryview slice of the received bytes, copied once, into
+the payload buffer (instead of three times: gRPC bytes -> protobuf ``data`` -> payload buffer).
+
 Frames are produced lazily: the gRPC sender thread cuts and checksums fragment k+1 while gRPC's
 core (no GIL) encrypts and writes fragment k.
 
@@ -22,8 +28,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 
+from google.protobuf.message import DecodeError
+
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, EncodedMessage, Message, encode_message
+from lightning_split.wire.errors import invalid
 
 _DATA_TAG = b"\x3a"  # field 7, wire type 2 (length-delimited)
 FRAGMENT_SLACK = 32 * 1024  # < FRAME_HEADROOM, which also has to hold the Frame's other fields
@@ -94,4 +103,98 @@ def encode_frames(msg: Message, compression: CompressionConfig | None, chunk_siz
 
 def passthrough(data: bytes) -> bytes:
     """The gRPC serializer for frames that are already bytes."""
+    return data
+
+
+_DATA_FIELD = 7
+
+
+class _Unusual(Exception):
+    """The bytes are not a plain top-level field sequence the fast path knows: let protobuf judge."""
+
+
+def _skip_varint(buf: bytes, pos: int, end: int) -> int:
+    for i in range(pos, min(pos + 10, end)):
+        if buf[i] < 0x80:
+            return i + 1
+    raise _Unusual  # truncated, or over 10 bytes
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    for i in range(pos, min(pos + 10, end)):
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i + 1
+        shift += 7
+    raise _Unusual
+
+
+def _data_span(buf: bytes) -> tuple[int, int, int] | None:
+    """(record start, data start, data end) of the one field-7 record of a serialized Frame;
+    None if there is none. _Unusual for anything but well-formed fields of wire types 0, 1, 2
+    and 5 with field numbers in range, or for a repeated field 7 (protobuf semantics decide)."""
+    end, pos, span = len(buf), 0, None
+    while pos < end:
+        record = pos
+        tag, pos = _read_varint(buf, pos, end)
+        field, wire_type = tag >> 3, tag & 7
+        if not 0 < field < 2**29:
+            raise _Unusual
+        if wire_type == 0:
+            pos = _skip_varint(buf, pos, end)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos, end)
+            start, pos = pos, pos + length
+            if field == _DATA_FIELD:
+                if span is not None:
+                    raise _Unusual
+                span = (record, start, pos)
+        else:  # groups, invalid wire types
+            raise _Unusual
+        if pos > end:
+            raise _Unusual
+    return span
+
+
+def _parse(buf: bytes) -> pb.Frame:
+    try:
+        return pb.Frame.FromString(buf)
+    except (DecodeError, ValueError, TypeError) as e:  # ValueError: e.g. bad UTF-8 in a string
+        raise invalid(f"malformed Frame ({len(buf)} bytes): {e}") from e
+
+
+def split_frame(raw: bytes) -> tuple[pb.Frame, memoryview | bytes]:
+    """A received, serialized Frame -> (the Frame without ``data``, its ``data``).
+
+    ``data`` is a memoryview slice of ``raw`` (no copy) in the usual case; for unusual but possibly
+    valid encodings (field 7 twice, groups) the whole Frame is parsed by protobuf and ``data`` is
+    ``frame.data``. Malformed input raises WireError(INVALID_ARGUMENT), exactly where protobuf's
+    own parse of ``raw`` would fail: the fields besides ``data`` are always parsed by protobuf,
+    and the span of ``data`` is only taken when the whole of ``raw`` is a valid field sequence.
+    Pass both to ``Reassembler.add(frame, data)``.
+    """
+    if not isinstance(raw, bytes):
+        raise invalid(f"a Frame must arrive as bytes, not {type(raw).__name__}")
+    try:
+        span = _data_span(raw)
+    except _Unusual:
+        frame = _parse(raw)
+        data = frame.data
+        frame.ClearField("data")
+        return frame, data
+    if span is None:
+        return _parse(raw), b""
+    record, start, end = span
+    rest = raw[:record] if end == len(raw) else raw[:record] + raw[end:]
+    return _parse(rest), memoryview(raw)[start:end]
+
+
+def identity(data: bytes) -> bytes:
+    """The gRPC deserializer for frames parsed by :func:`split_frame`."""
     return data

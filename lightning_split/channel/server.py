@@ -31,7 +31,7 @@ from lightning_split.wire import CompressionConfig, Message, Reassembler, WireEr
 from . import handshake
 from .certs import TLSFiles
 from .config import ChannelConfig
-from .framing import EncodedFrames, encode_frames, passthrough
+from .framing import EncodedFrames, encode_frames, identity, passthrough, split_frame
 from .session import HandlerError, Session, SessionHandler, SessionTable
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,18 @@ def error_message(request: Message, code: grpc.StatusCode, text: str) -> Message
 
 
 class _Servicer:
-    """``Split.Exchange``, registered by hand so replies can be pre-serialized bytes (framing.py)."""
+    """``Split.Exchange``, registered by hand so replies can be pre-serialized bytes and requests
+    arrive as raw bytes, parsed by ``framing.split_frame`` (framing.py)."""
 
     def __init__(self, server: ChannelServer) -> None:
         self._srv = server
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
-            self.Exchange, request_deserializer=pb.Frame.FromString, response_serializer=passthrough)
+            self.Exchange, request_deserializer=identity, response_serializer=passthrough)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Exchange": method})
 
-    def Exchange(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
+    def Exchange(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
                  ) -> Iterator[bytes]:
         stream = _Stream(self._srv, context)
         # The handshake must arrive in time: a connected peer that stays silent holds a worker.
@@ -123,7 +124,12 @@ class _Stream:
         self.session = None
 
     # -- frames -> messages ------------------------------------------------------------------
-    def on_frame(self, frame: pb.Frame) -> EncodedFrames | None:
+    def on_frame(self, raw: bytes) -> EncodedFrames | None:
+        try:
+            frame, data = split_frame(raw)
+        except WireError as e:
+            log.warning("wire violation from %s: %s", self.identity or self.context.peer(), e)
+            self.context.abort(e.code, f"wire error: {e}")
         node_id = frame.header.node_id
         if self.identity is None:  # insecure mode: the first frame names the peer
             if not node_id:
@@ -135,7 +141,7 @@ class _Stream:
                 f"frame header names node {node_id!r} but the peer is authenticated as {self.identity!r}",
             )
         try:
-            msg = self.reassembler.add(frame)
+            msg = self.reassembler.add(frame, data)
         except WireError as e:
             log.warning("wire violation from %s: %s", self.identity, e)
             self.context.abort(e.code, f"wire error: {e}")
