@@ -30,3 +30,47 @@ def split_server(pki: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield _start
     for server in servers:
         server.stop(grace=0)
+
+
+_SERVE_SNIPPET = """
+import json, sys, threading
+from lightning_split.channel import ChannelServer, server_tls
+from lightning_split.server.service import SplitService
+from lightning_split.split.build import ModelSource
+from lightning_split.split.spec import SplitSpec
+args = json.loads(sys.argv[1])
+service = SplitService(ModelSource.from_dict(args["source"]), SplitSpec.from_dict(args["spec"]), **args["service"])
+server = ChannelServer(service, "127.0.0.1:0", tls=server_tls(args["pki"]))
+print(server.start(), flush=True)
+sys.stdin.read()  # serve until the test closes our stdin
+server.stop(grace=0)
+"""
+
+
+@pytest.fixture
+def split_server_process(pki: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Like ``split_server``, but the server runs in its own process, as it would in deployment."""
+    import json
+    import subprocess
+    import sys
+
+    from lightning_split.channel import client_tls
+
+    procs: list[subprocess.Popen] = []
+
+    def _start(source: Any, spec: Any, **service_kw: Any) -> tuple[str, Callable]:
+        service_kw.setdefault("state_dir", str(tmp_path / "server-state"))
+        args = {"source": source.to_dict(), "spec": spec.to_dict(), "service": service_kw, "pki": str(pki)}
+        proc = subprocess.Popen([sys.executable, "-c", _SERVE_SNIPPET, json.dumps(args)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        port = int(proc.stdout.readline())
+        return f"127.0.0.1:{port}", lambda node_id: client_tls(pki, node_id)
+
+    yield _start
+    for proc in procs:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,6 +1,7 @@
 """The CUDA path: client and server on the GPU; tensors go device -> host -> wire and back.
 
-Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``. The
+server runs in its own process, as in deployment (and as in the GPU benchmarks).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def exact_matmuls():
 
 
 @pytest.mark.parametrize("shape", ["u_shape", "two_part"])
-def test_cuda_forward_backward_and_generation(shape, split_server):
+def test_cuda_forward_backward_and_generation(shape, split_server_process):
     spec = SplitSpec(cut=1, end=3 if shape == "u_shape" else None, shape=shape)
     local = build_model(LLAMA, device="cuda").eval()
-    address, tls_for = split_server(LLAMA, spec, device="cuda")
+    address, tls_for = split_server_process(LLAMA, spec, device="cuda")
     remote = open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec, device="cuda",
                         micro_batches=2)
     try:
@@ -58,7 +59,7 @@ def test_cuda_forward_backward_and_generation(shape, split_server):
         remote.close()
 
 
-def test_cuda_trainer_matches_local(split_server):
+def test_cuda_trainer_matches_local(split_server_process):
     spec = SplitSpec(cut=1, end=3)
     local = CausalLM(lr=3e-3, optimizer="Adam")
     local.model = build_model(GPT2)
@@ -66,7 +67,7 @@ def test_cuda_trainer_matches_local(split_server):
     L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, callbacks=[rec_l]).fit(local, _gpt2_batches())
 
-    address, tls_for = split_server(GPT2, spec, device="cuda")
+    address, tls_for = split_server_process(GPT2, spec, device="cuda")
     strategy = SplitStrategy(address=address, node_id="alice", tls=tls_for("alice"), device="cuda:0", tail="trainable")
     rec_s = LossRecorder()
     L.Trainer(max_steps=4, accelerator="gpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False,
