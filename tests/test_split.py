@@ -165,3 +165,31 @@ def test_two_part_training_returns_the_loss_alone(split_server):
         out.loss.backward()
     finally:
         remote.close()
+
+
+def test_result_output_types(split_server):
+    """The result output instruction: the server returns exactly the type asked for, nothing more."""
+    spec = SplitSpec(cut=1, shape="two_part")
+    address, tls_for = split_server(GPT2, spec)
+    remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
+    local = build_model(GPT2).eval()
+    ids = torch.randint(0, 128, (3, 10))
+    try:
+        model = remote.model.eval()
+        with torch.no_grad():
+            want = local(input_ids=ids, labels=ids, output_hidden_states=True)
+            top = model(input_ids=ids, result="topk", top_k=5)
+            hidden = model(input_ids=ids, result="hidden_states")
+            loss = model(input_ids=ids, labels=ids, result="loss")
+            logits = model(input_ids=ids)
+        assert set(top) - {"cache"} == {"topk_ids", "topk_scores"}  # cache: the client's own KV cache
+        scores, idx = torch.topk(want.logits[:, -1, :], 5)
+        torch.testing.assert_close(top.topk_scores, scores, atol=1e-5, rtol=1e-5)
+        assert torch.equal(top.topk_ids, idx)
+        # hidden states after the server's blocks, before the final norm (the last block's output)
+        assert set(hidden) - {"cache"} == {"hidden_states"} and hidden.hidden_states.shape == (3, 10, 64)
+        assert loss.logits is None
+        torch.testing.assert_close(loss.loss, want.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits.logits, want.logits, atol=1e-5, rtol=1e-5)
+    finally:
+        remote.close()

@@ -57,7 +57,8 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
     """Make ``model(...)`` of a two-part split return the server's result.
 
     ``labels`` travel with the instruction (the server computes the loss), ``result=`` names the
-    result type (default: the loss alone when labels are given, else the logits), and
+    result type (default: the loss alone when labels are given, else the logits; ``"topk"`` with
+    ``top_k=k`` gives the last position's k best token ids and scores), and
     ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server to run the
     output layer on the last positions only. The model's own forward runs until the
     proxy hands off. A Hugging Face model gets a ``CausalLMOutputWithPast`` carrying the client's
@@ -72,9 +73,9 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
     @functools.wraps(original)
     def forward(
         *args: Any, labels: torch.Tensor | None = None, result: str | None = None, logits_to_keep: int = 0,
-        **kwargs: Any,
+        top_k: int = 0, **kwargs: Any,
     ) -> Any:
-        proxy.extra = {"labels": labels, "result": result, "logits_to_keep": int(logits_to_keep)}
+        proxy.extra = {"labels": labels, "result": result, "logits_to_keep": int(logits_to_keep), "top_k": int(top_k)}
         try:
             original(*args, **kwargs)
         except HandOff as handoff:
