@@ -193,3 +193,22 @@ def test_result_output_types(split_server):
         torch.testing.assert_close(logits.logits, want.logits, atol=1e-5, rtol=1e-5)
     finally:
         remote.close()
+
+
+def test_forwards_without_backward_stay_bounded(split_server):
+    """The server keeps at most max_graphs pending graphs; a backward for an evicted one is a clear error."""
+    from lightning_split.channel import RemoteError
+
+    spec = SplitSpec(cut=1, end=3)
+    address, tls_for = split_server(CASES["sequential"].source, spec, max_graphs=2)
+    remote = open_split(address, "alice", tls_for("alice"), source=CASES["sequential"].source, spec=spec)
+    try:
+        x = torch.randn(4, 16)
+        outs = [remote.model(x) for _ in range(3)]  # three forwards with autograd on, no backward yet
+        with pytest.raises(RemoteError) as err:
+            outs[0].sum().backward()
+        assert "no pending forward for micro-batch" in str(err.value)
+        outs[2].sum().backward()  # the newest ones are still there
+        outs[1].sum().backward()
+    finally:
+        remote.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch.nn as nn
 
 from lightning_split.split.results import segment_results
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, map_leaves
+
+log = logging.getLogger(__name__)
 
 TAIL_MODES = ("frozen", "trainable", "lora")
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
@@ -138,8 +141,12 @@ class SessionSegment:
         micro_id = int(body["id"])
         if micro_id in self.graphs:
             raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
-        if len(self.graphs) >= self.max_graphs:
-            raise SegmentError(f"more than {self.max_graphs} forwards without a backward")
+        while len(self.graphs) >= self.max_graphs:
+            # A forward whose backward never came (a loss not backpropagated): free the oldest, so
+            # memory stays bounded; its backward, should it still come, gets a clear error.
+            stale, _ = self.graphs.popitem(last=False)
+            log.warning("dropping the autograd graph of micro-batch %d: %d forwards without a backward",
+                        stale, self.max_graphs)
         hidden.requires_grad_(bool(body.get("input_grad", True)))
         with torch.enable_grad():
             out = self._run(hidden, args, kwargs, body)

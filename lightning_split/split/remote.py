@@ -182,6 +182,16 @@ def _merge(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
 
 
+def _release(runner: RemoteSegment, ids: list[int], futures: list[Any]) -> None:
+    """A micro-batch failed: free the graphs the server kept for the others (an empty BACKWARD)."""
+    for micro_id, future in zip(ids, futures, strict=True):
+        try:
+            if future.exception() is None:
+                runner.client.request(MessageType.BACKWARD, {"id": micro_id, "grads": {}}, step=runner.step)
+        except Exception:  # the stream itself is gone: the session's TTL frees them
+            return
+
+
 class _RemoteForward(torch.autograd.Function):
     """Forward and backward of the server's segment, as micro-batches in flight.
 
@@ -206,7 +216,11 @@ class _RemoteForward(torch.autograd.Function):
                 request["grad_inputs"] = [_slice_batch(t.detach(), batch, start, stop) for t in extra]
             ids.append(micro_id)
             futures.append(runner.client.submit(MessageType.FORWARD, request, step=runner.step))
-        replies = [f.result() for f in futures]
+        try:
+            replies = [f.result() for f in futures]
+        except BaseException:
+            _release(runner, ids, futures)
+            raise
         keys = tuple(sorted(replies[0].body))
         runner.remember_keys(keys)
         ctx.runner, ctx.ids, ctx.ranges, ctx.keys, ctx.batch = runner, ids, ranges, keys, batch
