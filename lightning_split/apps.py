@@ -43,6 +43,7 @@ def build_server(cfg: DictConfig) -> Any:
         ModelSource.from_dict(_plain(cfg.model.source)),
         SplitSpec.from_dict(_plain(cfg.model.split)),
         device=s.device,
+        device_map=_plain(s.get("device_map")),
         tail_modes=tuple(s.tail_modes),
         state_dir=s.state_dir,
         max_cache_tokens=s.max_cache_tokens,

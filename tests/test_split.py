@@ -212,3 +212,18 @@ def test_forwards_without_backward_stay_bounded(split_server):
         outs[1].sum().backward()
     finally:
         remote.close()
+
+
+def test_segment_device_map(split_server):
+    """A server segment placed block by block (here all on the CPU) gives the same numbers."""
+    case = CASES["llama"]
+    spec = case.spec("two_part")
+    address, tls_for = split_server(case.source, spec, device_map={0: "cpu", 2: "cpu"})
+    remote = open_split(address, "alice", tls_for("alice"), source=case.source, spec=spec)
+    try:
+        local = build_model(case.source).eval()
+        ids = torch.randint(0, 128, (2, 8))
+        torch.testing.assert_close(remote.model.eval()(input_ids=ids, labels=ids).loss,
+                                   local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
+    finally:
+        remote.close()

@@ -101,6 +101,7 @@ class SessionSegment:
             for p in self.trainable:
                 p.requires_grad_(True)
         self.optimizer = make_optimizer(self.trainable, tail.get("optimizer")) if self.trainable else None
+        # Where requests enter the segment (its first block); a spread segment moves them on itself.
         self.device = next(base.parameters()).device
         self.hf_config = hf_config
         self.max_graphs = max_graphs
@@ -159,7 +160,7 @@ class SessionSegment:
             raise SegmentError(f"no pending forward for micro-batch {micro_id}")
         hidden, grad_inputs, outputs = self.graphs.pop(micro_id)
         grads = body.get("grads") or {}
-        pairs = [(outputs[k], g.to(self.device)) for k, g in grads.items() if k in outputs]
+        pairs = [(outputs[k], g.to(outputs[k].device)) for k, g in grads.items() if k in outputs]
         for k, g in grads.items():
             if k not in outputs:
                 raise SegmentError(f"gradient for {k!r}, which is not a differentiable output")

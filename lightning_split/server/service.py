@@ -43,6 +43,7 @@ class SplitService:
         source: ModelSource,
         spec: SplitSpec,
         device: str | torch.device = "cpu",
+        device_map: dict[int, str] | None = None,
         tail_modes: tuple[str, ...] = TAIL_MODES,
         state_dir: str | Path | None = None,
         max_cache_tokens: int = 4096,
@@ -54,6 +55,8 @@ class SplitService:
         self.split = spec.resolve(model)
         cut = cut_model(model, self.split)
         self.segment = cut.segment
+        if device_map:  # spread the segment's blocks over several devices
+            self.segment.place({int(k): v for k, v in device_map.items()})
         # The shared segment is the model owner's: sessions train copies or adapters, never it.
         self.segment.requires_grad_(False)
         self.segment.eval()

@@ -11,6 +11,7 @@ blocks (final norm, output layer, loss) lives on the server.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -95,21 +96,46 @@ class ServerSegment(nn.Module):
     def forward(self, hidden: torch.Tensor, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         for block in self.blocks:
+            # Blocks may live on different devices (a segment spread over several GPUs): the
+            # hidden state and the block arguments follow them.
+            device = _device_of(block)
+            if device is not None and hidden.device != device:
+                hidden = hidden.to(device)
+                args, kwargs = map_leaves(functools.partial(_to, device=device), (args, kwargs))
             hidden = block(hidden, *args, **kwargs)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer (two-part splits only)."""
         for module in self.tail:
-            hidden = module(hidden)
+            device = _device_of(module)
+            hidden = module(hidden if device is None else hidden.to(device))
         return hidden
+
+    def place(self, device_map: dict[int, str | torch.device]) -> None:
+        """Put block ``i`` of the segment on ``device_map[i]``; the tail follows the last block."""
+        for i, block in enumerate(self.blocks):
+            if i in device_map:
+                block.to(device_map[i])
+        last = _device_of(self.blocks[-1])
+        if last is not None:
+            self.tail.to(last)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Hugging Face's loss: next-token cross-entropy for causal LMs, plain otherwise; -100 ignored."""
-        logits = logits.float()
+        logits, labels = logits.float(), labels.to(logits.device)
         if self.causal_lm:
             logits, labels = logits[..., :-1, :], labels[..., 1:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    param = next(module.parameters(), None)
+    return None if param is None else param.device
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
