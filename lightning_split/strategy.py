@@ -8,9 +8,10 @@ extends):
   optimizers are made, so they only see the client's parameters. A trainable or LoRA tail gets an
   optimizer of the same class and hyper-parameters on the server.
 * ``training_step``: stamp the step number on every message; log transport metrics.
-* ``optimizer_step``: after the client's optimizer steps, the server's steps for the same step
-  number (a retried step is never applied twice). Gradient clipping by norm is global: the
-  server's squared gradient norm joins the client's before the clip coefficient is computed.
+* ``optimizer_step``: the server's optimizer steps with the client's, once per step number (a
+  retried step is never applied twice); without clipping the step rides on the step's last
+  backward. Gradient clipping by norm is global: the server's squared gradient norm joins the
+  client's before the clip coefficient is computed.
 * ``save_checkpoint`` / ``load_model_state_dict``: the server saves (restores) its session state
   under a tag that the client's checkpoint records; the model owner's weights stay on the server.
 """
@@ -169,14 +170,41 @@ class SplitStrategy(SingleDeviceStrategy):
         return output
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        assert self.split is not None
+        if self.tail.get("mode", "frozen") == "frozen":  # nothing to step on the server
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
         step = self.lightning_module.trainer.global_step
-        self._clip_coef = None
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
         body: dict[str, Any] = {"lr": float(optimizer.param_groups[0]["lr"])}
-        if self._clip_coef is not None:
-            body["clip_coef"] = self._clip_coef
-        self._request(MessageType.OPTIMIZER_STEP, body, step=step)
+        runner = self.split.runner
+        fused = self._server_may_step_with_backward()
+        if fused:
+            # The closure's backward carries the step: the server steps as soon as its gradients
+            # are complete, while the client finishes its own backward; one round trip fewer.
+            runner.pending_step = dict(body, step=step)
+        self._clip_coef = None
+        try:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            unsent, runner.pending_step = runner.pending_step, None
+            runner.outstanding.clear()  # a graph not backpropagated by now never will be
+        if not fused or unsent is not None:
+            # Clipping needs the global norm first; or no backward carried the step (manual
+            # optimization, a closure that skipped its backward): ask for it now.
+            if self._clip_coef is not None:
+                body["clip_coef"] = self._clip_coef
+            self._request(MessageType.OPTIMIZER_STEP, body, step=step)
         return output
+
+    def _server_may_step_with_backward(self) -> bool:
+        """Only when nothing can come between the backward and the step: no gradient clipping."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        module = self.lightning_module
+        return (
+            module.automatic_optimization
+            and not module.trainer.gradient_clip_val
+            and not is_overridden("configure_gradient_clipping", module)
+        )
 
     def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         """torch's clip_grad_norm_, over the client's and the server's gradients together."""

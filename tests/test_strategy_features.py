@@ -214,3 +214,34 @@ def test_trainer_strategy_string_resolves_through_registry(split_server, monkeyp
     trainer.fit(Classifier(), digits_loaders(32)[0])
     assert trainer.global_step == 2
     trainer.strategy.close()
+
+
+class TwoViewClassifier(Classifier):
+    """Calls the split model twice per step (two views of a batch): two graphs, one step."""
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        loss = loss + 0.5 * torch.nn.functional.cross_entropy(self.model(x.flip(-1)), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("module_cls", [Classifier, TwoViewClassifier])
+def test_server_step_rides_on_the_last_backward(module_cls, split_server):
+    """Without clipping the server steps with the step's last backward: 2 round trips a step, same numbers."""
+    local = module_cls(lr=0.1)
+    local.model = build_model(DIGITS_MLP)
+    trainer, local_rec = _trainer(accumulate_grad_batches=2, steps=3)
+    trainer.fit(local, digits_loaders(32)[0])
+
+    address, tls_for = split_server(DIGITS_MLP, SPEC)
+    strategy = _strategy(address, tls_for("alice"), tail="trainable")
+    split = module_cls(lr=0.1)
+    trainer, split_rec = _trainer(strategy, accumulate_grad_batches=2, steps=3)
+    trainer.fit(split, digits_loaders(32)[0])
+    torch.testing.assert_close(torch.tensor(split_rec.losses), torch.tensor(local_rec.losses), rtol=1e-5, atol=1e-6)
+    calls = 2 if module_cls is Classifier else 4  # forward + backward per model call
+    configure = 1  # the server's optimizer is configured once at setup
+    assert strategy.split.client.stats.messages == 3 + configure + 3 * 2 * calls  # handshake, SPLIT, LOAD
+    strategy.close()

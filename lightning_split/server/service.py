@@ -126,7 +126,11 @@ class SplitService:
         if kind == MessageType.FORWARD:
             return segment.forward(body, train=True)
         if kind == MessageType.BACKWARD:
-            return segment.backward(body)
+            reply = segment.backward(body)
+            if body.get("then_step") is not None:  # the step rode on the step's last backward
+                then = dict(body["then_step"])
+                reply["stepped"] = segment.step(int(then.pop("step")), then)["applied"]
+            return reply
         if kind == MessageType.INFER:
             return segment.forward(body, train=False)
         if kind == MessageType.OPTIMIZER_STEP:

@@ -66,6 +66,12 @@ class RemoteSegment:
         self.causal_lm = causal_lm
         self.micro_batches = micro_batches  # None: automatic (PIPELINE_*); 1: never cut
         self.step = 0  # the training step, stamped on every training message's header
+        # Set by the strategy just before the backward that precedes an optimizer step: the
+        # server then steps right after that backward (see SplitStrategy.optimizer_step).
+        self.pending_step: dict[str, Any] | None = None
+        # Micro-batch ids forwarded with autograd on whose backward has not run yet: the step may
+        # only ride on the backward that leaves none (a model called twice in one step has two).
+        self.outstanding: set[int] = set()
         self._ids = itertools.count()
         self._keys: tuple[str, ...] = ()
 
@@ -185,6 +191,7 @@ def _merge(parts: list[torch.Tensor]) -> torch.Tensor:
 def _release(runner: RemoteSegment, ids: list[int], futures: list[Any]) -> None:
     """A micro-batch failed: free the graphs the server kept for the others (an empty BACKWARD)."""
     for micro_id, future in zip(ids, futures, strict=True):
+        runner.outstanding.discard(micro_id)
         try:
             if future.exception() is None:
                 runner.client.request(MessageType.BACKWARD, {"id": micro_id, "grads": {}}, step=runner.step)
@@ -215,6 +222,7 @@ class _RemoteForward(torch.autograd.Function):
             if extra:
                 request["grad_inputs"] = [_slice_batch(t.detach(), batch, start, stop) for t in extra]
             ids.append(micro_id)
+            runner.outstanding.add(micro_id)
             futures.append(runner.client.submit(MessageType.FORWARD, request, step=runner.step))
         try:
             replies = [f.result() for f in futures]
@@ -243,8 +251,11 @@ class _RemoteForward(torch.autograd.Function):
                 if grad is not None:
                     # Scalars (the loss) were stacked, one per micro-batch; the rest concatenated.
                     payload[key] = (grad[i] if key in ctx.stacked else grad[start:stop]) if many else grad
-            futures.append(runner.client.submit(
-                MessageType.BACKWARD, {"id": micro_id, "grads": payload}, step=runner.step))
+            request: dict[str, Any] = {"id": micro_id, "grads": payload}
+            runner.outstanding.discard(micro_id)
+            if i == len(ctx.ranges) - 1 and runner.pending_step is not None and not runner.outstanding:
+                request["then_step"], runner.pending_step = runner.pending_step, None
+            futures.append(runner.client.submit(MessageType.BACKWARD, request, step=runner.step))
         replies = [f.result().body for f in futures]
         grad_input = None
         if replies[0].get("grad_input") is not None:
