@@ -9,8 +9,9 @@ Rows (same model source, seed, batches and AdamW everywhere; dropout off):
 * local:      the whole GPT2LMHeadModel in this process: forward + backward + AdamW step.
 * ours:       ``open_split`` against a SplitService (``two_part``, tail mode ``trainable``: the server
               steps its own AdamW) behind a mutual-TLS ChannelServer in another process; per step
-              ``model(input_ids=ids, labels=ids).loss.backward()``, client step, OPTIMIZER_STEP
-              (what SplitStrategy does); micro-batches in flight as the library chooses
+              ``model(input_ids=ids, labels=ids).loss.backward()`` with the server's optimizer step
+              riding on the last backward, then the client's step (what SplitStrategy does without
+              clipping); micro-batches in flight as the library chooses
               (``--micro-batches`` to force a number).
 * hand-built: what a PyTorch user writes first: two processes, gloo over TCP loopback, no TLS, no
               auth; rank 0 embeddings + blocks[:cut], rank 1 the rest + loss + its own AdamW;
@@ -119,10 +120,14 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
             split.runner.step = i
             with autocast(args.device, args.dtype):
                 loss = model(input_ids=ids, labels=ids).loss
+            # As SplitStrategy does without clipping: the server's step rides on the last backward.
+            split.runner.pending_step = {"step": i}
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
+            if split.runner.pending_step is not None:  # not carried: ask explicitly
+                split.runner.pending_step = None
+                client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
             return loss.detach()
 
         times, losses = [], []
@@ -283,7 +288,7 @@ def run_lightning(args: Any, source: ModelSource, batches: list[torch.Tensor],
 
 def print_breakdown(ours: Run) -> None:
     x, step_ms = ours.extra, 1e3 * median(ours.times)
-    # One FORWARD, one BACKWARD, one OPTIMIZER_STEP: the round trips follow one another. With
+    # One FORWARD and one BACKWARD (carrying the server's step): the round trips follow one another. With
     # micro-batches in flight they overlap, and their sum is no longer a share of the step.
     serial = x["round_trips_per_step"] <= 3
     na = "n/a (overlapping)"
