@@ -92,18 +92,24 @@ class ServerSegment(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.tail = nn.ModuleList(tail)
         self.causal_lm = causal_lm
+        self._devices: list[torch.device | None] | None = None  # each block's, once known
 
     def forward(self, hidden: torch.Tensor, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        for block in self.blocks:
+        if self._devices is None:  # looked up once: a per-token decode step must not pay for it
+            self._devices = [_device_of(block) for block in self.blocks]
+        for block, device in zip(self.blocks, self._devices, strict=True):
             # Blocks may live on different devices (a segment spread over several GPUs): the
             # hidden state and the block arguments follow them.
-            device = _device_of(block)
             if device is not None and hidden.device != device:
                 hidden = hidden.to(device)
                 args, kwargs = map_leaves(functools.partial(_to, device=device), (args, kwargs))
             hidden = block(hidden, *args, **kwargs)
         return hidden
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ServerSegment:
+        self._devices = None  # .to() / .cuda() may move blocks: look their devices up again
+        return super()._apply(fn, recurse)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer (two-part splits only)."""
@@ -117,6 +123,7 @@ class ServerSegment(nn.Module):
         for i, block in enumerate(self.blocks):
             if i in device_map:
                 block.to(device_map[i])
+        self._devices = None
         last = _device_of(self.blocks[-1])
         if last is not None:
             self.tail.to(last)
