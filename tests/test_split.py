@@ -6,6 +6,7 @@ our own certificates; the client builds its skeleton on the meta device and load
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -40,6 +41,43 @@ def _run(model: torch.nn.Module, inputs: dict, case_kind: str, result: str | Non
     return out, y.detach(), grad_in
 
 
+@contextlib.contextmanager
+def _connected(split_server, source, spec, service_kw=None, **open_kw):  # noqa: ANN001, ANN202
+    """A SplitService for ``source`` cut by ``spec`` behind a mTLS server, and alice's client part."""
+    address, tls_for = split_server(source, spec, **(service_kw or {}))
+    remote = open_split(address, "alice", tls_for("alice"), source=source, spec=spec, **open_kw)
+    try:
+        yield remote
+    finally:
+        remote.close()
+
+
+def _assert_same_run(split_run: tuple, local_run: tuple, client: torch.nn.Module, local: torch.nn.Module) -> None:
+    """Outputs, input gradients, the loss and every client parameter gradient equal the local run's."""
+    (out_r, y_r, gin_r), (out_l, y_l, gin_l) = split_run, local_run
+    torch.testing.assert_close(y_r, y_l, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(gin_r, gin_l, atol=ATOL, rtol=1e-5)
+    if getattr(out_l, "loss", None) is not None:
+        torch.testing.assert_close(out_r.loss, out_l.loss, atol=ATOL, rtol=1e-5)
+    _assert_client_grads_match(client, local)
+
+
+def _assert_client_grads_match(client: torch.nn.Module, local: torch.nn.Module) -> None:
+    """Every parameter of the client's part has the gradient its twin has in the whole model."""
+    local_params = dict(local.named_parameters())
+    client_params = dict(client.named_parameters())
+    assert client_params, "the client part has parameters"
+    checked = 0
+    for name, p in client_params.items():
+        ref = local_params[name]
+        if ref.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref.grad, atol=ATOL, rtol=1e-5, msg=name)
+        checked += 1
+    assert checked > 0
+
+
 @pytest.mark.parametrize("shape", ["u_shape", "two_part"])
 @pytest.mark.parametrize("family", list(CASES))
 def test_split_matches_local(family, shape, split_server):
@@ -62,22 +100,7 @@ def test_split_matches_local(family, shape, split_server):
             result = "hidden_states" if case.kind == "encoder" else "logits"
         out_l, y_l, gin_l = _run(local, inputs, case.kind)
         out_r, y_r, gin_r = _run(remote.model, inputs, case.kind, result)
-        torch.testing.assert_close(y_r, y_l, atol=ATOL, rtol=1e-5)
-        torch.testing.assert_close(gin_r, gin_l, atol=ATOL, rtol=1e-5)
-        if getattr(out_l, "loss", None) is not None:
-            torch.testing.assert_close(out_r.loss, out_l.loss, atol=ATOL, rtol=1e-5)
-        local_params = dict(local.named_parameters())
-        client_params = dict(remote.model.named_parameters())
-        assert client_params, "the client part has parameters"
-        checked = 0
-        for name, p in client_params.items():
-            ref = local_params[name]
-            if ref.grad is None:
-                assert p.grad is None, name
-                continue
-            torch.testing.assert_close(p.grad, ref.grad, atol=ATOL, rtol=1e-5, msg=name)
-            checked += 1
-        assert checked > 0
+        _assert_same_run((out_r, y_r, gin_r), (out_l, y_l, gin_l), remote.model, local)
     finally:
         remote.close()
 
@@ -138,24 +161,14 @@ def test_micro_batches_in_flight_match_local(family, shape, split_server):
         sent_before = remote.client.stats.messages
         out_r, y_r, gin_r = _run(remote.model, inputs, case.kind, "logits" if shape == "two_part" else None)
         assert remote.client.stats.messages - sent_before == 8  # 4 forwards and 4 backwards
-        torch.testing.assert_close(y_r, y_l, atol=ATOL, rtol=1e-5)
-        torch.testing.assert_close(gin_r, gin_l, atol=ATOL, rtol=1e-5)
-        if getattr(out_l, "loss", None) is not None:
-            torch.testing.assert_close(out_r.loss, out_l.loss, atol=ATOL, rtol=1e-5)
-        local_params = dict(local.named_parameters())
-        for name, p in remote.model.named_parameters():
-            if p.grad is not None:
-                torch.testing.assert_close(p.grad, local_params[name].grad, atol=ATOL, rtol=1e-5, msg=name)
+        _assert_same_run((out_r, y_r, gin_r), (out_l, y_l, gin_l), remote.model, local)
     finally:
         remote.close()
 
 
 def test_two_part_training_returns_the_loss_alone(split_server):
     """With labels and no result type asked for, the server answers with the loss only (no logits)."""
-    spec = SplitSpec(cut=1, shape="two_part")
-    address, tls_for = split_server(GPT2, spec)
-    remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
-    try:
+    with _connected(split_server, GPT2, SplitSpec(cut=1, shape="two_part")) as remote:
         ids = torch.randint(0, 128, (2, 16))
         before = remote.client.stats.snapshot()
         out = remote.model(input_ids=ids, labels=ids)
@@ -163,18 +176,13 @@ def test_two_part_training_returns_the_loss_alone(split_server):
         assert out.logits is None and out.loss.dim() == 0
         assert received < 1024  # a scalar, not 2 x 16 x 128 logits
         out.loss.backward()
-    finally:
-        remote.close()
 
 
 def test_result_output_types(split_server):
     """The result output instruction: the server returns exactly the type asked for, nothing more."""
-    spec = SplitSpec(cut=1, shape="two_part")
-    address, tls_for = split_server(GPT2, spec)
-    remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
     local = build_model(GPT2).eval()
     ids = torch.randint(0, 128, (3, 10))
-    try:
+    with _connected(split_server, GPT2, SplitSpec(cut=1, shape="two_part")) as remote:
         model = remote.model.eval()
         with torch.no_grad():
             want = local(input_ids=ids, labels=ids, output_hidden_states=True)
@@ -191,8 +199,6 @@ def test_result_output_types(split_server):
         assert loss.logits is None
         torch.testing.assert_close(loss.loss, want.loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits.logits, want.logits, atol=1e-5, rtol=1e-5)
-    finally:
-        remote.close()
 
 
 def test_forwards_without_backward_stay_bounded(split_server):
@@ -200,9 +206,7 @@ def test_forwards_without_backward_stay_bounded(split_server):
     from lightning_split.channel import RemoteError
 
     spec = SplitSpec(cut=1, end=3)
-    address, tls_for = split_server(CASES["sequential"].source, spec, max_graphs=2)
-    remote = open_split(address, "alice", tls_for("alice"), source=CASES["sequential"].source, spec=spec)
-    try:
+    with _connected(split_server, CASES["sequential"].source, spec, service_kw={"max_graphs": 2}) as remote:
         x = torch.randn(4, 16)
         outs = [remote.model(x) for _ in range(3)]  # three forwards with autograd on, no backward yet
         with pytest.raises(RemoteError) as err:
@@ -210,20 +214,14 @@ def test_forwards_without_backward_stay_bounded(split_server):
         assert "no pending forward for micro-batch" in str(err.value)
         outs[2].sum().backward()  # the newest ones are still there
         outs[1].sum().backward()
-    finally:
-        remote.close()
 
 
 def test_segment_device_map(split_server):
     """A server segment placed block by block (here all on the CPU) gives the same numbers."""
     case = CASES["llama"]
-    spec = case.spec("two_part")
-    address, tls_for = split_server(case.source, spec, device_map={0: "cpu", 2: "cpu"})
-    remote = open_split(address, "alice", tls_for("alice"), source=case.source, spec=spec)
-    try:
+    service_kw = {"device_map": {0: "cpu", 2: "cpu"}}
+    with _connected(split_server, case.source, case.spec("two_part"), service_kw=service_kw) as remote:
         local = build_model(case.source).eval()
         ids = torch.randint(0, 128, (2, 8))
         torch.testing.assert_close(remote.model.eval()(input_ids=ids, labels=ids).loss,
                                    local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
-    finally:
-        remote.close()

@@ -44,18 +44,28 @@ def test_fit_validate_test_predict(split_server, tmp_path):
     strategy.close()
 
 
-def test_gradient_clipping_is_global(split_server):
-    local = Classifier(lr=0.5)
+def _fit_local_and_split(make_module, split_server, steps: int, **trainer_kw):  # noqa: ANN001, ANN202
+    """Train the same module on the digits MLP locally and through a trainable split: the losses match.
+
+    Returns (local module, split module, strategy); the caller closes the strategy.
+    """
+    local = make_module()
     local.model = build_model(DIGITS_MLP)
-    trainer, local_rec = _trainer(gradient_clip_val=0.05, accumulate_grad_batches=1, steps=4)
+    trainer, local_rec = _trainer(steps=steps, **trainer_kw)
     trainer.fit(local, digits_loaders(32)[0])
 
     address, tls_for = split_server(DIGITS_MLP, SPEC)
     strategy = _strategy(address, tls_for("alice"), tail="trainable")
-    split = Classifier(lr=0.5)
-    trainer, split_rec = _trainer(strategy, gradient_clip_val=0.05, accumulate_grad_batches=1, steps=4)
+    split = make_module()
+    trainer, split_rec = _trainer(strategy, steps=steps, **trainer_kw)
     trainer.fit(split, digits_loaders(32)[0])
     torch.testing.assert_close(torch.tensor(split_rec.losses), torch.tensor(local_rec.losses), rtol=1e-5, atol=1e-6)
+    return local, split, strategy
+
+
+def test_gradient_clipping_is_global(split_server):
+    local, split, strategy = _fit_local_and_split(lambda: Classifier(lr=0.5), split_server, steps=4,
+                                                  gradient_clip_val=0.05, accumulate_grad_batches=1)
     local_params = dict(local.named_parameters())
     for name, p in split.named_parameters():
         torch.testing.assert_close(p, local_params[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -131,17 +141,8 @@ class ManualClassifier(Classifier):
 
 
 def test_manual_optimization_matches_local(split_server):
-    local = ManualClassifier(lr=0.1)
-    local.model = build_model(DIGITS_MLP)
-    trainer, local_rec = _trainer(accumulate_grad_batches=1, steps=4)
-    trainer.fit(local, digits_loaders(32)[0])
-
-    address, tls_for = split_server(DIGITS_MLP, SPEC)
-    strategy = _strategy(address, tls_for("alice"), tail="trainable")
-    trainer, split_rec = _trainer(strategy, accumulate_grad_batches=1, steps=4)
-    split = ManualClassifier(lr=0.1)
-    trainer.fit(split, digits_loaders(32)[0])
-    torch.testing.assert_close(torch.tensor(split_rec.losses), torch.tensor(local_rec.losses), rtol=1e-5, atol=1e-6)
+    _, _, strategy = _fit_local_and_split(lambda: ManualClassifier(lr=0.1), split_server, steps=4,
+                                          accumulate_grad_batches=1)
     strategy.close()
 
 
@@ -230,17 +231,8 @@ class TwoViewClassifier(Classifier):
 @pytest.mark.parametrize("module_cls", [Classifier, TwoViewClassifier])
 def test_server_step_rides_on_the_last_backward(module_cls, split_server):
     """Without clipping the server steps with the step's last backward: 2 round trips a step, same numbers."""
-    local = module_cls(lr=0.1)
-    local.model = build_model(DIGITS_MLP)
-    trainer, local_rec = _trainer(accumulate_grad_batches=2, steps=3)
-    trainer.fit(local, digits_loaders(32)[0])
-
-    address, tls_for = split_server(DIGITS_MLP, SPEC)
-    strategy = _strategy(address, tls_for("alice"), tail="trainable")
-    split = module_cls(lr=0.1)
-    trainer, split_rec = _trainer(strategy, accumulate_grad_batches=2, steps=3)
-    trainer.fit(split, digits_loaders(32)[0])
-    torch.testing.assert_close(torch.tensor(split_rec.losses), torch.tensor(local_rec.losses), rtol=1e-5, atol=1e-6)
+    _, _, strategy = _fit_local_and_split(lambda: module_cls(lr=0.1), split_server, steps=3,
+                                          accumulate_grad_batches=2)
     calls = 2 if module_cls is Classifier else 4  # forward + backward per model call
     configure = 1  # the server's optimizer is configured once at setup
     assert strategy.split.client.stats.messages == 3 + configure + 3 * 2 * calls  # handshake, SPLIT, LOAD
