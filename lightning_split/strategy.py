@@ -112,6 +112,7 @@ class SplitStrategy(SingleDeviceStrategy):
         self.server_name_override = server_name_override
         self.split: SplitModel | None = None
         self._clip_coef: float | None = None
+        self._tags: dict[str, str] = {}  # checkpoint path -> the server-state tag saved with it
         self._stats_before: Any = None
 
     # -- connection ---------------------------------------------------------------------------
@@ -240,6 +241,14 @@ class SplitStrategy(SingleDeviceStrategy):
         saved = self._request(MessageType.STATE, {"op": "save", "tag": tag})
         checkpoint["lightning_split"] = {"tag": tag, "last_step": saved["last_step"], "node_id": self.node_id}
         super().save_checkpoint(checkpoint, filepath, storage_options)
+        self._tags[str(filepath)] = tag
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """ModelCheckpoint dropped a checkpoint (``save_top_k``): the server forgets its state too."""
+        super().remove_checkpoint(filepath)
+        tag = self._tags.pop(str(filepath), None)
+        if tag is not None:
+            self._request(MessageType.STATE, {"op": "delete", "tag": tag})
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         super().load_model_state_dict(checkpoint, strict=strict)

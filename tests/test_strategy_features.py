@@ -237,3 +237,18 @@ def test_server_step_rides_on_the_last_backward(module_cls, split_server):
     configure = 1  # the server's optimizer is configured once at setup
     assert strategy.split.client.stats.messages == 3 + configure + 3 * 2 * calls  # handshake, SPLIT, LOAD
     strategy.close()
+
+
+def test_removed_checkpoints_free_their_server_state(split_server, tmp_path):
+    """save_top_k drops old checkpoints; the server's saved states for them go too."""
+    address, tls_for = split_server(DIGITS_MLP, SPEC)
+    strategy = _strategy(address, tls_for("alice"), tail="trainable")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, monitor="step", mode="max")
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", strategy=strategy, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[ckpt])
+    trainer.fit(Classifier(lr=0.1), digits_loaders(32)[0])
+    (kept,) = list((tmp_path / "ckpt").iterdir())
+    tag = torch.load(kept, weights_only=False)["lightning_split"]["tag"]  # our own file, not a peer's bytes
+    saved = sorted(p.stem for p in (tmp_path / "server-state" / "alice").glob("*.json"))
+    assert saved == [tag]
+    strategy.close()

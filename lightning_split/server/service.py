@@ -10,7 +10,7 @@ BACKWARD        output gradients in, input gradient out
 OPTIMIZER_STEP  ``op="step"`` steps the session's optimizer once per step number; ``"grad_norm"``
 INFER           model inference and result output: no autograd state; KV cache when asked
 CACHE           KV cache control: ``reset``, ``reorder`` (beam search), ``info``
-STATE           ``save`` / ``load`` the session's server state under a tag, on the server's disk
+STATE           ``save`` / ``load`` / ``delete`` the session's server state under a tag, on the server's disk
 ==============  ================================================================================
 """
 
@@ -161,8 +161,10 @@ class SplitService:
             if body.get("op") == "load":
                 segment.load_state_dict(self.store.load(session.node_id, tag))
                 return {"tag": tag, "last_step": segment.last_step}
+            if body.get("op") == "delete":
+                return {"tag": tag, "deleted": self.store.delete(session.node_id, tag)}
         except FileNotFoundError as e:
             raise HandlerError(grpc.StatusCode.NOT_FOUND, str(e)) from e
         except ValueError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "STATE op must be 'save' or 'load'")
+        raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "STATE op must be 'save', 'load' or 'delete'")

@@ -80,3 +80,12 @@ class StateStore:
         if isinstance(state.get("optimizer"), dict):
             state["optimizer"]["state"] = {int(k): v for k, v in state["optimizer"]["state"].items()}
         return state
+
+    def delete(self, node_id: str, tag: str) -> bool:
+        """Forget a saved state (its checkpoint was removed on the client); False if there was none."""
+        found = False
+        for path in self._paths(node_id, tag):
+            if path.exists():
+                path.unlink()
+                found = True
+        return found
