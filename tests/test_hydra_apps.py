@@ -59,3 +59,26 @@ def test_train_app_runs_a_trainer_through_the_server(pki, tmp_path, monkeypatch)
         assert metrics["val_acc"] > 0.3  # 20 Adam steps on digits, through the server's trainable blocks
     finally:
         server.stop(grace=0)
+
+
+RECIPES = str(Path(__file__).resolve().parents[1] / "recipes")
+
+
+@pytest.mark.parametrize("recipe,serve_model", [("gpt2_lora_client", "gpt2_tiny"),
+                                                ("digits_frozen_tail_client", "mlp_digits")])
+def test_recipes_train_through_a_server(recipe, serve_model, pki, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    server = apps.build_server(_compose("serve", [f"model={serve_model}", "server.address=127.0.0.1:0",
+                                                  f"server.certs={pki}", f"server.state_dir={tmp_path}"]))
+    try:
+        with initialize_config_dir(config_dir=RECIPES, version_base=None):
+            cfg = compose(config_name=recipe, overrides=[
+                f"hydra.searchpath=[file://{CONF}]", f"client.address=127.0.0.1:{server.port}",
+                f"client.certs={pki}", "client.node_id=alice", "trainer.max_epochs=1",
+                "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2", "+trainer.logger=false",
+                "+trainer.enable_checkpointing=false"])
+        metrics = apps.train(cfg)
+        assert metrics["val_loss"] > 0
+        assert cfg.client.tail.mode in ("lora", "frozen")
+    finally:
+        server.stop(grace=0)
