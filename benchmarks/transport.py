@@ -1,5 +1,8 @@
 """Round-trip throughput of activation-sized tensors: our mTLS channel vs raw TCP vs torch.distributed gloo.
 
+``bare_grpc`` is the floor of anything built on grpcio's Python API: a plaintext bidirectional
+stream echoing raw bytes in chunks of the channel's size, with no TLS, protobuf or code of ours.
+
     python benchmarks/transport.py --quick          # < 60 s on a 2-core machine
     python benchmarks/transport.py                  # 1, 16, 64 MiB x fp32, bf16
     python benchmarks/transport.py --device cuda    # CUDA tensors as the source
@@ -148,6 +151,57 @@ def tcp_round_trip() -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable]:
     return rt, close
 
 
+# -- bare grpcio: the floor of any transport built on gRPC's Python API -------------------------------
+
+_BARE_OPTIONS = [("grpc.max_send_message_length", 80 << 20), ("grpc.max_receive_message_length", 80 << 20)]
+
+
+def _bare_grpc_server(port_queue: Any) -> None:
+    """A bidirectional-stream echo of raw bytes: no TLS, no protobuf, none of our code."""
+    from concurrent import futures
+
+    import grpc
+
+    def echo(requests: Any, context: Any) -> Any:
+        yield from requests
+
+    handler = grpc.stream_stream_rpc_method_handler(echo)
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=_BARE_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def bare_grpc_round_trip(chunk_size: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable]:
+    import queue
+
+    import grpc
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=_bare_grpc_server, args=(ports,), daemon=True)
+    proc.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}", options=_BARE_OPTIONS)
+    outbox: queue.Queue = queue.Queue()
+    replies = channel.stream_stream("/bench.Echo/Echo")(iter(outbox.get, None))
+
+    def rt(t: torch.Tensor) -> torch.Tensor:
+        src = memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        pieces = [bytes(src[i : i + chunk_size]) for i in range(0, len(src), chunk_size)]
+        for piece in pieces:
+            outbox.put(piece)
+        out = b"".join(next(replies) for _ in pieces)
+        return torch.frombuffer(bytearray(out), dtype=torch.uint8).view(t.dtype).view(t.shape).to(t.device)
+
+    def close() -> None:
+        outbox.put(None)
+        channel.close()
+        proc.kill()
+
+    return rt, close
+
+
 # -- torch.distributed gloo: rank 1 echoes --------------------------------------------------------
 
 def _gloo_peer(rank: int, port: int, plan: list[tuple[int, int]]) -> None:
@@ -245,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         transports: list[tuple[str, Callable[[], tuple[Callable, Callable]]]] = [
             ("channel", lambda: channel_round_trip(pki, base)),
             ("tcp", tcp_round_trip),
+            ("bare_grpc", lambda: bare_grpc_round_trip(base.chunk_size)),
         ]
         if not args.no_blosc2:
             transports.append(("channel_blosc2", lambda: channel_round_trip(
@@ -262,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 close()
 
-    cols = ["channel", "tcp", "gloo", "channel_blosc2"]
+    cols = ["channel", "tcp", "bare_grpc", "gloo", "channel_blosc2"]
     cols = [c for c in cols if any(c in r for r in results.values())]
     print(f"\nround trip, MB/s (bytes each way / time), device={device}, chunk={base.chunk_size // 1024} KiB, "
           f"median of {repeats}:")
