@@ -33,7 +33,7 @@ from lightning_split.channel import ChannelConfig, TLSFiles, client_tls
 from lightning_split.split.build import ModelSource
 from lightning_split.split.connect import SplitModel, open_split
 from lightning_split.split.spec import SplitSpec
-from lightning_split.split.surgery import SegmentProxy
+from lightning_split.split.surgery import SegmentProxy, squared_grad_norm
 from lightning_split.wire import MessageType
 
 OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "dampening", "alpha", "amsgrad")
@@ -209,15 +209,15 @@ class SplitStrategy(SingleDeviceStrategy):
 
     def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         """torch's clip_grad_norm_, over the client's and the server's gradients together."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        local_sq = sum(float(g.detach().float().pow(2).sum()) for g in grads)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local_sq = squared_grad_norm(params)
         remote_sq = 0.0
         if self.tail.get("mode", "frozen") != "frozen":
             remote_sq = float(self._request(MessageType.OPTIMIZER_STEP, {"op": "grad_norm"})["sq_norm"])
         total = math.sqrt(local_sq + remote_sq)
         coef = min(float(clip_val) / (total + 1e-6), 1.0)
-        for g in grads:
-            g.mul_(coef)
+        for p in params:
+            p.grad.mul_(coef)
         self._clip_coef = coef
 
     def _log_transport(self) -> None:

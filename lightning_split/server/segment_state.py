@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.split.results import segment_results
-from lightning_split.split.surgery import KV_CACHE, ServerSegment, map_leaves
+from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,7 @@ class SessionSegment:
 
     def grad_sq_norm(self) -> dict[str, Any]:
         """Sum of squared gradient entries: the client combines it into a global clipping norm."""
-        total = sum(float(p.grad.detach().float().pow(2).sum()) for p in self.trainable if p.grad is not None)
-        return {"sq_norm": total}
+        return {"sq_norm": squared_grad_norm(self.trainable)}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -226,8 +225,8 @@ class SessionSegment:
         def fix(value: Any) -> Any:
             if isinstance(value, str) and value == KV_CACHE:
                 return cache
-            if isinstance(value, str) and value.startswith("<grad-input:"):
-                index = int(value[len("<grad-input:") : -1])
+            index = grad_input_index(value)
+            if index is not None:
                 if not 0 <= index < len(grad_inputs):
                     raise SegmentError(f"block argument refers to a missing grad input {index}")
                 return grad_inputs[index]

@@ -231,7 +231,7 @@ class _RemoteForward(torch.autograd.Function):
             raise
         keys = tuple(sorted(replies[0].body))
         runner.remember_keys(keys)
-        ctx.runner, ctx.ids, ctx.ranges, ctx.keys, ctx.batch = runner, ids, ranges, keys, batch
+        ctx.runner, ctx.ids, ctx.ranges, ctx.keys = runner, ids, ranges, keys
         ctx.hidden_device, ctx.hidden_dtype = hidden.device, hidden.dtype
         ctx.extra_meta = [(t.device, t.dtype, t.dim() >= 1 and t.shape[0] == batch) for t in extra]
         ctx.set_materialize_grads(False)

@@ -28,6 +28,23 @@ KV_CACHE = "<kv-cache>"
 # Stands where a block argument needs a gradient (besides the hidden state): the tensor travels in
 # the body's ``grad_inputs`` list at this index, and its gradient comes back in ``grad_extra``.
 GRAD_INPUT = "<grad-input:{}>"
+_GRAD_INPUT_PREFIX, _GRAD_INPUT_SUFFIX = GRAD_INPUT.split("{}")
+
+
+def grad_input_index(value: Any) -> int | None:
+    """The index a GRAD_INPUT marker refers to, or None if ``value`` is no such marker."""
+    if isinstance(value, str) and value.startswith(_GRAD_INPUT_PREFIX) and value.endswith(_GRAD_INPUT_SUFFIX):
+        return int(value[len(_GRAD_INPUT_PREFIX) : -len(_GRAD_INPUT_SUFFIX)])
+    return None
+
+
+def squared_grad_norm(params: Any) -> float:
+    """Sum of the squared gradient entries of ``params``, with one device sync rather than one per tensor.
+
+    Both sides of a split compute it; the client adds them for a global clipping norm.
+    """
+    squares = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+    return float(torch.stack(squares).sum()) if squares else 0.0
 
 
 def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
