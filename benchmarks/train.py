@@ -109,9 +109,9 @@ def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Ru
 # -- ours --------------------------------------------------------------------------------------------
 
 def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
-             batches: list[torch.Tensor]) -> Run:
+             batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours") -> Run:
     tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}}
-    split = server.connect(source, spec, args.device, tail, micro_batches=args.micro_batches)
+    split = server.connect(source, spec, args.device, tail, micro_batches=micro_batches)
     try:
         model, client = split.model.train(), split.client
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -152,7 +152,7 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
                                       if isinstance(rep, dict) and "logits" in rep) / 1e6,
             "bare_rtt_ms": channel_rtt_ms(split, 30),
         }
-        return Run("ours", times[args.warmup:], losses, extra)
+        return Run(name, times[args.warmup:], losses, extra)
     finally:
         split.close()
 
@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hand-built", action="store_true")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="ours: micro-batches in flight per step (default: the library's automatic choice)")
+    p.add_argument("--also-micro-batches", type=int, nargs="*", default=[],
+                   help="extra 'ours mb=N' rows with these micro-batch counts (same server, same run)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     t_start = time.perf_counter()
     source = model_source(args.model, "fp32")  # fp32 master weights; bf16 is autocast
@@ -333,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     with pki_dir() as pki, SplitServer(pki, source, spec, args.device) as server:
         runs.append(run_local(args, source, batches))
         print(f"  local      {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
-        runs.append(run_ours(args, server, source, spec, batches))
+        runs.append(run_ours(args, server, source, spec, batches, args.micro_batches))
         print(f"  ours       {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        for n in args.also_micro_batches:
+            runs.append(run_ours(args, server, source, spec, batches, n, f"ours mb={n}"))
+            print(f"  ours mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         if not args.no_lightning:
             runs.append(run_lightning(args, source, batches))
             runs.append(run_lightning(args, source, batches, server, spec))

@@ -74,3 +74,22 @@ def test_cuda_trainer_matches_local(split_server_process):
               enable_progress_bar=False, callbacks=[rec_s]).fit(CausalLM(lr=3e-3, optimizer="Adam"), _gpt2_batches())
     torch.testing.assert_close(torch.tensor(rec_s.losses), torch.tensor(rec_l.losses), rtol=1e-4, atol=1e-5)
     strategy.close()
+
+
+def test_deferred_device_copies_and_pinned_receive():
+    """A CUDA tensor's device->host copy is only queued at encode time (the frames wait for it);
+    the receiver's payload lands in pinned memory and reaches the GPU by an async copy."""
+    from lightning_split.wire import Message, MessageType, Reassembler, encode_message
+
+    x = torch.randn(257, 1031, device="cuda")
+    body = {"a": x, "b": x[:, ::2].bfloat16(), "n": 3}
+    encoded = encode_message(Message(type=MessageType.FORWARD, body=body), chunk_size=1 << 16, defer=True)
+    x.add_(1.0)  # queued after the copies on the same stream: the wire still carries the old values
+    receiver = Reassembler(checksum=False, pin_memory=True, device="cuda")
+    got = None
+    for frame in encoded.frames():
+        got = receiver.add(frame) or got
+    assert got is not None and got.body["n"] == 3
+    torch.testing.assert_close(got.body["a"], x - 1.0)
+    torch.testing.assert_close(got.body["b"], (x - 1.0)[:, ::2].bfloat16())
+    assert got.body["a"].is_cuda

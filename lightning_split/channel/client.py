@@ -147,7 +147,8 @@ class ChannelClient:
         stream.call = exchange(stream.requests())
         # Replies may only use what we asked for; the server grants a subset of it.
         reassembler = Reassembler(self.config.limits, checksum=self._verify,
-                                  compression_allowed=self.config.server_to_client)
+                                  compression_allowed=self.config.server_to_client,
+                                  pin_memory=self.config.wants_pinned())
         stream.reader = threading.Thread(target=self._read, args=(stream, reassembler),
                                          name=f"split-reader-{self.node_id}", daemon=True)
         stream.reader.start()

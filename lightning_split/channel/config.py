@@ -47,6 +47,9 @@ class ChannelConfig:
     http2_lookahead_bytes: int = 0
     http2_write_buffer_bytes: int = 0
     grpc_options: tuple[tuple[str, Any], ...] = ()  # extra raw gRPC channel/server arguments
+    # Receive payloads into page-locked memory, so tensors reach a GPU by asynchronous copies.
+    # None = auto: on where CUDA is available.
+    pin_memory: bool | None = None
 
     def __post_init__(self) -> None:
         if not 4096 <= self.chunk_size <= 64 << 20:
@@ -59,6 +62,13 @@ class ChannelConfig:
         for d in (self.client_to_server, self.server_to_client):
             if not isinstance(d, CompressionConfig):
                 raise TypeError("compression settings must be wire.CompressionConfig instances")
+
+    def wants_pinned(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        import torch
+
+        return torch.cuda.is_available()
 
     def wants_checksum(self, insecure: bool) -> bool:
         return insecure if self.checksum is None else bool(self.checksum)

@@ -68,6 +68,7 @@ class EncodedFrames:
 
     def __iter__(self) -> Iterator[bytes]:
         enc = self.encoded
+        enc.wait_ready()  # device->host copies queued by encode_frames(defer=True)
         pieces = [memoryview(enc.meta)] + [memoryview(b).cast("B") for b in enc.buffers if len(b)]
         pi, po = 0, 0  # current piece, offset in it
         chunk, total, count = self.fragment_size, enc.payload_bytes, self.fragment_count
@@ -96,9 +97,14 @@ class EncodedFrames:
 
 
 def encode_frames(msg: Message, compression: CompressionConfig | None, chunk_size: int,
-                  checksum: bool) -> EncodedFrames:
-    """Encode ``msg`` now (errors raise here) and return its frames, serialized lazily."""
-    return EncodedFrames(encode_message(msg, compression, chunk_size, checksum))
+                  checksum: bool, defer: bool = True) -> EncodedFrames:
+    """Encode ``msg`` now (errors raise here) and return its frames, serialized lazily.
+
+    CUDA tensors are copied to pinned host memory asynchronously (``defer``): the frames wait for
+    the copies when first iterated, on the gRPC sending thread, so the thread that encoded the
+    message is free to launch more GPU work meanwhile.
+    """
+    return EncodedFrames(encode_message(msg, compression, chunk_size, checksum, defer=defer))
 
 
 def passthrough(data: bytes) -> bytes:

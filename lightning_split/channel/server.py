@@ -16,8 +16,10 @@ stream with a status code and a message. Neither harms other streams or the sess
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import queue
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -73,23 +75,40 @@ class _Servicer:
 
     def Exchange(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
                  ) -> Iterator[bytes]:
+        """Two threads per stream, so that computing and sending overlap.
+
+        gRPC's worker thread runs this generator and only sends; a second thread receives,
+        reassembles, runs the handler and encodes each reply (queuing its device->host copies),
+        then goes straight on to the next request while the reply's bytes are still being sent.
+        """
         stream = _Stream(self._srv, context)
+        outbox: queue.SimpleQueue[EncodedFrames | object] = queue.SimpleQueue()
         # The handshake must arrive in time: a connected peer that stays silent holds a worker.
         timer = threading.Timer(self._srv.config.handshake_timeout_s, stream.handshake_timed_out)
         timer.daemon = True
         timer.start()
+        worker = threading.Thread(target=stream.serve, args=(request_iterator, outbox),
+                                  name="split-stream", daemon=True)
+        worker.start()
         try:
-            for frame in request_iterator:
-                reply = stream.on_frame(frame)
-                if reply is None:
-                    continue
-                timer.cancel()
-                yield from reply
-                if stream.finished:
+            while True:
+                reply = outbox.get()
+                if reply is _END:
                     return
+                if reply is _ABORTED:  # the worker aborted the call; gRPC sends its status
+                    raise _StreamAborted
+                timer.cancel()
+                yield from reply  # type: ignore[misc]
         finally:
             timer.cancel()
             stream.release()
+
+
+_END, _ABORTED = object(), object()
+
+
+class _StreamAborted(Exception):  # noqa: N818 - ends the response generator after context.abort
+    pass
 
 
 class _Stream:
@@ -106,7 +125,7 @@ class _Stream:
         # We verify CRCs if *we* want them; the handshake makes the client send them then.
         self.verify = server.checksum
         self.reassembler = Reassembler(self.cfg.limits, checksum=self.verify,
-                                       compression_allowed=_NO_COMPRESSION)
+                                       compression_allowed=_NO_COMPRESSION, pin_memory=self.cfg.wants_pinned())
 
     def _certificate_identity(self) -> str:
         names = self.context.auth_context().get("x509_common_name") or []
@@ -122,6 +141,27 @@ class _Stream:
 
     def release(self) -> None:
         self.session = None
+
+    def serve(self, request_iterator: Iterator[bytes], outbox: queue.SimpleQueue) -> None:
+        """The stream's worker: requests in, encoded replies out, in order."""
+        end: object = _END
+        try:
+            for frame in request_iterator:
+                reply = self.on_frame(frame)
+                if reply is not None:
+                    outbox.put(reply)
+                if self.finished:
+                    break
+        except Exception:  # context.abort() raises; gRPC already holds the status to send
+            if self.context.code() is not None:
+                end = _ABORTED
+            elif self.context.is_active():
+                log.exception("stream worker failed")
+                end = _ABORTED
+                with contextlib.suppress(Exception):
+                    self.context.abort(grpc.StatusCode.INTERNAL, "the stream's worker failed")
+        finally:
+            outbox.put(end)
 
     # -- frames -> messages ------------------------------------------------------------------
     def on_frame(self, raw: bytes) -> EncodedFrames | None:
@@ -185,7 +225,8 @@ class _Stream:
         self.session = session
         # From now on the client may only use the compression the handshake granted it.
         self.reassembler = Reassembler(self.cfg.limits, checksum=self.verify,
-                                       compression_allowed=session.client_to_server)
+                                       compression_allowed=session.client_to_server,
+                                       pin_memory=self.cfg.wants_pinned())
 
     def _reply(self, request: Message, body: Any) -> Message:
         if isinstance(body, Message):

@@ -115,8 +115,9 @@ class SessionSegment:
     # -- forward / backward -------------------------------------------------------------------
 
     def forward(self, body: dict[str, Any], train: bool) -> dict[str, Any]:
-        hidden = body["hidden"].to(self.device)
-        grad_inputs = [t.to(self.device).requires_grad_(train) for t in body.get("grad_inputs") or []]
+        hidden = body["hidden"].to(self.device, non_blocking=True)
+        grad_inputs = [t.to(self.device, non_blocking=True).requires_grad_(train)
+                       for t in body.get("grad_inputs") or []]
         args, kwargs = self._block_arguments(body, grad_inputs)
         if self.mode != "frozen":
             # A frozen segment is shared by every session and always runs in eval mode (no
@@ -160,7 +161,7 @@ class SessionSegment:
             raise SegmentError(f"no pending forward for micro-batch {micro_id}")
         hidden, grad_inputs, outputs = self.graphs.pop(micro_id)
         grads = body.get("grads") or {}
-        pairs = [(outputs[k], g.to(outputs[k].device)) for k, g in grads.items() if k in outputs]
+        pairs = [(outputs[k], g.to(outputs[k].device, non_blocking=True)) for k, g in grads.items() if k in outputs]
         for k, g in grads.items():
             if k not in outputs:
                 raise SegmentError(f"gradient for {k!r}, which is not a differentiable output")
@@ -209,7 +210,7 @@ class SessionSegment:
         if "result" not in body:  # a U-shaped middle: the hidden state goes back as it is
             return {"output": out}
         labels = body.get("labels")
-        labels = labels.to(self.device) if labels is not None else None
+        labels = labels.to(self.device, non_blocking=True) if labels is not None else None
         return segment_results(
             self.module, out, body.get("result"), labels,
             int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)),
@@ -231,7 +232,7 @@ class SessionSegment:
                     raise SegmentError(f"block argument refers to a missing grad input {index}")
                 return grad_inputs[index]
             if isinstance(value, torch.Tensor):
-                return value.to(self.device)
+                return value.to(self.device, non_blocking=True)
             return value
 
         args, kwargs = map_leaves(fix, (tuple(body.get("args", ())), dict(body.get("kwargs") or {})))

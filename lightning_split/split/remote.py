@@ -99,7 +99,7 @@ class RemoteSegment:
         if cache is not None and kwargs.get("use_cache", True):
             body["cache"] = self._cache_info(cache, hidden)
         reply = self.client.request(MessageType.INFER, body)
-        return self._unpack({k: v.to(hidden.device) for k, v in reply.body.items()})
+        return self._unpack({k: v.to(hidden.device, non_blocking=True) for k, v in reply.body.items()})
 
     def _chunks_for(self, hidden: torch.Tensor) -> int:
         batch = hidden.shape[0] if hidden.dim() >= 1 else 1
@@ -181,8 +181,11 @@ def _slice_batch(value: Any, batch: int, start: int, stop: int) -> Any:
     return map_leaves(cut, value)
 
 
-def _merge(parts: list[torch.Tensor]) -> torch.Tensor:
-    """One output from the micro-batches' replies: batch outputs concatenated, scalars stacked."""
+def _merge(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One output from the micro-batches' replies on ``device``: batch outputs concatenated,
+    scalars stacked. Each part is copied on its own, asynchronously from the pinned receive
+    buffers, and joined on the device."""
+    parts = [p.to(device, non_blocking=True) for p in parts]
     if len(parts) == 1:
         return parts[0]
     return torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
@@ -236,7 +239,7 @@ class _RemoteForward(torch.autograd.Function):
         ctx.extra_meta = [(t.device, t.dtype, t.dim() >= 1 and t.shape[0] == batch) for t in extra]
         ctx.set_materialize_grads(False)
         ctx.stacked = {k for k in keys if replies[0].body[k].dim() == 0}
-        outputs = tuple(_merge([r.body[k] for r in replies]).to(hidden.device) for k in keys)
+        outputs = tuple(_merge([r.body[k] for r in replies], hidden.device) for k in keys)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
         return outputs
 
@@ -259,7 +262,7 @@ class _RemoteForward(torch.autograd.Function):
         replies = [f.result().body for f in futures]
         grad_input = None
         if replies[0].get("grad_input") is not None:
-            grad_input = _merge([r["grad_input"] for r in replies]).to(ctx.hidden_device, ctx.hidden_dtype)
+            grad_input = _merge([r["grad_input"] for r in replies], ctx.hidden_device).to(dtype=ctx.hidden_dtype)
         extra_grads = []
         for j, (device, dtype, per_sample) in enumerate(ctx.extra_meta):
             parts = [(r.get("grad_extra") or [None] * len(ctx.extra_meta))[j] for r in replies]

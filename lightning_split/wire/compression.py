@@ -156,6 +156,9 @@ class EncodedTensor:
     blosc2: bool
     data: memoryview  # 1-D unsigned-byte view, len == bytes on the wire
     raw_nbytes: int  # numel * itemsize of the logical tensor
+    # A CUDA event the data's device->host copy completes at; ``data`` must not be read before
+    # ``ready.synchronize()``. None: the data is ready now.
+    ready: Any = None
 
 
 def encoded_nbytes(dtype: torch.dtype, numel: int, encoding: int, block_size: int) -> int:
@@ -169,18 +172,28 @@ def encoded_nbytes(dtype: torch.dtype, numel: int, encoding: int, block_size: in
     raise invalid(f"TensorMeta.encoding: unknown value {encoding}")
 
 
-def _host_bytes(t: torch.Tensor) -> memoryview:
-    """Contiguous 1-D byte view of ``t`` in host memory, without copying CPU tensors."""
+def _host_bytes(t: torch.Tensor, defer: bool = False) -> tuple[memoryview, Any]:
+    """Contiguous 1-D byte view of ``t`` in host memory, without copying CPU tensors.
+
+    A CUDA tensor is copied into pinned host memory (the caching host allocator reuses it). With
+    ``defer`` the copy is only queued on the current stream and the returned event says when it is
+    done: the caller goes on (launching the next micro-batch's kernels) while the copy runs, and
+    whoever reads the bytes (the sending thread) waits for the event first.
+    """
+    ready = None
     if t.device.type != "cpu":
-        try:  # pinned staging buffer: faster device->host copy (the caching host allocator reuses it)
+        try:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t)
+            host.copy_(t, non_blocking=defer and t.device.type == "cuda")
+            if defer and t.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
             t = host
         except RuntimeError:
-            t = t.cpu()
+            t, ready = t.cpu(), None
     t = t.contiguous().reshape(-1)
     # view(uint8) reinterprets bytes (works for bf16/bool, which numpy lacks or treats specially).
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(t.view(torch.uint8).numpy()), ready
 
 
 def _quantize_int8(x: torch.Tensor, block: int) -> torch.Tensor | None:
@@ -210,9 +223,10 @@ def _quantize_int8(x: torch.Tensor, block: int) -> torch.Tensor | None:
     return out
 
 
-def encode_tensor(t: torch.Tensor, cfg: CompressionConfig) -> EncodedTensor:
+def encode_tensor(t: torch.Tensor, cfg: CompressionConfig, defer: bool = False) -> EncodedTensor:
     """Encode one tensor per ``cfg``. Lossy work runs on the tensor's own device (a GPU shrinks
-    the bytes before they cross PCIe); then the bytes are staged in host memory."""
+    the bytes before they cross PCIe); then the bytes are staged in host memory. ``defer``: a
+    CUDA tensor's device->host copy may still be running on return (see ``EncodedTensor.ready``)."""
     t = t.detach()
     if t.layout != torch.strided:
         t = t.to_dense()
@@ -235,9 +249,10 @@ def encode_tensor(t: torch.Tensor, cfg: CompressionConfig) -> EncodedTensor:
             q = _quantize_int8(t, cfg.int8_block_size)
             if q is not None:
                 encoding, block, work = pb.INT8_BLOCK, cfg.int8_block_size, q
-    data = _host_bytes(work)
+    compress = cfg.lossless == "blosc2" and raw_nbytes >= cfg.min_bytes
+    data, ready = _host_bytes(work, defer=defer and not compress)
     use_blosc2 = False
-    if cfg.lossless == "blosc2" and raw_nbytes >= cfg.min_bytes and 0 < len(data) <= blosc2.MAX_BUFFERSIZE:
+    if compress and 0 < len(data) <= blosc2.MAX_BUFFERSIZE:
         typesize = 1 if encoding == pb.INT8_BLOCK else work.element_size()
         try:
             packed = blosc2.compress2(
@@ -248,7 +263,7 @@ def encode_tensor(t: torch.Tensor, cfg: CompressionConfig) -> EncodedTensor:
             raise WireError(f"blosc2 compression failed: {e}") from e
         if len(packed) < len(data):  # incompressible data is cheaper to send as it is
             data, use_blosc2 = memoryview(packed), True
-    return EncodedTensor(t.dtype, shape, encoding, block, use_blosc2, data, raw_nbytes)
+    return EncodedTensor(t.dtype, shape, encoding, block, use_blosc2, data, raw_nbytes, ready)
 
 
 def check_blosc2_header(src: memoryview, expected_nbytes: int) -> None:
@@ -315,7 +330,7 @@ def decode_tensor(
     if len(enc) != expected:
         raise invalid(f"tensor has {len(enc)} encoded bytes, expected {expected}")
     if device is not None and device.type != "cpu":
-        enc = enc.to(device)  # upcast / dequantise on the device: fewer bytes cross PCIe
+        enc = enc.to(device, non_blocking=True)  # upcast / dequantise on the device: fewer bytes cross PCIe
     if encoding == pb.RAW:
         if dtype == torch.bool:
             return enc.ne(0).reshape(shape)  # a bool byte other than 0/1 is undefined behaviour

@@ -44,10 +44,12 @@ _DEFAULT_COMPRESSION = CompressionConfig()
 
 
 class _Encoder:
-    def __init__(self, compression: CompressionConfig, limits: WireLimits) -> None:
+    def __init__(self, compression: CompressionConfig, limits: WireLimits, defer: bool) -> None:
         self.cfg = compression
         self.limits = limits
+        self.defer = defer
         self.buffers: list[memoryview] = []  # each view keeps its staging tensor / bytes alive
+        self.pending: list[Any] = []  # CUDA events of device->host copies still running
         self.offset = 0
         self.raw_bytes = 0
         self.nodes = 0
@@ -103,7 +105,9 @@ class _Encoder:
             raise exhausted(f"string/bytes at {path} has {n} bytes > {self.limits.max_string_bytes}")
 
     def _tensor(self, tm: pb.TensorMeta, t: torch.Tensor) -> None:
-        et = encode_tensor(t, self.cfg)
+        et = encode_tensor(t, self.cfg, self.defer)
+        if et.ready is not None:
+            self.pending.append(et.ready)
         pad = -self.offset % ALIGN
         if pad:
             self.buffers.append(_ZEROS[:pad])
@@ -121,11 +125,13 @@ class _Encoder:
         self.raw_bytes += et.raw_nbytes
 
 
-def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits | None
-            ) -> tuple[bytes, list[memoryview], int]:
-    enc = _Encoder(compression or _DEFAULT_COMPRESSION, limits or _DEFAULT_LIMITS)
+def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits | None, defer: bool = False
+            ) -> tuple[bytes, list[memoryview], int, list[Any]]:
+    """(meta, buffers, raw bytes, pending): with ``defer``, the buffers of CUDA tensors may still be
+    filling; ``pending`` holds the events to wait for before reading them."""
+    enc = _Encoder(compression or _DEFAULT_COMPRESSION, limits or _DEFAULT_LIMITS, defer)
     if body is None:
-        return b"", [], 0  # an empty PayloadMeta decodes to None: an empty body costs 0 bytes
+        return b"", [], 0, []  # an empty PayloadMeta decodes to None: an empty body costs 0 bytes
     meta = pb.PayloadMeta()
     try:
         enc.fill(meta.body, body, 0, "body")
@@ -133,7 +139,7 @@ def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits
         raise exhausted("body nested too deeply") from e
     except (ValueError, TypeError) as e:  # protobuf range/type errors
         raise invalid(f"cannot encode body: {e}") from e
-    return meta.SerializeToString(), enc.buffers, enc.raw_bytes
+    return meta.SerializeToString(), enc.buffers, enc.raw_bytes, enc.pending
 
 
 def encode_body(body: Any, compression: CompressionConfig | None = None, *,
@@ -146,7 +152,7 @@ def encode_body(body: Any, compression: CompressionConfig | None = None, *,
     sending side too, so an over-deep or self-referencing body fails here and not at the peer.
     Raises WireError for anything not encodable.
     """
-    meta, buffers, _ = _encode(body, compression, limits)
+    meta, buffers, _, _ = _encode(body, compression, limits)
     return meta, buffers
 
 
@@ -305,7 +311,7 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
         t = decode_tensor(src, dtype=p.dtype, shape=p.shape, encoding=p.tm.encoding,
                           block_size=p.tm.block_size, use_blosc2=p.tm.blosc2, device=dev, nthreads=nthreads)
         if dev is not None and t.device != dev:
-            t = t.to(dev)
+            t = t.to(dev, non_blocking=True)  # async from pinned payloads; pageable ones are staged
         tensors.append(t)
     return _build(meta.body, tensors, [0]), val.decoded_bytes
 
