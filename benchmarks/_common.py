@@ -16,6 +16,7 @@ import queue
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,26 +153,74 @@ def pki_dir() -> Iterator[Path]:
 
 
 class _TimedService(SplitService):
-    """SplitService that adds the time spent in its handler (compute, CUDA included) to ``busy``."""
+    """SplitService that adds the time its handler spends to ``busy``: on CUDA the GPU time between
+    two events around each request (read once they have completed, never by synchronising, which
+    would stop the server from running ahead of the GPU), on CPU the wall time."""
 
     def __init__(self, *args: Any, busy: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._busy = busy
         self._cuda = torch.device(kwargs.get("device", "cpu")).type == "cuda"
+        self._events: list[tuple[Any, Any]] = []
+        self._lock = threading.Lock()
+        if self._cuda:
+            threading.Thread(target=self._drain_forever, daemon=True).start()
 
     def handle(self, session: Any, request: Any) -> Any:
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                return super().handle(session, request)
+            finally:
+                end.record()
+                with self._lock:
+                    self._events.append((start, end))
         t0 = time.perf_counter()
         try:
             return super().handle(session, request)
         finally:
-            if self._cuda:
-                torch.cuda.synchronize()
-            with self._busy.get_lock():
-                self._busy[0] += time.perf_counter() - t0
-                self._busy[1] += 1
+            self._add(time.perf_counter() - t0)
+
+    def _add(self, seconds: float) -> None:
+        with self._busy.get_lock():
+            self._busy[0] += seconds
+            self._busy[1] += 1
+
+    def _drain_forever(self) -> None:
+        while True:
+            time.sleep(0.02)
+            with self._lock:
+                flags = [end.query() for _, end in self._events]
+                done = [pair for pair, ok in zip(self._events, flags, strict=True) if ok]
+                self._events = [pair for pair, ok in zip(self._events, flags, strict=True) if not ok]
+            for start, end in done:
+                self._add(start.elapsed_time(end) / 1e3)
+
+
+def _profile_stream_workers(path: str) -> None:
+    """cProfile each stream's worker thread (receive, decode, handler, encode) into ``path``.N."""
+    import cProfile
+
+    from lightning_split.channel import server as channel_server
+
+    serve, count = channel_server._Stream.serve, [0]
+
+    def profiled(self: Any, *args: Any) -> None:
+        count[0] += 1
+        prof = cProfile.Profile()
+        try:
+            prof.runcall(serve, self, *args)
+        finally:
+            prof.dump_stats(f"{path}.{count[0]}")
+
+    channel_server._Stream.serve = profiled
 
 
 def _serve(pki: str, source: dict, spec: dict, device: str, ready: Any, stop: Any, busy: Any) -> None:
+    # LS_SERVER_PROFILE=path: cProfile the server's stream workers into path.1, path.2, ...
+    if os.environ.get("LS_SERVER_PROFILE"):
+        _profile_stream_workers(os.environ["LS_SERVER_PROFILE"])
     try:
         service = _TimedService(ModelSource.from_dict(source), SplitSpec.from_dict(spec), device=device,
                                 busy=busy)

@@ -57,10 +57,10 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from lightning_split.channel import client_tls  # noqa: E402
+from lightning_split.channel import ChannelConfig, client_tls  # noqa: E402
 from lightning_split.split.build import ModelSource, build_model  # noqa: E402
 from lightning_split.split.spec import SplitSpec  # noqa: E402
-from lightning_split.wire import MessageType  # noqa: E402
+from lightning_split.wire import CompressionConfig, MessageType  # noqa: E402
 
 LR = 1e-4
 QUICK = dict(model="tiny", batch=4, seq=64, steps=20, warmup=3)
@@ -109,9 +109,12 @@ def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Ru
 # -- ours --------------------------------------------------------------------------------------------
 
 def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
-             batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours") -> Run:
+             batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours",
+             lossy: str = "none") -> Run:
     tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}}
-    split = server.connect(source, spec, args.device, tail, micro_batches=micro_batches)
+    wire = CompressionConfig(lossy=lossy)
+    config = ChannelConfig(client_to_server=wire, server_to_client=wire)
+    split = server.connect(source, spec, args.device, tail, micro_batches=micro_batches, config=config)
     try:
         model, client = split.model.train(), split.client
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -131,12 +134,15 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
             return loss.detach()
 
         times, losses = [], []
+        profile = profile_if_asked("LS_CLIENT_PROFILE", name)
         for i, ids in enumerate(batches):
             if i == args.warmup:
                 stats0, busy0 = client.stats.snapshot(), server.busy()
+                profile.enable()
             dt, loss = timed(lambda i=i, ids=ids: step(i, ids), args.device)
             times.append(dt)
             losses.append(float(loss))
+        profile.disable()
         delta, busy1 = client.stats - stats0, server.busy()
         n = len(batches) - args.warmup
         messages = record_one_step(split, lambda: step(len(batches), batches[0]))
@@ -155,6 +161,36 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
         return Run(name, times[args.warmup:], losses, extra)
     finally:
         split.close()
+
+
+class _NoProfile:
+    def enable(self) -> None: ...
+    def disable(self) -> None: ...
+
+
+class _DumpingProfile:
+    def __init__(self, path: str) -> None:
+        import cProfile
+
+        self.path, self.prof = path, cProfile.Profile()
+
+    def enable(self) -> None:
+        self.prof.enable()
+
+    def disable(self) -> None:
+        self.prof.disable()
+        self.prof.dump_stats(self.path)
+
+
+def profile_if_asked(variable: str, name: str) -> Any:
+    """``variable``=path: cProfile the client's timed steps into path.<row name> (see _common's
+    LS_SERVER_PROFILE for the server side)."""
+    import os
+
+    path = os.environ.get(variable)
+    if not path:
+        return _NoProfile()
+    return _DumpingProfile(f"{path}.{name.replace(' ', '_')}")
 
 
 # -- hand-built: torch.distributed gloo, no TLS -------------------------------------------------------
@@ -319,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hand-built", action="store_true")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="ours: micro-batches in flight per step (default: the library's automatic choice)")
+    p.add_argument("--also-bf16-wire", action="store_true",
+                   help="an extra row with lossy bf16 compression both ways (halves the bytes; not exact)")
     p.add_argument("--also-micro-batches", type=int, nargs="*", default=[],
                    help="extra 'ours mb=N' rows with these micro-batch counts (same server, same run)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
@@ -340,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.also_micro_batches:
             runs.append(run_ours(args, server, source, spec, batches, n, f"ours mb={n}"))
             print(f"  ours mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        if args.also_bf16_wire:
+            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours bf16 wire", "bf16"))
+            print(f"  ours bf16 wire {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         if not args.no_lightning:
             runs.append(run_lightning(args, source, batches))
             runs.append(run_lightning(args, source, batches, server, spec))
