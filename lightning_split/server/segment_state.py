@@ -9,6 +9,10 @@ Tail modes:
 A FORWARD keeps the graph (input leaf and outputs) under the client's micro-batch id until its
 BACKWARD; OPTIMIZER_STEP steps and zeroes the session's gradients once per training step: a step
 number already applied is acknowledged but never applied twice.
+
+Generation (INFER with a cache) keeps the session's KV cache for the server's layers: for GPT-2 and
+Llama a static cache with CUDA-graph decode steps (``fast_decode.StaticDecoder``), else, or when
+that path declines a step, Hugging Face's ``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_split.server.fast_decode import StaticDecoder
 from lightning_split.split.results import segment_results
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
 
@@ -80,6 +85,7 @@ class SessionSegment:
         hf_config: Any = None,
         max_graphs: int = 256,
         max_cache_tokens: int = 4096,
+        fast_decode: bool = True,
     ) -> None:
         mode = tail.get("mode", "frozen")
         if mode not in TAIL_MODES:
@@ -110,15 +116,18 @@ class SessionSegment:
             OrderedDict()
         )
         self.last_step = -1
-        self.cache: Any = None
+        self.cache: Any = None  # a DynamicCache, when the static decoder does not hold the sequence
+        # The fast decode path: on unless the server or the session (tail option) turns it off.
+        self.fast: StaticDecoder | None = None
+        if fast_decode and tail.get("fast_decode", True) and StaticDecoder.supports(self.module, hf_config):
+            self.fast = StaticDecoder(self.module, hf_config, self.device, max_cache_tokens)
 
     # -- forward / backward -------------------------------------------------------------------
 
     def forward(self, body: dict[str, Any], train: bool) -> dict[str, Any]:
-        hidden = body["hidden"].to(self.device, non_blocking=True)
         grad_inputs = [t.to(self.device, non_blocking=True).requires_grad_(train)
                        for t in body.get("grad_inputs") or []]
-        args, kwargs = self._block_arguments(body, grad_inputs)
+        cache = self._session_cache(body["cache"]) if body.get("cache") is not None else None
         if self.mode != "frozen":
             # A frozen segment is shared by every session and always runs in eval mode (no
             # dropout, fixed norm statistics): flipping a shared module's mode would race.
@@ -131,6 +140,17 @@ class SessionSegment:
         else:
             context = contextlib.nullcontext()
         with context:
+            if cache is not None and cache is self._static_cache():
+                out = None
+                if not train:
+                    with torch.no_grad():
+                        out = self.fast.run(body, int(body["cache"]["past"]), int(body["cache"]["new"]))
+                if out is not None:
+                    return out
+                # Declined (nothing changed): its tokens move to a DynamicCache and the step runs eagerly.
+                cache = self.cache = self.fast.to_dynamic()
+            hidden = body["hidden"].to(self.device, non_blocking=True)
+            args, kwargs = self._block_arguments(body, grad_inputs, cache)
             return self._forward(hidden, grad_inputs, args, kwargs, body, train)
 
     def _forward(
@@ -217,11 +237,10 @@ class SessionSegment:
         )
 
     def _block_arguments(
-        self, body: dict[str, Any], grad_inputs: list[torch.Tensor]
+        self, body: dict[str, Any], grad_inputs: list[torch.Tensor], cache: Any
     ) -> tuple[tuple, dict[str, Any]]:
         """The block's extra arguments, moved to our device, with the session's KV cache put in."""
         use_cache = body.get("cache") is not None
-        cache = self._session_cache(body["cache"]) if use_cache else None
 
         def fix(value: Any) -> Any:
             if isinstance(value, str) and value == KV_CACHE:
@@ -241,26 +260,46 @@ class SessionSegment:
         return args, kwargs
 
     def _session_cache(self, info: dict[str, Any]) -> Any:
+        """This step's cache (the static decoder or a DynamicCache), checked against the client's count."""
         from transformers import DynamicCache
 
         past, new = int(info["past"]), int(info["new"])
         if info.get("reorder") is not None and past > 0:
             # Beam search reordered the client's cache since the last step: follow it.
-            if self.cache is None:
-                raise CacheError("no KV cache to reorder")
-            self.cache.reorder_cache(info["reorder"].to(self.device))
-        if past == 0 or self.cache is None:
+            self._reorder(info["reorder"])
+        if past == 0 or not self._holds_cache():
             if past != 0:
                 raise CacheError(f"the client expects {past} cached tokens, the server holds none")
-            self.cache = DynamicCache(config=self.hf_config)
+            self.cache = None
+            if self.fast is not None:
+                self.fast.begin()
+            else:
+                self.cache = DynamicCache(config=self.hf_config)
         held = self.cached_tokens()
         if held != past:
             raise CacheError(f"KV cache out of step: the server holds {held} tokens, the client {past}")
         if past + new > self.max_cache_tokens:
             raise CacheError(f"KV cache limit: {past + new} tokens > max_cache_tokens={self.max_cache_tokens}")
-        return self.cache
+        return self._static_cache() or self.cache
+
+    def _static_cache(self) -> StaticDecoder | None:
+        """The static decoder while it holds the session's sequence (it makes its cache lazily)."""
+        return self.fast if self.fast is not None and self.fast.active else None
+
+    def _holds_cache(self) -> bool:
+        return self.cache is not None or self._static_cache() is not None
+
+    def _reorder(self, beam_idx: torch.Tensor) -> None:
+        if not self._holds_cache():
+            raise CacheError("no KV cache to reorder")
+        if self._static_cache() is not None and not self.fast.reorder(beam_idx):
+            self.cache = self.fast.to_dynamic()  # a reorder that changes the batch size
+        if self.cache is not None:
+            self.cache.reorder_cache(beam_idx.to(self.device))
 
     def cached_tokens(self) -> int:
+        if self._static_cache() is not None:
+            return self.fast.tokens
         if self.cache is None:
             return 0
         first = self.module.blocks[0]
@@ -270,6 +309,8 @@ class SessionSegment:
         return int(self.cache.get_seq_length(layer_idx))
 
     def cache_bytes(self) -> int:
+        if self._static_cache() is not None:
+            return self.fast.nbytes()
         if self.cache is None:
             return 0
         total = 0
@@ -283,10 +324,10 @@ class SessionSegment:
         op = body.get("op")
         if op == "reset":
             self.cache = None
+            if self.fast is not None:
+                self.fast.release()
         elif op == "reorder":
-            if self.cache is None:
-                raise CacheError("no KV cache to reorder")
-            self.cache.reorder_cache(body["beam_idx"].to(self.device))
+            self._reorder(body["beam_idx"])
         elif op != "info":
             raise SegmentError(f"unknown cache op {op!r}")
         return {"tokens": self.cached_tokens(), "bytes": self.cache_bytes()}

@@ -48,6 +48,7 @@ class SplitService:
         state_dir: str | Path | None = None,
         max_cache_tokens: int = 4096,
         max_graphs: int = 256,
+        fast_decode: bool = True,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -68,6 +69,9 @@ class SplitService:
         self.store = StateStore(state_dir) if state_dir else None
         self.max_cache_tokens = max_cache_tokens
         self.max_graphs = max_graphs
+        # Generation's decode steps on a static KV cache, replayed as CUDA graphs on a GPU
+        # (fast_decode.py); off: Hugging Face's DynamicCache and eager blocks for every step.
+        self.fast_decode = fast_decode
         self.description = {
             "model": describe_config(source),
             "split": spec.to_dict(),
@@ -96,7 +100,7 @@ class SplitService:
             )
         try:
             session.state["segment"] = SessionSegment(
-                self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens
+                self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode
             )
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e

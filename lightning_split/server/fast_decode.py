@@ -1,0 +1,365 @@
+"""The server's fast decode path: a static KV cache and, on CUDA, one CUDA graph per decode step.
+
+Why: a decode step moves one token per sequence through the server's blocks. In eager PyTorch it
+is bound by kernel launches on the CPU (about 0.5 ms per block on an H100), not by the GPU. A CUDA
+graph launches the whole segment (blocks, and in a two-part split the final norm and output
+layer) at once, but it replays fixed addresses and shapes: the KV cache must not grow
+(``transformers.StaticCache``: preallocated, written in place) and every input is copied into a
+buffer the graph was captured with.
+
+* The cache has room for ``capacity`` tokens (a power of two, at least ``min_tokens``, at most
+  ``max_tokens`` rounded up to 64); a longer sequence moves to a cache twice the size. Only the
+  server's layers are allocated; the blocks keep their model-wide ``layer_idx``.
+* The client's attention mask covers its own cache (``past + new`` slots): it is padded to the
+  capacity with masked slots. No mask (sdpa without padding) means plain causal attention.
+* Prefill and CPU steps run eagerly on the static cache; CUDA decode steps replay a graph,
+  captured once per input signature (batch size, capacity, mask kind, result options).
+* A step this path does not recognise is declined before any state changes; the caller then moves
+  the tokens held here into a ``DynamicCache`` (``to_dynamic``) and runs the eager blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_split.split.results import segment_results
+from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("gpt2", "llama")  # model types whose block arguments and masks this path was checked on
+ATTENTION = ("sdpa", "eager")  # attention implementations whose masks we know how to pad
+WARMUP_STEPS = 3  # eager runs on the capture stream first, as PyTorch advises (lazy inits, cuBLAS workspace)
+_CAPTURE_LOCK = threading.Lock()  # sessions run on several threads: one capture at a time
+
+Tree = tuple[tuple, dict]  # a block's (args, kwargs)
+
+
+def _layer_idx(block: nn.Module) -> int | None:
+    idx = [getattr(getattr(block, name, None), "layer_idx", None) for name in ("attn", "self_attn")]
+    return next((i for i in idx if isinstance(i, int)), None)
+
+
+def _mask_arg(block: nn.Module) -> int | None:
+    """Index of ``attention_mask`` among the block's positional arguments after the hidden state."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(block.forward).parameters.values() if p.kind in kinds]
+    return names.index("attention_mask") - 1 if "attention_mask" in names[1:] else None
+
+
+def _describe(value: Any) -> Any:
+    """A leaf as a graph's key sees it: a tensor's shape and dtype, any other value itself."""
+    return ("tensor", tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(value)
+
+
+@dataclass
+class _Graph:
+    """One captured decode step and the static tensors it reads and writes."""
+
+    inputs: list[torch.Tensor]  # the hidden state, then every other tensor argument, in leaf order
+    pos: torch.Tensor  # tokens held before the step (0-dim int64): the slot the step writes
+    mask: torch.Tensor | None  # the padded attention mask, or None: causal, computed in the graph
+    fill: Any  # the mask's "masked" value
+    mask_high: int = 0  # mask slots [mask_high:] are known to hold `fill`
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    replay: Any = None  # CUDAGraph.replay, or (emulation on CPU, for tests) the step itself
+    graph: Any = None  # keeps the CUDAGraph, and its memory pool, alive
+
+
+class StaticDecoder:
+    """A session's static KV cache for its server layers, and the graphs that decode on it."""
+
+    def __init__(self, module: ServerSegment, hf_config: Any, device: torch.device, max_tokens: int,
+                 min_tokens: int = 256, graphs: bool = True, max_graphs: int = 4) -> None:
+        self.module, self.hf_config, self.device = module, hf_config, device
+        self.max_tokens, self.min_tokens, self.max_graphs = max_tokens, min_tokens, max_graphs
+        self.layer_ids = [_layer_idx(b) for b in module.blocks]
+        self.mask_arg = _mask_arg(module.blocks[0])
+        self.sdpa = hf_config._attn_implementation == "sdpa"
+        # A graph runs on one device: a segment spread over several GPUs decodes eagerly.
+        self.use_graphs = graphs and len({p.device for p in module.parameters()}) == 1
+        self.emulate_graphs = False  # tests: the graph bookkeeping on CPU, the step run on replay
+        self.cache: Any = None
+        self.batch = self.capacity = self.tokens = 0
+        self.active = False  # this decoder holds the session's sequence (not a DynamicCache)
+        self.graphs: OrderedDict[str, _Graph] = OrderedDict()
+        self.stats: Counter[str] = Counter()  # static_steps, graph_steps, captures, declined
+
+    @staticmethod
+    def supports(module: ServerSegment, hf_config: Any) -> bool:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        ids = [_layer_idx(b) for b in module.blocks]
+        if (getattr(hf_config, "model_type", None) not in FAMILIES or not ids or None in ids
+                or getattr(hf_config, "_attn_implementation", None) not in ATTENTION
+                or getattr(hf_config, "add_cross_attention", False) or _mask_arg(module.blocks[0]) is None):
+            return False
+        layers = StaticCache(config=hf_config, max_cache_len=1).layers  # allocates nothing yet
+        # Plain full-attention layers only (a sliding-window layer would need another mask).
+        return all(i < len(layers) and type(layers[i]) is StaticLayer for i in ids)
+
+    # -- the session's bookkeeping ------------------------------------------------------------
+
+    def begin(self) -> None:
+        """A new sequence starts (past == 0); the cache and graphs are kept for reuse."""
+        self.active, self.tokens = True, 0
+
+    def release(self) -> None:
+        """Free the cache and the graphs (their memory pools with them)."""
+        self._drop_graphs(len(self.graphs))
+        self.cache, self.batch, self.capacity, self.tokens, self.active = None, 0, 0, 0, False
+
+    def _drop_graphs(self, count: int) -> None:
+        """Forget the ``count`` least recently used graphs, once the device is done with them."""
+        if count > 0 and any(g.graph is not None for g in self.graphs.values()):
+            torch.cuda.current_stream(self.device).synchronize()  # no graph destroyed mid-replay
+        for _ in range(count):
+            self.graphs.popitem(last=False)
+
+    def _layers(self) -> list[Any]:
+        return [self.cache.layers[i] for i in self.layer_ids]
+
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self._layers() if layer.is_initialized
+                   for t in (layer.keys, layer.values))
+
+    def reorder(self, beam_idx: torch.Tensor) -> bool:
+        """Beam search: reorder the held tokens in place, so graphs keep their addresses. False if
+        the index changes the batch size, which only a DynamicCache can follow."""
+        if self.cache is None or self.tokens == 0:
+            return True
+        if beam_idx.dim() != 1 or beam_idx.shape[0] != self.batch:
+            return False
+        for layer in self._layers():
+            for t in (layer.keys[:, :, : self.tokens], layer.values[:, :, : self.tokens]):
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
+        return True
+
+    def to_dynamic(self) -> Any:
+        """The held tokens as a DynamicCache (this path declined a step); this decoder lets go."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.hf_config)
+        if self.cache is not None and self.tokens:
+            for idx, layer in zip(self.layer_ids, self._layers(), strict=True):
+                cache.update(layer.keys[:, :, : self.tokens].clone(), layer.values[:, :, : self.tokens].clone(), idx)
+        self.release()
+        return cache
+
+    # -- one INFER step -----------------------------------------------------------------------
+
+    def run(self, body: dict[str, Any], past: int, new: int) -> dict[str, Any] | None:
+        """Serve one INFER step on the static cache, or None (nothing changed) to decline it."""
+        hidden = body["hidden"]
+        mask, tree = self._swap_mask((tuple(body.get("args", ())), dict(body.get("kwargs") or {})), None)
+        kind = self._mask_kind(mask, hidden, past, new)
+        strings = [v for v in _leaves(tree) if isinstance(v, str)]
+        if (kind is None or body.get("grad_inputs") or body.get("autocast") or KV_CACHE not in strings
+                or any(grad_input_index(s) is not None for s in strings) or (past and hidden.shape[0] != self.batch)):
+            self.stats["declined"] += 1
+            return None
+        self._reserve(hidden.shape[0], past, new)
+        out = None
+        if (new == 1 and body.get("labels") is None and not self.module.training
+                and all(layer.is_initialized for layer in self._layers())  # allocated before any capture
+                and (self.emulate_graphs or (self.use_graphs and self.device.type == "cuda"))):
+            out = self._graph_step(hidden, tree, mask, kind, past, body)
+        if out is None:
+            out = self._eager_step(hidden, tree, mask, kind, past, new, body)
+        self.tokens = past + new
+        self.stats["static_steps"] += 1
+        return out
+
+    def _swap_mask(self, tree: Tree, mask: Any) -> tuple[Any, Tree]:
+        """The attention mask found in ``tree``, and ``tree`` with ``mask`` in its place."""
+        args, kwargs = tree
+        if "attention_mask" in kwargs or self.mask_arg >= len(args):
+            return kwargs.get("attention_mask"), (args, {**kwargs, "attention_mask": mask})
+        i = self.mask_arg
+        return args[i], ((*args[:i], mask, *args[i + 1 :]), kwargs)
+
+    def _mask_kind(self, mask: Any, hidden: torch.Tensor, past: int, new: int) -> str | None:
+        if hidden.dim() != 3 or hidden.shape[1] != new:
+            return None
+        if mask is None:  # sdpa without padding: causal attention over the tokens held
+            return "causal"
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
+            return None
+        if mask.shape[0] not in (1, hidden.shape[0]) or tuple(mask.shape[2:]) != (new, past + new):
+            return None
+        # sdpa takes a bool mask (True = attend) or an additive float one; eager adds it.
+        return "given" if (mask.dtype == torch.bool and self.sdpa) or mask.dtype.is_floating_point else None
+
+    def _reserve(self, batch: int, past: int, new: int) -> None:
+        """A cache for ``batch`` sequences with room for ``past + new`` tokens (the session has
+        checked ``past + new <= max_tokens``). A new cache drops every graph: they point at the old."""
+        from transformers import StaticCache
+
+        needed = past + new
+        if self.cache is not None and batch == self.batch and needed <= self.capacity:
+            if past == 0:  # a new sequence: no stale keys (even masked ones) from the last one
+                self.cache.reset()
+            return
+        capacity = min(max(self.min_tokens, 1 << (needed - 1).bit_length()), -(-self.max_tokens // 64) * 64)
+        self._drop_graphs(len(self.graphs))  # they point at the old cache
+        old, self.cache = self.cache, StaticCache(config=self.hf_config, max_cache_len=max(capacity, needed))
+        self.batch, self.capacity = batch, max(capacity, needed)
+        self._slots = torch.arange(self.capacity, device=self.device)  # read by graphs: made before them
+        if old is not None and past:  # grown mid-sequence: carry the held tokens over
+            for idx in self.layer_ids:
+                src, dst = old.layers[idx], self.cache.layers[idx]
+                dst.lazy_initialization(src.keys[:, :, :0], src.values[:, :, :0])
+                dst.keys[:, :, :past].copy_(src.keys[:, :, :past])
+                dst.values[:, :, :past].copy_(src.values[:, :, :past])
+
+    def _causal(self, pos: int | torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
+        """Query i (position pos + i) sees slots 0..pos + i. ``pos`` may be a device tensor: a graph
+        computes its mask from its input, with no host round trip."""
+        allowed = (self._slots <= (pos + self._slots[:new]).unsqueeze(-1)).view(1, 1, new, self.capacity)
+        if self.sdpa:
+            return allowed
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=self.device)  # eager attention adds it
+        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def _padded(self, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """A mask of the cache's width, every slot masked: the client's mask goes in front."""
+        fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+        return torch.full((*mask.shape[:-1], self.capacity), fill, dtype=mask.dtype, device=self.device), fill
+
+    def _blocks_tree(self, tree: Tree, tensor: Any) -> Tree:
+        """The block arguments: the cache marker becomes the static cache, a tensor ``tensor(t)``."""
+
+        def fix(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return tensor(v)
+            return self.cache if isinstance(v, str) and v == KV_CACHE else v
+
+        args, kwargs = map_leaves(fix, tree)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = True
+        return args, kwargs
+
+    def _results(self, out: torch.Tensor, body: dict[str, Any]) -> dict[str, Any]:
+        if "result" not in body:  # a U-shaped middle: the hidden state goes back as it is
+            return {"output": out}
+        labels = body.get("labels")
+        labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        return segment_results(self.module, out, body.get("result"), labels,
+                               int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)))
+
+    def _eager_step(self, hidden: torch.Tensor, tree: Tree, mask: Any, kind: str, past: int, new: int,
+                    body: dict[str, Any]) -> dict[str, Any]:
+        hidden = hidden.to(self.device, non_blocking=True)  # payloads are pinned on a GPU server
+        if kind == "causal":
+            padded = self._causal(past, new, hidden.dtype)
+        else:
+            padded, _ = self._padded(mask)
+            padded[..., : past + new].copy_(mask, non_blocking=True)
+        for layer in self._layers():  # where each layer writes (StaticLayer keeps it on the device)
+            layer.cumulative_length.fill_(past)
+        _, tree = self._swap_mask(self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True)), padded)
+        return self._results(self.module(hidden, *tree), body)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+
+    def _graph_step(self, hidden: torch.Tensor, tree: Tree, mask: Any, kind: str, past: int,
+                    body: dict[str, Any]) -> dict[str, Any] | None:
+        options = {k: body[k] for k in ("result", "top_k", "logits_to_keep") if k in body}
+        # The mask's last dim (past + new) grows every step: its buffer has the capacity instead.
+        mask_sig = None if mask is None else (tuple(mask.shape[:-1]), str(mask.dtype))
+        key = repr((self.capacity, kind, _describe(hidden), map_leaves(_describe, tree), mask_sig,
+                    sorted(options.items())))
+        leaves = [hidden, *(v for v in _leaves(tree) if isinstance(v, torch.Tensor))]
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            g = self.graphs.get(key)
+            if g is None:
+                g = self._capture(tree, kind, options, leaves, mask, past)
+                if g is None:
+                    return None
+                self._drop_graphs(len(self.graphs) + 1 - self.max_graphs)
+                self.graphs[key] = g
+            self.graphs.move_to_end(key)
+            self._stage(g, leaves, mask, past)
+            g.replay()
+            self.stats["graph_steps"] += 1
+            # The outputs are the graph's own buffers, rewritten by the next replay: hand out copies.
+            return {k: v.clone() for k, v in g.outputs.items()}
+
+    @staticmethod
+    def _stage(g: _Graph, leaves: list[torch.Tensor], mask: Any, past: int) -> None:
+        """Copy one step's inputs into the graph's buffers: copies and fills, no host sync."""
+        for buf, t in zip(g.inputs, leaves, strict=True):
+            buf.copy_(t, non_blocking=True)  # pinned payloads; a pageable source is staged by the driver
+        if g.mask is not None:
+            n = mask.shape[-1]
+            g.mask[..., :n].copy_(mask, non_blocking=True)
+            if g.mask_high > n:  # shorter than the last sequence: mask its slots again
+                g.mask[..., n : g.mask_high].fill_(g.fill)
+            g.mask_high = n
+        g.pos.fill_(past)
+
+    def _capture(self, tree: Tree, kind: str, options: dict[str, Any], leaves: list[torch.Tensor], mask: Any,
+                 past: int) -> _Graph | None:
+        # Every tensor the graph reads is allocated before capture and never replaced while the
+        # graph lives: the cache and _slots (_reserve, the prefill), these buffers, pos, the mask.
+        inputs = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in leaves]
+        buffers = iter(inputs[1:])
+        static_tree = self._blocks_tree(tree, lambda t: next(buffers))  # same leaf order as `leaves`
+        mask_buf, fill = self._padded(mask) if kind == "given" else (None, False)
+        g = _Graph(inputs, torch.zeros((), dtype=torch.long, device=self.device), mask_buf, fill)
+        layers = self._layers()
+
+        def step() -> dict[str, torch.Tensor]:
+            # Idempotent for given inputs: each layer's write slot comes from pos, so the warm-up
+            # runs, the capture and every replay write the same slot.
+            for layer in layers:
+                layer.cumulative_length.copy_(g.pos)
+            attn_mask = g.mask if kind == "given" else self._causal(g.pos, 1, inputs[0].dtype)
+            _, args = self._swap_mask(static_tree, attn_mask)
+            return self._results(self.module(inputs[0], *args), options)
+
+        self._stage(g, leaves, mask, past)
+        if self.device.type != "cuda":  # emulation: the same buffers, the step run at each replay
+            g.outputs = step()
+            g.replay = lambda: [g.outputs[k].copy_(v) for k, v in step().items()]
+            self.stats["captures"] += 1
+            return g
+        stream = torch.cuda.Stream(device=self.device)  # warm-up and capture: never the default stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with _CAPTURE_LOCK:
+                with torch.cuda.stream(stream):
+                    for _ in range(WARMUP_STEPS):
+                        step()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                g.graph = torch.cuda.CUDAGraph()
+                # thread_local: other sessions' threads may go on with eager work meanwhile.
+                with torch.cuda.graph(g.graph, stream=stream, capture_error_mode="thread_local"):
+                    g.outputs = step()
+        except Exception:  # no graphs for this session: its steps run eagerly on the static cache
+            log.warning("CUDA graph capture failed; this session decodes eagerly", exc_info=True)
+            torch.cuda.current_stream(self.device).wait_stream(stream)  # after whatever the warm-up queued
+            self.use_graphs = False
+            self.stats["capture_failed"] += 1
+            return None
+        g.replay = g.graph.replay
+        self.stats["captures"] += 1
+        return g
+
+
+def _leaves(tree: Any) -> list[Any]:
+    out: list[Any] = []
+    map_leaves(out.append, tree)
+    return out
