@@ -117,3 +117,32 @@ def test_cache_limit_is_a_clear_error(split_server):
         assert out.shape == (1, ids.shape[1] + 3)
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_two_part_decode_top_k_gives_the_same_tokens_for_fewer_bytes(split_server, family):
+    """decode_top_k: each generation step brings back k logits, not the vocabulary row; greedy
+    decoding and sampling with top_k <= k make exactly the local tokens."""
+    source = SOURCES[family]
+    spec = SplitSpec(cut=1, shape="two_part")
+    address, tls_for = split_server(source, spec)
+    local = build_model(source).eval()
+    ids, mask = _prompts(3)
+    greedy = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    sampled = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=5, pad_token_id=0)
+    received = {}
+    for k in (0, 5):
+        remote = open_split(address, "alice", tls_for("alice"), source=source, spec=spec, decode_top_k=k)
+        try:
+            model = remote.model.eval()
+            before = remote.client.stats.snapshot()
+            assert torch.equal(model.generate(ids, **greedy), local.generate(ids, **greedy))
+            received[k] = (remote.client.stats - before).bytes_received
+            torch.manual_seed(3)
+            expected = local.generate(ids, **sampled)
+            torch.manual_seed(3)
+            assert torch.equal(model.generate(ids, **sampled), expected)
+        finally:
+            remote.close()
+    vocab = source.config["vocab_size"]
+    assert received[5] < received[0] / 2, (received, vocab)

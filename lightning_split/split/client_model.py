@@ -60,9 +60,11 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
     result type (default: the loss alone when labels are given, else the logits; ``"topk"`` with
     ``top_k=k`` gives the last position's k best token ids and scores), and
     ``logits_to_keep`` (which Hugging Face's ``generate`` passes) tells the server to run the
-    output layer on the last positions only. The model's own forward runs until the
-    proxy hands off. A Hugging Face model gets a ``CausalLMOutputWithPast`` carrying the client's
-    KV cache, so ``model.generate()`` works unchanged; a plain module gets its one result tensor.
+    output layer on the last positions only. With ``proxy.decode_top_k = k`` such a one-position
+    step asks for the k best logits only and rebuilds the row around them (``_sparse_logits``).
+    The model's own forward runs until the proxy hands off. A Hugging Face model gets a
+    ``CausalLMOutputWithPast`` carrying the client's KV cache, so ``model.generate()`` works
+    unchanged; a plain module gets its one result tensor.
     """
     if getattr(model, "_split_original_forward", None) is not None:
         return
@@ -75,16 +77,33 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
         *args: Any, labels: torch.Tensor | None = None, result: str | None = None, logits_to_keep: int = 0,
         top_k: int = 0, **kwargs: Any,
     ) -> Any:
+        sparse = hf_model and proxy.decode_top_k > 0 and labels is None and result is None and logits_to_keep == 1
+        if sparse:  # a generation step: the k best logits stand for the whole row (see below)
+            result, top_k = "topk", proxy.decode_top_k
         proxy.extra = {"labels": labels, "result": result, "logits_to_keep": int(logits_to_keep), "top_k": int(top_k)}
         try:
             original(*args, **kwargs)
         except HandOff as handoff:
-            return _two_part_output(handoff.result, hf_model, proxy.last_cache)
+            out = handoff.result
+            if sparse:
+                out = {"logits": _sparse_logits(out["topk_scores"], out["topk_ids"], model.config.vocab_size)}
+            return _two_part_output(out, hf_model, proxy.last_cache)
         finally:
             proxy.extra = {}
         raise RuntimeError("the split model's forward never reached its server segment")
 
     model.forward = forward
+
+
+def _sparse_logits(scores: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A (batch, 1, vocab) logits row that is -inf but for the k best tokens.
+
+    Greedy decoding picks the same token from it, and sampling with ``top_k <= k`` draws from the
+    same distribution (Hugging Face filters everything else to -inf anyway): exact tokens for a
+    fraction of the bytes (k x 12 bytes a row instead of vocab x 2 or 4).
+    """
+    logits = torch.full((scores.shape[0], vocab), float("-inf"), dtype=scores.dtype, device=scores.device)
+    return logits.scatter_(1, ids, scores).unsqueeze(1)
 
 
 def _two_part_output(result: dict[str, Any], hf_model: bool, cache: Any) -> Any:

@@ -69,8 +69,14 @@ def open_split(
     device: str | torch.device = "cpu",
     server_name_override: str | None = None,
     micro_batches: int | None = None,
+    decode_top_k: int = 0,
 ) -> SplitModel:
-    """Connect to a server, fetch and load the client's part, and return it wired up."""
+    """Connect to a server, fetch and load the client's part, and return it wired up.
+
+    ``decode_top_k``: in a two-part split, generation steps bring back the k best logits per
+    sequence instead of the whole vocabulary row (exact for greedy decoding and for sampling with
+    ``top_k <= k``; ~100x fewer bytes per token for GPT-2). 0 (default): whole rows.
+    """
     hello: dict[str, Any] = {"tail": tail or {"mode": "frozen"}}
     skeleton = proxy = split = None
     if source is not None:
@@ -97,4 +103,5 @@ def open_split(
         raise
     runner = RemoteSegment(client, proxy, split.cut, causal_lm=split.causal_lm, micro_batches=micro_batches)
     proxy.runner = runner
+    proxy.decode_top_k = int(decode_top_k)
     return SplitModel(skeleton, proxy, runner, client, split, description)

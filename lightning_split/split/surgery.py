@@ -84,6 +84,8 @@ class SegmentProxy(nn.Module):
         self.runner: SegmentRunner | None = None  # attached once a server (or test) is known
         self.extra: dict[str, Any] = {}  # per-call extras set by the wrapper (labels, result type)
         self.last_cache: Any = None  # the client's KV cache of the last call, for a two-part output
+        # Two-part decode steps ask for the k best logits only (0: the whole vocabulary row).
+        self.decode_top_k = 0
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.runner is None:
