@@ -255,7 +255,7 @@ def test_broken_stream_fails_pending_and_resumes_session(start_server, connect) 
     sid = client.session_id
     slow = client.submit(FORWARD, {"sleep": 0.5})
     time.sleep(0.1)
-    client._stream.call.cancel()  # the connection "drops" mid-request
+    client._stream.calls[0].cancel()  # the connection "drops" mid-request
     with pytest.raises(RemoteError) as e:
         slow.result(timeout=5)
     assert e.value.code == grpc.StatusCode.CANCELLED
@@ -265,7 +265,7 @@ def test_broken_stream_fails_pending_and_resumes_session(start_server, connect) 
     # A resuming handshake also works and says so.
     assert client.connect()["resumed"] is True
     # close() after another break still reaches the server: the session is freed now, not at its TTL.
-    client._stream.call.cancel()
+    client._stream.calls[0].cancel()
     client.close()
     assert handler.closed == [sid]
 

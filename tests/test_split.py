@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from lightning_split.channel import ChannelConfig
 from lightning_split.split.build import build_model
 from lightning_split.split.connect import open_split
 from lightning_split.split.shipping import part_nbytes
@@ -140,9 +141,12 @@ def test_architecture_mismatch_is_refused_at_handshake(split_server):
     assert "architecture mismatch" in str(err.value)
 
 
-@pytest.mark.parametrize("family,shape", [("gpt2", "two_part"), ("llama", "u_shape"), ("user_module", "u_shape")])
-def test_micro_batches_in_flight_match_local(family, shape, split_server):
-    """A batch cut into micro-batches (all requests in flight at once) gives the whole batch's numbers."""
+@pytest.mark.parametrize("family,shape,connections", [
+    ("gpt2", "two_part", 1), ("gpt2", "two_part", 3), ("llama", "u_shape", 3), ("user_module", "u_shape", 1),
+])
+def test_micro_batches_in_flight_match_local(family, shape, connections, split_server):
+    """A batch cut into micro-batches (all requests in flight at once) gives the whole batch's numbers,
+    also over a stream bonded over several connections (16 KiB fragments: each carries some)."""
     case = CASES[family]
     spec = case.spec(shape)
     local = build_model(case.source).eval()
@@ -153,9 +157,11 @@ def test_micro_batches_in_flight_match_local(family, shape, split_server):
     if "labels" in inputs:
         inputs["labels"][1, :4] = -100  # uneven target counts: the loss weights micro-batches by them
 
-    address, tls_for = split_server(case.source, spec)
-    remote = open_split(address, "alice", tls_for("alice"), source=case.source, spec=spec, micro_batches=4)
+    address, tls_for = split_server(case.source, spec, config=ChannelConfig(chunk_size=16 << 10))
+    remote = open_split(address, "alice", tls_for("alice"), source=case.source, spec=spec, micro_batches=4,
+                        config=ChannelConfig(chunk_size=16 << 10, connections=connections))
     try:
+        assert len(remote.client._stream.calls) == connections
         remote.model.eval()
         out_l, y_l, gin_l = _run(local, inputs, case.kind)
         sent_before = remote.client.stats.messages

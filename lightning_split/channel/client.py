@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +30,10 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
+from .bond import FrameDealer, RoundRobinReader, outbox_frames
 from .certs import TLSFiles, validate_node_id
 from .config import ChannelConfig
-from .framing import EncodedFrames, encode_frames, identity, passthrough, split_frame
+from .framing import encode_frames, identity, passthrough, split_frame
 from .server import EXCHANGE_METHOD, is_loopback_address
 from .stats import TransportStats
 
@@ -64,27 +64,38 @@ class _Pending:
 
 
 class _Stream:
-    """One Exchange call: its outgoing queue, the call object and its reader thread."""
+    """One logical Exchange stream: its call(s), the frame dealer and reader, its reader thread.
 
-    def __init__(self) -> None:
-        self.outbox: queue.SimpleQueue[EncodedFrames | None] = queue.SimpleQueue()
-        self.call: Any = None
+    Usually one call; bonded over several connections (bond.py) after a handshake that grants it.
+    """
+
+    def __init__(self, join_timeout_s: float) -> None:
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # the first connection's
+        self.dealer = FrameDealer(self.outbox)
+        self.calls: list[Any] = []
+        self.rr: RoundRobinReader | None = None
+        self.join_timeout_s = join_timeout_s
         self.reader: threading.Thread | None = None
         self.dead = threading.Event()
         self.error: RemoteError | None = None  # set (under the client's pending lock) once it failed
 
-    def requests(self) -> Iterator[bytes]:
-        while True:
-            frames = self.outbox.get()
-            if frames is None:  # half-close our side
-                return
-            yield from frames
+    def start(self, call: Any) -> None:
+        self.rr = RoundRobinReader(call, self.join_timeout_s)
+        self.add(call)
+
+    def add(self, call: Any) -> None:
+        self.calls.append(call)
+        # A message may have fragments on any connection: one that ends ends the whole stream, at
+        # once, rather than when the reader next gets to it (the reader then fails what is pending).
+        call.add_done_callback(lambda _: self.shutdown())
 
     def shutdown(self) -> None:
+        if self.dead.is_set():
+            return
         self.dead.set()  # before the reader notices: no new request may pick this stream
-        self.outbox.put(None)
-        if self.call is not None:
-            self.call.cancel()
+        self.dealer.close()
+        for call in list(self.calls):
+            call.cancel()
 
 
 class ChannelClient:
@@ -117,7 +128,7 @@ class ChannelClient:
         self._pending: dict[int, _Pending] = {}
         self._pending_cv = threading.Condition()
         self._generation = 0  # bumped per queued request: the watchdog's wake-up check
-        self._channel: grpc.Channel | None = None
+        self._channels: list[grpc.Channel] = []  # one per connection of a bonded stream
         self._stream: _Stream | None = None
         self._closed = False
         self._watchdog = threading.Thread(target=_watch_deadlines, args=(weakref.ref(self), self._pending_cv),
@@ -125,8 +136,14 @@ class ChannelClient:
         self._watchdog.start()
 
     # -- connection ---------------------------------------------------------------------------
+    def _channel(self, index: int) -> grpc.Channel:
+        while len(self._channels) <= index:
+            self._channels.append(self._make_channel())
+        return self._channels[index]
+
     def _make_channel(self) -> grpc.Channel:
-        options = self.config.client_options()
+        # Its own connection: gRPC would otherwise share one TCP connection between our channels.
+        options = self.config.client_options() + [("grpc.use_local_subchannel_pool", 1)]
         if self.insecure:
             return grpc.insecure_channel(self.address, options=options)
         assert self.tls is not None
@@ -139,12 +156,8 @@ class ChannelClient:
     def _open_stream(self) -> _Stream:
         if self._closed:
             raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closed")
-        if self._channel is None:
-            self._channel = self._make_channel()
-        stream = _Stream()
-        exchange = self._channel.stream_stream(EXCHANGE_METHOD, request_serializer=passthrough,
-                                               response_deserializer=identity)
-        stream.call = exchange(stream.requests())
+        stream = _Stream(self.config.handshake_timeout_s)
+        stream.start(self._exchange(0, stream.outbox))
         # Replies may only use what we asked for; the server grants a subset of it.
         reassembler = Reassembler(self.config.limits, checksum=self._verify,
                                   compression_allowed=self.config.server_to_client,
@@ -155,10 +168,45 @@ class ChannelClient:
         self._stream = stream
         return stream
 
+    def _exchange(self, index: int, outbox: queue.SimpleQueue) -> Any:
+        """A new Exchange call on connection ``index``, sending what is put in ``outbox``."""
+        exchange = self._channel(index).stream_stream(EXCHANGE_METHOD, request_serializer=passthrough,
+                                                      response_deserializer=identity)
+        return exchange(outbox_frames(outbox))
+
+    def _bond(self, stream: _Stream, welcome: dict[str, Any]) -> None:
+        """Join connections 1..K-1 to the stream, as the welcome granted (bond.py)."""
+        count = int(welcome.get("connections", 1))
+        if count <= 1:
+            return
+        assert stream.rr is not None
+        stream.rr.expand(count)
+        stream.dealer.expand(count)
+        for index in range(1, count):
+            outbox: queue.SimpleQueue = queue.SimpleQueue()
+            call = self._exchange(index, outbox)
+            stream.add(call)
+            join = Message(type=pb.HANDSHAKE, body={"join": welcome["bond_token"], "index": index},
+                           session_id=self.session_id, sequence=next(self._seq), node_id=self.node_id)
+            for frame in encode_frames(join, CompressionConfig(), self._chunk_size, True):
+                outbox.put((_Raw(frame), 0))
+            ack, got = Reassembler(self.config.limits, checksum=False), None
+            try:
+                while got is None:
+                    got = ack.add(*split_frame(next(call)))
+            except (grpc.RpcError, StopIteration) as e:
+                detail = e.details() if isinstance(e, grpc.RpcError) else "the server ended it"
+                raise RemoteError(grpc.StatusCode.UNAVAILABLE, f"bonded connection {index}: {detail}") from e
+            if got.type == pb.ERROR:
+                raise RemoteError(status_from_int(got.code), str(got.body))
+            stream.dealer.attach(index, outbox)
+            stream.rr.attach(index, call)
+
     def _live_stream(self) -> _Stream:
         stream = self._stream
         if stream is None or stream.dead.is_set():
-            if not self.session_id:
+            if not self.session_id or self.config.connections > 1:
+                # A bond is set up by a handshake (resuming our session if we have one).
                 self.connect()
                 assert self._stream is not None
                 return self._stream
@@ -186,6 +234,11 @@ class ChannelClient:
             self._send_crc = bool(body.get("checksum", True))
             self._c2s = CompressionConfig.from_dict(body["compression"]["client_to_server"])
             self.welcome = body
+            try:
+                self._bond(stream, body)
+            except BaseException:
+                stream.shutdown()
+                raise
         return body
 
     # -- requests ------------------------------------------------------------------------------
@@ -210,7 +263,7 @@ class ChannelClient:
             self._generation += 1
             self._pending_cv.notify()
         self.stats.record_sent(frames.wire_bytes, frames.raw_bytes)
-        stream.outbox.put(frames)
+        stream.dealer.put(frames)
         return fut
 
     def submit(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Future:
@@ -241,8 +294,9 @@ class ChannelClient:
     # -- replies ---------------------------------------------------------------------------------
     def _read(self, stream: _Stream, reassembler: Reassembler) -> None:
         err: RemoteError
+        assert stream.rr is not None
         try:
-            for raw in stream.call:
+            for raw in stream.rr:
                 msg = reassembler.add(*split_frame(raw))
                 if msg is not None:
                     self._resolve(msg)
@@ -251,13 +305,12 @@ class ChannelClient:
             err = RemoteError(e.code(), e.details() or "stream failed")
         except WireError as e:
             err = RemoteError(e.code, f"malformed reply from the server: {e}")
-            stream.call.cancel()
+        except TimeoutError as e:
+            err = RemoteError(grpc.StatusCode.UNAVAILABLE, str(e))
         except Exception as e:  # never leave futures hanging because of a bug in here
             log.exception("reader thread failed")
             err = RemoteError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-            stream.call.cancel()
-        stream.dead.set()
-        stream.outbox.put(None)
+        stream.shutdown()  # every connection of the stream: a message may have fragments on any
         with self._pending_cv:
             stream.error = err  # from now on _enqueue fails requests for this stream at once
             doomed = self._take_pending(lambda p: p.stream is stream)
@@ -316,9 +369,9 @@ class ChannelClient:
                 stream.shutdown()
                 if stream.reader is not None:
                     stream.reader.join(timeout=5)
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
+            for channel in self._channels:
+                channel.close()
+            self._channels = []
         with self._pending_cv:
             self._pending_cv.notify_all()
 
@@ -330,6 +383,16 @@ class ChannelClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+class _Raw:
+    """An already serialized frame in an outbox (a join, sent before its connection is bonded)."""
+
+    def __init__(self, frame: bytes) -> None:
+        self._frame = frame
+
+    def frame(self, index: int) -> bytes:
+        return self._frame
 
 
 def _fail(pending: list[_Pending], err: RemoteError) -> None:

@@ -47,6 +47,11 @@ class ChannelConfig:
     http2_lookahead_bytes: int = 0
     http2_write_buffer_bytes: int = 0
     grpc_options: tuple[tuple[str, Any], ...] = ()  # extra raw gRPC channel/server arguments
+    # Connections one stream is bonded over (bond.py): the client asks for ``connections``, the
+    # server grants up to ``max_connections``. Several help where one connection's gRPC core is
+    # the bottleneck (many-core hosts, large activations); 1 is a plain single stream.
+    connections: int = 1
+    max_connections: int = 8
     # Receive payloads into page-locked memory, so tensors reach a GPU by asynchronous copies.
     # None = auto: on where CUDA is available.
     pin_memory: bool | None = None
@@ -56,6 +61,8 @@ class ChannelConfig:
             raise ValueError(f"chunk_size must be within [4 KiB, 64 MiB], got {self.chunk_size}")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if not 1 <= self.connections <= 64 or not 1 <= self.max_connections <= 64:
+            raise ValueError("connections and max_connections must be within [1, 64]")
         for name in ("session_ttl_s", "handshake_timeout_s", "request_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

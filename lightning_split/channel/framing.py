@@ -25,6 +25,8 @@ Both ends accept gRPC messages of ``chunk_size + FRAME_HEADROOM`` (config.py), w
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import zlib
 from collections.abc import Iterator
 
@@ -58,42 +60,46 @@ def _varint(n: int) -> bytes:
 
 
 class EncodedFrames:
-    """The serialized Frames of one message, produced on iteration; with the message's statistics."""
+    """The serialized Frames of one message, each produced on demand; with the message's statistics.
+
+    ``frame(i)`` serializes fragment ``i`` alone, so the fragments of one message can be sent by
+    several threads at once (bonded connections, bond.py); iterating gives them all in order.
+    """
 
     def __init__(self, encoded: EncodedMessage) -> None:
         self.encoded = encoded
         self.wire_bytes = encoded.wire_bytes
         self.raw_bytes = encoded.raw_bytes
         self.fragment_size, self.fragment_count = fragment_plan(encoded.payload_bytes, encoded.chunk_size)
+        self._pieces = [memoryview(encoded.meta)] + [memoryview(b).cast("B") for b in encoded.buffers if len(b)]
+        self._starts = list(itertools.accumulate((len(p) for p in self._pieces), initial=0))
 
     def __iter__(self) -> Iterator[bytes]:
+        for index in range(self.fragment_count):
+            yield self.frame(index)
+
+    def frame(self, index: int) -> bytes:
         enc = self.encoded
         enc.wait_ready()  # device->host copies queued by encode_frames(defer=True)
-        pieces = [memoryview(enc.meta)] + [memoryview(b).cast("B") for b in enc.buffers if len(b)]
-        pi, po = 0, 0  # current piece, offset in it
-        chunk, total, count = self.fragment_size, enc.payload_bytes, self.fragment_count
-        for index in range(count):
-            want = min(chunk, total - index * chunk)
-            parts: list[memoryview] = []
-            crc = 0
-            while want:
-                piece = pieces[pi]
-                take = min(want, len(piece) - po)
-                part = piece[po : po + take]
-                parts.append(part)
-                if enc.checksum:
-                    crc = zlib.crc32(part, crc)  # releases the GIL on large parts
-                want -= take
-                po += take
-                if po == len(piece):
-                    pi, po = pi + 1, 0
-            size = sum(len(p) for p in parts)
-            head = pb.Frame(header=enc.header, fragment_index=index, fragment_count=count,
-                            payload_bytes=total, meta_bytes=enc.meta_bytes, crc32=crc).SerializeToString()
-            if size:
-                yield b"".join([head, _DATA_TAG, _varint(size), *parts])  # the one copy of the data
-            else:
-                yield head
+        lo = index * self.fragment_size
+        hi = min(lo + self.fragment_size, enc.payload_bytes)
+        parts: list[memoryview] = []
+        crc = 0
+        pi = bisect.bisect_right(self._starts, lo) - 1  # the piece holding byte `lo`
+        while lo < hi:
+            piece, start = self._pieces[pi], self._starts[pi]
+            part = piece[lo - start : min(hi, start + len(piece)) - start]
+            parts.append(part)
+            if enc.checksum:
+                crc = zlib.crc32(part, crc)  # releases the GIL on large parts
+            lo += len(part)
+            pi += 1
+        head = pb.Frame(header=enc.header, fragment_index=index, fragment_count=self.fragment_count,
+                        payload_bytes=enc.payload_bytes, meta_bytes=enc.meta_bytes, crc32=crc).SerializeToString()
+        if not parts:
+            return head
+        size = sum(len(p) for p in parts)
+        return b"".join([head, _DATA_TAG, _varint(size), *parts])  # the one copy of the data
 
 
 def encode_frames(msg: Message, compression: CompressionConfig | None, chunk_size: int,

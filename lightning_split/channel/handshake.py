@@ -50,6 +50,7 @@ def build_hello(config: ChannelConfig, node_id: str, extra: dict[str, Any] | Non
             "chunk_size": config.chunk_size,
             "max_payload_bytes": int(limits_dict(config)["max_payload_bytes"]),
             "checksum": checksum,
+            "connections": config.connections,
         },
         compression={
             "client_to_server": config.client_to_server.to_dict(),
@@ -95,8 +96,9 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) 
     """Check a hello against the authenticated identity and agree the session's parameters.
 
     ``checksum`` is the server's own wish: CRCs are on if either end wants them. Returns
-    ``{"chunk_size", "checksum", "client_to_server", "server_to_client"}`` (the latter two
-    CompressionConfig). Raises HandlerError: FAILED_PRECONDITION for a protocol version we do not
+    ``{"connections", "chunk_size", "checksum", "client_to_server", "server_to_client"}`` (the
+    latter two CompressionConfig; ``connections``: how many the stream is bonded over, bond.py).
+    Raises HandlerError: FAILED_PRECONDITION for a protocol version we do not
     speak, PERMISSION_DENIED for a hello naming another node, INVALID_ARGUMENT for malformed ones.
     """
     if not isinstance(hello, dict):
@@ -128,7 +130,11 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) 
     # Replies are decoded by the client: never send it a stage it did not list.
     peer_lossless = set(caps.get("lossless", ["none"])) | {"none"}
     peer_lossy = set(caps.get("lossy", ["none"])) | {"none"}
+    connections = caps.get("connections", 1)
+    if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
+        raise _bad(f"connections {connections!r} must be an int >= 1")
     return {
+        "connections": min(connections, config.max_connections),
         "chunk_size": min(chunk, config.chunk_size),
         "checksum": peer_crc or checksum,
         "client_to_server": _grant(comp.get("client_to_server"), config.client_to_server,

@@ -31,6 +31,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
+from .bond import ABORT, CLOSE, Bond, BondAborted, BondTable, FrameDealer, RoundRobinReader, outbox_frames
 from .certs import TLSFiles
 from .config import ChannelConfig
 from .framing import EncodedFrames, encode_frames, identity, passthrough, split_frame
@@ -75,36 +76,28 @@ class _Servicer:
 
     def Exchange(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
                  ) -> Iterator[bytes]:
-        """Two threads per stream, so that computing and sending overlap.
+        """Two threads per connection, so that computing and sending overlap.
 
         gRPC's worker thread runs this generator and only sends; a second thread receives,
         reassembles, runs the handler and encodes each reply (queuing its device->host copies),
         then goes straight on to the next request while the reply's bytes are still being sent.
+        A connection that joins another's bond (bond.py) only sends its share of that stream.
         """
-        stream = _Stream(self._srv, context)
-        outbox: queue.SimpleQueue[EncodedFrames | object] = queue.SimpleQueue()
+        stream = _Stream(self._srv, context, request_iterator)
         # The handshake must arrive in time: a connected peer that stays silent holds a worker.
         timer = threading.Timer(self._srv.config.handshake_timeout_s, stream.handshake_timed_out)
         timer.daemon = True
         timer.start()
-        worker = threading.Thread(target=stream.serve, args=(request_iterator, outbox),
-                                  name="split-stream", daemon=True)
-        worker.start()
+        threading.Thread(target=stream.serve, name="split-stream", daemon=True).start()
         try:
-            while True:
-                reply = outbox.get()
-                if reply is _END:
-                    return
-                if reply is _ABORTED:  # the worker aborted the call; gRPC sends its status
-                    raise _StreamAborted
+            for raw in outbox_frames(stream.outbox):
                 timer.cancel()
-                yield from reply  # type: ignore[misc]
+                yield raw
+        except BondAborted:  # the worker aborted the call; gRPC sends the status it was given
+            raise _StreamAborted from None
         finally:
             timer.cancel()
             stream.release()
-
-
-_END, _ABORTED = object(), object()
 
 
 class _StreamAborted(Exception):  # noqa: N818 - ends the response generator after context.abort
@@ -114,10 +107,18 @@ class _StreamAborted(Exception):  # noqa: N818 - ends the response generator aft
 class _Stream:
     """The state of one Exchange stream: its identity, its session, its reassembler."""
 
-    def __init__(self, server: ChannelServer, context: grpc.ServicerContext) -> None:
+    def __init__(self, server: ChannelServer, context: grpc.ServicerContext,
+                 requests: Iterator[bytes]) -> None:
         self.srv = server
         self.cfg = server.config
         self.context = context
+        self.requests = requests
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # what this connection sends
+        # The logical stream: this connection's frames, or a bond's over several connections.
+        self.reader = RoundRobinReader(requests, server.config.handshake_timeout_s)
+        self.dealer = FrameDealer(self.outbox)
+        self.bond: Bond | None = None  # opened by our handshake, activated once the welcome is dealt
+        self.joined = False  # this connection was handed to another stream's bond
         self.identity: str | None = None if server.insecure else self._certificate_identity()
         self.session: Session | None = None
         self.finished = False
@@ -142,26 +143,31 @@ class _Stream:
     def release(self) -> None:
         self.session = None
 
-    def serve(self, request_iterator: Iterator[bytes], outbox: queue.SimpleQueue) -> None:
+    def serve(self) -> None:
         """The stream's worker: requests in, encoded replies out, in order."""
-        end: object = _END
+        end: Any = CLOSE
         try:
-            for frame in request_iterator:
+            for frame in self.reader:
                 reply = self.on_frame(frame)
-                if reply is not None:
-                    outbox.put(reply)
-                if self.finished:
+                if reply is not None and not self.joined:
+                    self.dealer.put(reply, timeout=self.cfg.handshake_timeout_s)
+                    if self.bond is not None:
+                        self.bond.activate()  # the welcome went out alone: bonded counting starts
+                        self.bond = None
+                if self.finished or self.joined:
                     break
-        except Exception:  # context.abort() raises; gRPC already holds the status to send
-            if self.context.code() is not None:
-                end = _ABORTED
-            elif self.context.is_active():
-                log.exception("stream worker failed")
-                end = _ABORTED
+        except Exception as e:  # context.abort() raises; gRPC already holds the status to send
+            end = ABORT
+            if self.context.code() is None and self.context.is_active():
+                failed = isinstance(e, (grpc.RpcError, TimeoutError))  # a bonded connection broke
+                if not failed:
+                    log.exception("stream worker failed")
                 with contextlib.suppress(Exception):
-                    self.context.abort(grpc.StatusCode.INTERNAL, "the stream's worker failed")
+                    self.context.abort(grpc.StatusCode.UNAVAILABLE if failed else grpc.StatusCode.INTERNAL,
+                                       f"the stream's worker stopped: {type(e).__name__}: {e}")
         finally:
-            outbox.put(end)
+            if not self.joined:  # a joined connection is ended by the stream whose bond it is in
+                self.dealer.close(end)
 
     # -- frames -> messages ------------------------------------------------------------------
     def on_frame(self, raw: bytes) -> EncodedFrames | None:
@@ -186,6 +192,10 @@ class _Stream:
             log.warning("wire violation from %s: %s", self.identity, e)
             self.context.abort(e.code, f"wire error: {e}")
         if msg is None:
+            return None
+        if self.session is None and msg.type == pb.HANDSHAKE and isinstance(msg.body, dict) \
+                and "join" in msg.body:
+            self._join(msg)
             return None
         reply = self.on_message(msg)
         comp = self.session.server_to_client if self.session else _NO_COMPRESSION
@@ -220,6 +230,20 @@ class _Stream:
             self.finished = True
             return self._reply(msg, {"closed": True})
         return self._dispatch(self.session, msg)
+
+    def _join(self, msg: Message) -> None:
+        """This connection joins the bond of another stream (same identity): answer here, hand over."""
+        try:
+            bond = self.srv.bonds.join(msg.body.get("join"), msg.body.get("index"), self.identity or "")
+        except ValueError as e:
+            self.context.abort(grpc.StatusCode.PERMISSION_DENIED, f"bad join: {e}")
+        self.handshake_done.set()
+        index = int(msg.body["index"])
+        self.dealer.put_only(0, encode_frames(self._reply(msg, {"joined": index}), _NO_COMPRESSION,
+                                              self.cfg.chunk_size, True))
+        bond.dealer.attach(index, self.outbox)
+        bond.reader.attach(index, self.requests)
+        self.joined = True
 
     def _bind(self, session: Session) -> None:
         self.session = session
@@ -292,6 +316,9 @@ class _Stream:
         self._bind(session)
         log.info("%s session %s for %s", "resumed" if resumed else "opened", session.id[:8], self.identity)
         body = handshake.welcome(session.id, agreed, self.cfg, extras, resumed)
+        if agreed["connections"] > 1:
+            self.bond = self.srv.bonds.open(self.identity, agreed["connections"], self.reader, self.dealer)
+            body.update(connections=agreed["connections"], bond_token=self.bond.token)
         return self._reply(msg, body)
 
 
@@ -319,8 +346,9 @@ class ChannelServer:
         self.insecure = insecure
         self.config = config or ChannelConfig()
         self.checksum = self.config.wants_checksum(insecure)
-        # Each live stream holds a worker thread for its lifetime (sync gRPC server).
-        self.max_workers = max_workers or self.config.max_sessions + 8
+        # Each live connection holds a worker thread for its lifetime (sync gRPC server).
+        self.max_workers = max_workers or self.config.max_sessions * self.config.max_connections + 8
+        self.bonds = BondTable(self.config.handshake_timeout_s)
         self.sessions = SessionTable(handler, self.config.max_sessions, self.config.session_ttl_s)
         self.port: int | None = None
         self._server: grpc.Server | None = None

@@ -81,9 +81,10 @@ class EncodedMessage:
         self._pending = list(pending or [])
 
     def wait_ready(self) -> None:
-        """Wait for device->host copies still filling the buffers (see ``encode_message(defer=)``)."""
-        while self._pending:
-            self._pending.pop().synchronize()
+        """Wait for device->host copies still filling the buffers (see ``encode_message(defer=)``).
+        Several sending threads may call it at once: each waits for every copy."""
+        for event in self._pending:
+            event.synchronize()  # cheap once the copy is done
 
     def frames(self) -> FrameIterator:
         """A fresh iterator over this message's Frames (may be called again, e.g. to resend)."""
