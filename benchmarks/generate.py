@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
+from lightning_split.channel import ChannelConfig  # noqa: E402
 from lightning_split.split.build import build_model  # noqa: E402
 from lightning_split.split.spec import SplitSpec  # noqa: E402
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--decode-top-k", type=int, default=0,
                    help="two_part: each step returns the k best logits, not the row (exact for greedy)")
+    p.add_argument("--connections", type=int, default=1, help="connections each stream is bonded over")
     p.add_argument("--also-eager-server", action="store_true",
                    help="extra rows with the server's fast decode (static cache, CUDA graphs) off")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
@@ -137,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for shape, server in servers.items():
                 top_k = args.decode_top_k if shape == "two_part" else 0
-                split = server.connect(source, specs[shape], args.device, decode_top_k=top_k)
+                split = server.connect(source, specs[shape], args.device, decode_top_k=top_k,
+                                       config=ChannelConfig(connections=args.connections))
                 engines.append(Engine(f"{shape} k={top_k}" if top_k else shape, split.model.eval(), server, split))
                 rtts[shape] = channel_rtt_ms(split)
                 if args.also_eager_server:  # the same split, the server's fast decode path off
                     split = server.connect(source, specs[shape], args.device, {"fast_decode": False},
-                                           decode_top_k=top_k)
+                                           decode_top_k=top_k, config=ChannelConfig(connections=args.connections))
                     engines.append(Engine(f"{shape} eager", split.model.eval(), server, split))
             with torch.inference_mode():
                 for batch in batches:

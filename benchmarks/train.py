@@ -110,10 +110,11 @@ def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Ru
 
 def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
              batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours",
-             lossy: str = "none") -> Run:
+             lossy: str = "none", connections: int | None = None) -> Run:
     tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}}
     wire = CompressionConfig(lossy=lossy)
-    config = ChannelConfig(client_to_server=wire, server_to_client=wire)
+    config = ChannelConfig(client_to_server=wire, server_to_client=wire,
+                           connections=connections or args.connections)
     split = server.connect(source, spec, args.device, tail, micro_batches=micro_batches, config=config)
     try:
         model, client = split.model.train(), split.client
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hand-built", action="store_true")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="ours: micro-batches in flight per step (default: the library's automatic choice)")
+    p.add_argument("--connections", type=int, default=1, help="ours: connections each stream is bonded over")
+    p.add_argument("--also-connections", type=int, nargs="*", default=[],
+                   help="extra 'ours conn=K' rows with the stream bonded over K connections")
     p.add_argument("--also-bf16-wire", action="store_true",
                    help="an extra row with lossy bf16 compression both ways (halves the bytes; not exact)")
     p.add_argument("--also-micro-batches", type=int, nargs="*", default=[],
@@ -378,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.also_micro_batches:
             runs.append(run_ours(args, server, source, spec, batches, n, f"ours mb={n}"))
             print(f"  ours mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        for k in args.also_connections:
+            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours conn={k}",
+                                 connections=k))
+            print(f"  ours conn={k:<2d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         if args.also_bf16_wire:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours bf16 wire", "bf16"))
             print(f"  ours bf16 wire {runs[-1].steps_per_s:8.2f} steps/s", flush=True)

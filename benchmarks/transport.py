@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--chunk-size", type=float, default=None, help="channel chunk size in MiB")
+    p.add_argument("--connections", type=int, default=1,
+                   help="the channel bonds each stream over this many connections (a channel_1conn row compares)")
     p.add_argument("--no-blosc2", action="store_true", help="skip the informational blosc2 rows")
     p.add_argument("--no-gloo", action="store_true")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
@@ -296,14 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as pki:
         make_certs(pki, client_ids=["client"])
+        bonded = base.replace(connections=args.connections)
         transports: list[tuple[str, Callable[[], tuple[Callable, Callable]]]] = [
-            ("channel", lambda: channel_round_trip(pki, base)),
+            ("channel", lambda: channel_round_trip(pki, bonded)),
             ("tcp", tcp_round_trip),
             ("bare_grpc", lambda: bare_grpc_round_trip(base.chunk_size)),
         ]
+        if args.connections > 1:  # the same channel on one connection, for comparison
+            transports.append(("channel_1conn", lambda: channel_round_trip(pki, base)))
         if not args.no_blosc2:
             transports.append(("channel_blosc2", lambda: channel_round_trip(
-                pki, base.replace(client_to_server=blosc, server_to_client=blosc))))
+                pki, bonded.replace(client_to_server=blosc, server_to_client=blosc))))
         if not args.no_gloo:
             plan = [(tensors[c].numel() * tensors[c].element_size(), args.warmup + repeats) for c in cases]
             transports.append(("gloo", lambda: gloo_round_trip(plan)))
@@ -317,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 close()
 
-    cols = ["channel", "tcp", "bare_grpc", "gloo", "channel_blosc2"]
+    cols = ["channel", "channel_1conn", "tcp", "bare_grpc", "gloo", "channel_blosc2"]
     cols = [c for c in cols if any(c in r for r in results.values())]
     print(f"\nround trip, MB/s (bytes each way / time), device={device}, chunk={base.chunk_size // 1024} KiB, "
-          f"median of {repeats}:")
+          f"channel over {args.connections} connection(s), median of {repeats}:")
     head = f"{'size':>8} {'dtype':>5} " + " ".join(f"{c:>15}" for c in cols) + f" {'ours/tcp':>9} {'ours/gloo':>9}"
     print(head)
     rows = []
@@ -342,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "device": device, "chunk_size": base.chunk_size, "repeats": repeats, "warmup": args.warmup,
+        "device": device, "chunk_size": base.chunk_size, "connections": args.connections,
+        "repeats": repeats, "warmup": args.warmup,
         "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
         "seconds": time.perf_counter() - t_start, "rows": rows,
     }, indent=2))

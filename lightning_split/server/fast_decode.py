@@ -12,8 +12,11 @@ buffer the graph was captured with.
   server's layers are allocated; the blocks keep their model-wide ``layer_idx``.
 * The client's attention mask covers its own cache (``past + new`` slots): it is padded to the
   capacity with masked slots. No mask (sdpa without padding) means plain causal attention.
-* Prefill and CPU steps run eagerly on the static cache; CUDA decode steps replay a graph,
-  captured once per input signature (batch size, capacity, mask kind, result options).
+* A prompt (prefill) runs exactly as on the eager path, on a DynamicCache with the client's own
+  mask, and its keys and values are then copied into the static cache: no attention over empty
+  slots, so prefill is as fast as without this path. CPU decode steps run eagerly on the static
+  cache; CUDA decode steps replay a graph, captured once per input signature (batch size,
+  capacity, mask kind, result options).
 * A step this path does not recognise is declined before any state changes; the caller then moves
   the tokens held here into a ``DynamicCache`` (``to_dynamic``) and runs the eager blocks.
 """
@@ -170,6 +173,11 @@ class StaticDecoder:
                 or any(grad_input_index(s) is not None for s in strings) or (past and hidden.shape[0] != self.batch)):
             self.stats["declined"] += 1
             return None
+        if past == 0 and new > 1:  # a prompt: Hugging Face's own path, then the keys and values move over
+            out = self._prefill(hidden, self._swap_mask(tree, mask)[1], body, new)
+            self.tokens = new
+            self.stats["static_steps"] += 1
+            return out
         self._reserve(hidden.shape[0], past, new)
         out = None
         if (new == 1 and body.get("labels") is None and not self.module.training
@@ -271,6 +279,34 @@ class StaticDecoder:
             layer.cumulative_length.fill_(past)
         _, tree = self._swap_mask(self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True)), padded)
         return self._results(self.module(hidden, *tree), body)
+
+    def _prefill(self, hidden: torch.Tensor, tree: Tree, body: dict[str, Any], new: int) -> dict[str, Any]:
+        """``tree``: the block arguments as the client sent them, its mask included.
+
+        A prompt runs eagerly on a DynamicCache with the client's own mask, exactly as the eager
+        path would (so at its speed: no attention over the static cache's empty slots), and its
+        keys and values are then copied into the static cache for the decode steps."""
+        from transformers import DynamicCache
+
+        dynamic = DynamicCache(config=self.hf_config)
+
+        def fix(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(self.device, non_blocking=True)
+            return dynamic if isinstance(v, str) and v == KV_CACHE else v
+
+        args, kwargs = map_leaves(fix, tree)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = True
+        out = self.module(hidden.to(self.device, non_blocking=True), args, kwargs)
+        self._reserve(hidden.shape[0], 0, new)
+        for idx, layer in zip(self.layer_ids, self._layers(), strict=True):
+            keys, values = dynamic.layers[idx].keys, dynamic.layers[idx].values
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+            layer.keys[:, :, :new].copy_(keys)
+            layer.values[:, :, :new].copy_(values)
+        return self._results(out, body)
 
     # -- CUDA graphs --------------------------------------------------------------------------
 
