@@ -24,6 +24,11 @@ from typing import Any
 
 import torch
 
+# LS_SWITCH_INTERVAL=seconds: Python's GIL switch interval in the benchmark processes (client and
+# the spawned server, which imports this module too); default 0.005. An experiment knob.
+if os.environ.get("LS_SWITCH_INTERVAL"):
+    sys.setswitchinterval(float(os.environ["LS_SWITCH_INTERVAL"]))
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

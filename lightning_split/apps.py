@@ -47,7 +47,7 @@ def build_server(cfg: DictConfig) -> Any:
         tail_modes=tuple(s.tail_modes),
         state_dir=s.state_dir,
         max_cache_tokens=s.max_cache_tokens,
-        fast_decode=s.get("fast_decode", True),
+        fast_decode=s.get("fast_decode"),
     )
     tls = None if s.insecure else server_tls(s.certs)
     server = ChannelServer(service, s.address, tls=tls, insecure=s.insecure,

@@ -59,6 +59,7 @@ def pair(request, split_server):  # noqa: ANN001
 
     def _make(family: str, graphs: bool = False, device: str = "cpu", attn: str = "sdpa", **service_kw):  # noqa: ANN202
         source, spec = (SOURCES if attn == "sdpa" else EAGER)[family], _spec(request.param)
+        service_kw.setdefault("fast_decode", True)  # on CPU too: by default only on a GPU
         address, tls_for = split_server(source, spec, device=device, **service_kw)
         remote = open_split(address, "alice", tls_for("alice"), source=source, spec=spec, device=device)
         made.append(remote)
@@ -188,7 +189,7 @@ def test_cache_limit_is_a_clear_error(split_server):
     from lightning_split.channel import RemoteError
 
     spec = SplitSpec(cut=1, end=3)
-    address, tls_for = split_server(GPT2, spec, max_cache_tokens=12)
+    address, tls_for = split_server(GPT2, spec, max_cache_tokens=12, fast_decode=True)
     remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
     try:
         decoder = _decoder(split_server, remote)
@@ -205,11 +206,22 @@ def test_cache_limit_is_a_clear_error(split_server):
         remote.close()
 
 
+def test_the_path_is_off_on_cpu_by_default(split_server):
+    spec = _spec("u_shape")
+    address, tls_for = split_server(GPT2, spec)
+    remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
+    try:
+        segment = split_server.servers[-1].sessions.snapshot()[remote.client.session_id].state["segment"]
+        assert segment.fast is None  # a static cache without CUDA graphs is no faster than HF's
+    finally:
+        remote.close()
+
+
 def test_the_path_can_be_turned_off(split_server):
     spec = _spec("u_shape")
     address, tls_for = split_server(GPT2, spec, fast_decode=False)
     remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
-    address2, tls_for2 = split_server(GPT2, spec)
+    address2, tls_for2 = split_server(GPT2, spec, fast_decode=True)
     remote2 = open_split(address2, "alice", tls_for2("alice"), source=GPT2, spec=spec,
                          tail={"mode": "frozen", "fast_decode": False})
     try:
@@ -264,7 +276,7 @@ def _twin_generate(family: str, shape: str, device: str = "cpu", atol: float = 1
     split = _spec(shape).resolve(model)
     cut = cut_model(model, split)
     cut.segment.eval().requires_grad_(False)
-    fast = SessionSegment(cut.segment, {"mode": "frozen"}, model.config)
+    fast = SessionSegment(cut.segment, {"mode": "frozen"}, model.config, fast_decode=True)
     slow = SessionSegment(cut.segment, {"mode": "frozen"}, model.config, fast_decode=False)
     assert fast.fast is not None and slow.fast is None
     fast.fast.emulate_graphs = graphs and device == "cpu"

@@ -85,7 +85,7 @@ class SessionSegment:
         hf_config: Any = None,
         max_graphs: int = 256,
         max_cache_tokens: int = 4096,
-        fast_decode: bool = True,
+        fast_decode: bool | None = None,
     ) -> None:
         mode = tail.get("mode", "frozen")
         if mode not in TAIL_MODES:
@@ -117,7 +117,11 @@ class SessionSegment:
         )
         self.last_step = -1
         self.cache: Any = None  # a DynamicCache, when the static decoder does not hold the sequence
-        # The fast decode path: on unless the server or the session (tail option) turns it off.
+        # The fast decode path: by default (None) where it pays, on a GPU, whose decode steps it
+        # replays as CUDA graphs (on a CPU its static cache alone is slower than a DynamicCache);
+        # True forces it (tests run it on CPU), False or the session's tail option turns it off.
+        if fast_decode is None:
+            fast_decode = self.device.type == "cuda"
         self.fast: StaticDecoder | None = None
         if fast_decode and tail.get("fast_decode", True) and StaticDecoder.supports(self.module, hf_config):
             self.fast = StaticDecoder(self.module, hf_config, self.device, max_cache_tokens)

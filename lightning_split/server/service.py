@@ -48,7 +48,7 @@ class SplitService:
         state_dir: str | Path | None = None,
         max_cache_tokens: int = 4096,
         max_graphs: int = 256,
-        fast_decode: bool = True,
+        fast_decode: bool | None = None,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -70,7 +70,8 @@ class SplitService:
         self.max_cache_tokens = max_cache_tokens
         self.max_graphs = max_graphs
         # Generation's decode steps on a static KV cache, replayed as CUDA graphs on a GPU
-        # (fast_decode.py); off: Hugging Face's DynamicCache and eager blocks for every step.
+        # (fast_decode.py); None: where the segment is on a GPU; off: Hugging Face's DynamicCache
+        # and eager blocks for every step.
         self.fast_decode = fast_decode
         self.description = {
             "model": describe_config(source),
