@@ -80,3 +80,15 @@ def main_output(out: Any) -> torch.Tensor:
         if value is not None:
             return value
     raise TypeError(f"no output tensor in {type(out).__name__}")
+
+
+SAMPLING = dict(max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, pad_token_id=0)
+
+
+def sample_both(local: Any, split_model: Any, ids: torch.Tensor, mask: torch.Tensor, seed: int = 123
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(split tokens, local tokens) of seeded sampling: the same seed must give the same tokens."""
+    torch.manual_seed(seed)
+    expected = local.generate(ids, attention_mask=mask, **SAMPLING)
+    torch.manual_seed(seed)
+    return split_model.eval().generate(ids, attention_mask=mask, **SAMPLING), expected

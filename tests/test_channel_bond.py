@@ -79,3 +79,20 @@ def test_a_dropped_connection_fails_the_stream_and_the_next_request_rebonds(star
     assert len(client._stream.calls) == 3 and client.welcome["resumed"] is True
     body = sample_body(scale=2)
     assert torch.equal(client.request(FORWARD, body).body["x"], body["x"])
+
+
+def test_a_connection_that_never_joins_ends_the_stream(start_server, pki) -> None:
+    """A client that was granted a bond but never opens its other connections does not hold the
+    server's worker forever: the stream ends UNAVAILABLE after the handshake timeout."""
+    server = start_server(EchoHandler(), config=ChannelConfig(handshake_timeout_s=1.0))
+    raw = open_raw(server.port, pki, "alice")
+    welcome = raw.handshake("alice", ChannelConfig(connections=2))
+    assert welcome["connections"] == 2
+    # Fragment 0 goes on connection 0, so it is read; fragment 1's connection never comes.
+    raw.send_message(Message(type=FORWARD, body={"i": 0}, node_id="alice", session_id=welcome["session_id"],
+                             sequence=2))
+    raw.send_message(Message(type=FORWARD, body={"i": 1}, node_id="alice", session_id=welcome["session_id"],
+                             sequence=3))
+    code, details = raw.finish(timeout=15)
+    assert code == grpc.StatusCode.UNAVAILABLE and "never joined" in details
+    raw.close()

@@ -21,7 +21,7 @@ from lightning_split.split.remote import RemoteSegment, wire_arguments
 from lightning_split.split.spec import SplitSpec
 from lightning_split.split.surgery import cut_model
 from lightning_split.wire import MessageType
-from tests.split_cases import GPT2, LLAMA
+from tests.split_cases import GPT2, LLAMA, sample_both
 
 SOURCES = {"gpt2": GPT2, "llama": LLAMA}
 # Eager attention: the client's masks are additive float masks, never None.
@@ -128,12 +128,7 @@ def test_one_token_prompt(pair, family):
 def test_sampling_with_seed_matches_local(pair, family, graphs):
     local, remote, decoder = pair(family, graphs)
     ids, mask = _prompts(2)
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
-              pad_token_id=0)
-    torch.manual_seed(123)
-    expected = local.generate(ids, **kw)
-    torch.manual_seed(123)
-    got = remote.model.eval().generate(ids, **kw)
+    got, expected = sample_both(local, remote.model, ids, mask)
     assert torch.equal(got, expected)
     assert decoder.stats["static_steps"] == 12 and decoder.stats["declined"] == 0
 

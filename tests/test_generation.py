@@ -13,7 +13,7 @@ from lightning_split.split.build import build_model
 from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
 from lightning_split.wire import MessageType
-from tests.split_cases import GPT2, LLAMA
+from tests.split_cases import GPT2, LLAMA, sample_both
 
 SOURCES = {"gpt2": GPT2, "llama": LLAMA}
 
@@ -75,12 +75,7 @@ def test_greedy_matches_local(pair, family, batch):
 def test_sampling_with_seed_matches_local(pair, family):
     local, remote = pair(family)
     ids, mask = _prompts(2)
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
-              pad_token_id=0)
-    torch.manual_seed(123)
-    expected = local.generate(ids, **kw)
-    torch.manual_seed(123)
-    got = remote.model.eval().generate(ids, **kw)
+    got, expected = sample_both(local, remote.model, ids, mask)
     assert torch.equal(got, expected)
 
 
