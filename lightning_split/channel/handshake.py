@@ -6,14 +6,16 @@ will *say*: the protocol version, the chunk size, the compression per direction 
 hello (client -> server, the body of a HANDSHAKE)::
 
     {"protocol_version": 1, "node_id": "alice",
-     "capabilities": {"lossless": [...], "lossy": [...], "chunk_size": int, "max_payload_bytes": int},
+     "capabilities": {"lossless": [...], "lossy": [...], "chunk_size": int, "max_payload_bytes": int,
+                      "checksum": bool, "connections": int},
      "compression": {"client_to_server": {...}, "server_to_client": {...}},
      "session_id": "..." (optional: resume), **handler-specific keys}
 
 welcome (server -> client, the body of the RESULT)::
 
-    {"session_id", "protocol_version", "chunk_size", "compression": {...}, "limits": {...},
+    {"session_id", "protocol_version", "chunk_size", "checksum", "compression": {...}, "limits": {...},
      "resumed": bool, **handler extras}
+    + {"connections": K, "bond_token": str} when the stream is bonded over K > 1 connections (bond.py)
 """
 
 from __future__ import annotations
