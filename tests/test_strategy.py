@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_split import SplitSpec, SplitStrategy
+from lightning_split.channel import ChannelConfig
 from lightning_split.examples.modules import CausalLM, Classifier, digits_loaders
 from lightning_split.split.build import build_model
 from tests.split_cases import GPT2, MLP
@@ -58,9 +59,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("tail", ["frozen", "trainable"])
+@pytest.mark.parametrize("tail,connections", [("frozen", 1), ("trainable", 1), ("trainable", 3)])
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_parity_with_local(case, tail, split_server):
+def test_training_parity_with_local(case, tail, connections, split_server):
+    """Also over a stream bonded over three connections, with small fragments so all carry some."""
     source, spec, make_module, make_data = CASES[case]
 
     local_module = make_module()
@@ -72,8 +74,9 @@ def test_training_parity_with_local(case, tail, split_server):
     local_trainer, local_rec = _trainer()
     local_trainer.fit(local_module, make_data())
 
-    address, tls_for = split_server(source, spec)
-    strategy = _strategy(address, tls_for("alice"), tail=tail)
+    channel = ChannelConfig(chunk_size=16 << 10, connections=connections)
+    address, tls_for = split_server(source, spec, config=ChannelConfig(chunk_size=16 << 10))
+    strategy = _strategy(address, tls_for("alice"), tail=tail, channel=channel)
     split_module = make_module()
     split_trainer, split_rec = _trainer(strategy)
     split_trainer.fit(split_module, make_data())
@@ -92,7 +95,7 @@ def test_training_parity_with_local(case, tail, split_server):
     for i, block in enumerate(server_blocks):
         for (n, p), (_, q) in zip(block.named_parameters(), blocks[spec.cut + i].named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server block {i} {n}")
-    assert segment.client.stats.messages > 0
+    assert segment.client.stats.messages > 0 and len(segment.client._stream.calls) == connections
     strategy.close()
 
 
