@@ -64,10 +64,11 @@ class SplitStrategy(SingleDeviceStrategy):
             server's at the handshake; by default the server's description is used.
         tail: the server segment's mode, ``"frozen"`` (``$LIGHTNING_SPLIT_TAIL``, default), ``"trainable"``
             or ``"lora"``, or a dict ``{"mode": ..., "optimizer": {...}, "lora": {...}}``.
-        channel: ChannelConfig (chunk size, compression per direction, limits, deadlines).
+        channel: ChannelConfig (chunk size, compression per direction, limits, deadlines, and
+            ``connections``: bond the stream over several TLS connections for large activations).
         log_transport: log bytes each way, compression ratio and round-trip time each step.
         micro_batches: cut each training batch into this many micro-batches in flight, so that
-            transfers overlap the server's compute (default: 4 once a hidden state reaches 4 MiB).
+            transfers overlap the server's compute (default: 2 once a hidden state reaches 4 MiB).
     """
 
     strategy_name = "split"

@@ -191,12 +191,17 @@ class ChannelClient:
             for frame in encode_frames(join, CompressionConfig(), self._chunk_size, True):
                 outbox.put((_Raw(frame), 0))
             ack, got = Reassembler(self.config.limits, checksum=False), None
+            give_up = threading.Timer(self.config.handshake_timeout_s, call.cancel)  # no answer: no hang
+            give_up.daemon = True
+            give_up.start()
             try:
                 while got is None:
                     got = ack.add(*split_frame(next(call)))
             except (grpc.RpcError, StopIteration) as e:
                 detail = e.details() if isinstance(e, grpc.RpcError) else "the server ended it"
                 raise RemoteError(grpc.StatusCode.UNAVAILABLE, f"bonded connection {index}: {detail}") from e
+            finally:
+                give_up.cancel()
             if got.type == pb.ERROR:
                 raise RemoteError(status_from_int(got.code), str(got.body))
             stream.dealer.attach(index, outbox)
