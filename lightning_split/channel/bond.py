@@ -44,6 +44,7 @@ class FrameDealer:
     def __init__(self, outbox: queue.SimpleQueue) -> None:
         self.outboxes: list[queue.SimpleQueue | None] = [outbox]
         self.next = 0
+        self.closed = False
         self._ready = threading.Condition()
 
     def expand(self, count: int) -> None:
@@ -54,6 +55,9 @@ class FrameDealer:
 
     def attach(self, index: int, outbox: queue.SimpleQueue) -> None:
         with self._ready:
+            if self.closed:  # the stream ended before this connection joined: end it too
+                outbox.put(CLOSE)
+                return
             self.outboxes += [None] * (index + 1 - len(self.outboxes))
             self.outboxes[index] = outbox
             self._ready.notify_all()
@@ -73,6 +77,7 @@ class FrameDealer:
     def close(self, first: Any = CLOSE) -> None:
         """End every attached outbox: the first (the stream's own connection) with ``first``."""
         with self._ready:
+            self.closed = True
             attached = list(self.outboxes)
         for i, outbox in enumerate(attached):
             if outbox is not None:
@@ -87,10 +92,19 @@ class FrameDealer:
             return outbox
 
 
-def outbox_frames(outbox: queue.SimpleQueue) -> Iterator[bytes]:
-    """One connection's share of the dealt fragments, serialized as gRPC needs them to be sent."""
+def outbox_frames(outbox: queue.SimpleQueue, alive: Any = None) -> Iterator[bytes]:
+    """One connection's share of the dealt fragments, serialized as gRPC needs them to be sent.
+
+    ``alive``: a callable; while nothing is queued it is asked every second, and the generator
+    ends once it says False (a server connection whose call is gone must not hold its thread).
+    """
     while True:
-        item = outbox.get()
+        try:
+            item = outbox.get(timeout=1.0 if alive is not None else None)
+        except queue.Empty:
+            if not alive():
+                return
+            continue
         if item is CLOSE:
             return
         if item is ABORT:

@@ -90,7 +90,7 @@ class _Servicer:
         timer.start()
         threading.Thread(target=stream.serve, name="split-stream", daemon=True).start()
         try:
-            for raw in outbox_frames(stream.outbox):
+            for raw in outbox_frames(stream.outbox, alive=context.is_active):
                 timer.cancel()
                 yield raw
         except BondAborted:  # the worker aborted the call; gRPC sends the status it was given
