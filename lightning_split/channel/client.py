@@ -276,7 +276,8 @@ class ChannelClient:
 
         It fails with RemoteError for an ERROR reply, a broken stream or a missed deadline.
         Like ``torch.distributed.isend``: CPU tensors in ``body`` are sent from their own memory,
-        so do not modify them in place until the future is done.
+        so do not modify them in place until the future is done. CUDA tensors are copied to the
+        host by a copy queued on the current stream: later work on that stream may change them.
         """
         with self._lock:
             if self._closed:
