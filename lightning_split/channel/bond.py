@@ -38,58 +38,76 @@ class BondAborted(Exception):  # noqa: N818 - raised by outbox_frames on ABORT
     pass
 
 
-class FrameDealer:
-    """Deals the fragments of each message over K outboxes, fragment n to outbox n mod K."""
+class _Ring:
+    """K slots filled as connections join, and the slot whose turn is next (fragment n: n mod K).
 
-    def __init__(self, outbox: queue.SimpleQueue) -> None:
-        self.outboxes: list[queue.SimpleQueue | None] = [outbox]
+    What the dealer (outboxes) and the reader (incoming iterators) share: slot 0 is the stream's
+    own connection; ``expand`` makes room for the bond's others and restarts the count at 0.
+    """
+
+    def __init__(self, first: Any) -> None:
+        self.slots: list[Any] = [first]
         self.next = 0
-        self.closed = False
         self._ready = threading.Condition()
 
     def expand(self, count: int) -> None:
-        """From now on deal over ``count`` outboxes (slots 1.. are attached as joins arrive)."""
         with self._ready:
-            self.outboxes += [None] * (count - len(self.outboxes))
+            self.slots += [None] * (count - len(self.slots))
             self.next = 0
 
-    def attach(self, index: int, outbox: queue.SimpleQueue) -> None:
+    def attach(self, index: int, item: Any) -> None:
         with self._ready:
+            self.slots += [None] * (index + 1 - len(self.slots))
+            self.slots[index] = item
+            self._ready.notify_all()
+
+    def _slot(self, index: int, timeout: float | None) -> Any:
+        """Slot ``index``'s item, waiting up to ``timeout`` for its connection to join."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self.slots[index] is not None, timeout):
+                raise TimeoutError(f"bonded connection {index} never joined")
+            return self.slots[index]
+
+    def _advance(self, index: int) -> None:
+        with self._ready:
+            self.next = (index + 1) % len(self.slots)
+
+
+class FrameDealer(_Ring):
+    """Deals the fragments of each message over K outboxes, fragment n to outbox n mod K."""
+
+    def __init__(self, outbox: queue.SimpleQueue) -> None:
+        super().__init__(outbox)
+        self.closed = False
+
+    def attach(self, index: int, outbox: queue.SimpleQueue) -> None:
+        with self._ready:  # a re-entrant lock: the check and the attach are one step
             if self.closed:  # the stream ended before this connection joined: end it too
                 outbox.put(CLOSE)
                 return
-            self.outboxes += [None] * (index + 1 - len(self.outboxes))
-            self.outboxes[index] = outbox
-            self._ready.notify_all()
+            super().attach(index, outbox)
 
     def put(self, frames: EncodedFrames, timeout: float | None = None) -> None:
         """Deal ``frames``; a connection that has not joined yet is waited for (``timeout``)."""
         for i in range(frames.fragment_count):
-            self._outbox(self.next, timeout).put((frames, i))
-            self.next = (self.next + 1) % len(self.outboxes)
-
-    def put_only(self, index: int, frames: EncodedFrames) -> None:
-        """All of a message on one connection, outside the bond's count (a join's answer)."""
-        outbox = self._outbox(index, None)
-        for i in range(frames.fragment_count):
-            outbox.put((frames, i))
+            index = self.next
+            self._slot(index, timeout).put((frames, i))
+            self._advance(index)
 
     def close(self, first: Any = CLOSE) -> None:
         """End every attached outbox: the first (the stream's own connection) with ``first``."""
         with self._ready:
             self.closed = True
-            attached = list(self.outboxes)
+            attached = list(self.slots)
         for i, outbox in enumerate(attached):
             if outbox is not None:
                 outbox.put(first if i == 0 else CLOSE)
 
-    def _outbox(self, index: int, timeout: float | None) -> queue.SimpleQueue:
-        with self._ready:
-            if not self._ready.wait_for(lambda: self.outboxes[index] is not None, timeout):
-                raise TimeoutError(f"bonded connection {index} never joined")
-            outbox = self.outboxes[index]
-            assert outbox is not None
-            return outbox
+
+def send_whole(outbox: queue.SimpleQueue, frames: EncodedFrames) -> None:
+    """All of a message on one connection, outside any bond's count (a join and its answer)."""
+    for i in range(frames.fragment_count):
+        outbox.put((frames, i))
 
 
 def outbox_frames(outbox: queue.SimpleQueue, alive: Any = None) -> Iterator[bytes]:
@@ -113,39 +131,22 @@ def outbox_frames(outbox: queue.SimpleQueue, alive: Any = None) -> Iterator[byte
         yield frames.frame(index)
 
 
-class RoundRobinReader:
+class RoundRobinReader(_Ring):
     """Reads K connections' incoming fragments in round-robin order: the logical stream."""
 
     def __init__(self, first: Iterator[bytes], join_timeout_s: float) -> None:
-        self.sources: list[Iterator[bytes] | None] = [first]
-        self.next = 0
+        super().__init__(first)
         self.join_timeout_s = join_timeout_s
-        self._ready = threading.Condition()
-
-    def expand(self, count: int) -> None:
-        with self._ready:
-            self.sources += [None] * (count - len(self.sources))
-            self.next = 0
-
-    def attach(self, index: int, source: Iterator[bytes]) -> None:
-        with self._ready:
-            self.sources += [None] * (index + 1 - len(self.sources))
-            self.sources[index] = source
-            self._ready.notify_all()
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
-            with self._ready:
-                index = self.next
-                if not self._ready.wait_for(lambda i=index: self.sources[i] is not None, self.join_timeout_s):
-                    raise TimeoutError(f"bonded connection {index} never joined")
-                source = self.sources[index]
+            index = self.next
+            source = self._slot(index, self.join_timeout_s)
             try:
-                raw = next(source)  # type: ignore[arg-type]
+                raw = next(source)
             except StopIteration:
                 return
-            with self._ready:
-                self.next = (index + 1) % len(self.sources)
+            self._advance(index)
             yield raw
 
 

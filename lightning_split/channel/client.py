@@ -30,7 +30,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
-from .bond import FrameDealer, RoundRobinReader, outbox_frames
+from .bond import FrameDealer, RoundRobinReader, outbox_frames, send_whole
 from .certs import TLSFiles, validate_node_id
 from .config import ChannelConfig
 from .framing import encode_frames, identity, passthrough, split_frame
@@ -188,8 +188,7 @@ class ChannelClient:
             stream.add(call)
             join = Message(type=pb.HANDSHAKE, body={"join": welcome["bond_token"], "index": index},
                            session_id=self.session_id, sequence=next(self._seq), node_id=self.node_id)
-            for frame in encode_frames(join, CompressionConfig(), self._chunk_size, True):
-                outbox.put((_Raw(frame), 0))
+            send_whole(outbox, encode_frames(join, CompressionConfig(), self._chunk_size, True))
             ack, got = Reassembler(self.config.limits, checksum=False), None
             give_up = threading.Timer(self.config.handshake_timeout_s, call.cancel)  # no answer: no hang
             give_up.daemon = True
@@ -389,16 +388,6 @@ class ChannelClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-
-class _Raw:
-    """An already serialized frame in an outbox (a join, sent before its connection is bonded)."""
-
-    def __init__(self, frame: bytes) -> None:
-        self._frame = frame
-
-    def frame(self, index: int) -> bytes:
-        return self._frame
 
 
 def _fail(pending: list[_Pending], err: RemoteError) -> None:

@@ -31,7 +31,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
-from .bond import ABORT, CLOSE, Bond, BondAborted, BondTable, FrameDealer, RoundRobinReader, outbox_frames
+from .bond import ABORT, CLOSE, Bond, BondTable, FrameDealer, RoundRobinReader, outbox_frames, send_whole
 from .certs import TLSFiles
 from .config import ChannelConfig
 from .framing import EncodedFrames, encode_frames, identity, passthrough, split_frame
@@ -90,18 +90,14 @@ class _Servicer:
         timer.start()
         threading.Thread(target=stream.serve, name="split-stream", daemon=True).start()
         try:
+            # On ABORT this raises BondAborted: the worker aborted the call, and gRPC sends the
+            # status it was given.
             for raw in outbox_frames(stream.outbox, alive=context.is_active):
                 timer.cancel()
                 yield raw
-        except BondAborted:  # the worker aborted the call; gRPC sends the status it was given
-            raise _StreamAborted from None
         finally:
             timer.cancel()
             stream.release()
-
-
-class _StreamAborted(Exception):  # noqa: N818 - ends the response generator after context.abort
-    pass
 
 
 class _Stream:
@@ -149,7 +145,7 @@ class _Stream:
         try:
             for frame in self.reader:
                 reply = self.on_frame(frame)
-                if reply is not None and not self.joined:
+                if reply is not None:
                     self.dealer.put(reply, timeout=self.cfg.handshake_timeout_s)
                     if self.bond is not None:
                         self.bond.activate()  # the welcome went out alone: bonded counting starts
@@ -239,7 +235,7 @@ class _Stream:
             self.context.abort(grpc.StatusCode.PERMISSION_DENIED, f"bad join: {e}")
         self.handshake_done.set()
         index = int(msg.body["index"])
-        self.dealer.put_only(0, encode_frames(self._reply(msg, {"joined": index}), _NO_COMPRESSION,
+        send_whole(self.outbox, encode_frames(self._reply(msg, {"joined": index}), _NO_COMPRESSION,
                                               self.cfg.chunk_size, True))
         bond.dealer.attach(index, self.outbox)
         bond.reader.attach(index, self.requests)

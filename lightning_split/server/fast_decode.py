@@ -246,13 +246,15 @@ class StaticDecoder:
         fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
         return torch.full((*mask.shape[:-1], self.capacity), fill, dtype=mask.dtype, device=self.device), fill
 
-    def _blocks_tree(self, tree: Tree, tensor: Any) -> Tree:
-        """The block arguments: the cache marker becomes the static cache, a tensor ``tensor(t)``."""
+    def _blocks_tree(self, tree: Tree, tensor: Any, cache: Any = None) -> Tree:
+        """The block arguments: the cache marker becomes ``cache`` (default: the static cache), a
+        tensor ``tensor(t)``."""
+        cache = self.cache if cache is None else cache
 
         def fix(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return tensor(v)
-            return self.cache if isinstance(v, str) and v == KV_CACHE else v
+            return cache if isinstance(v, str) and v == KV_CACHE else v
 
         args, kwargs = map_leaves(fix, tree)
         if "use_cache" in kwargs:
@@ -289,15 +291,7 @@ class StaticDecoder:
         from transformers import DynamicCache
 
         dynamic = DynamicCache(config=self.hf_config)
-
-        def fix(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return v.to(self.device, non_blocking=True)
-            return dynamic if isinstance(v, str) and v == KV_CACHE else v
-
-        args, kwargs = map_leaves(fix, tree)
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = True
+        args, kwargs = self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True), dynamic)
         out = self.module(hidden.to(self.device, non_blocking=True), args, kwargs)
         self._reserve(hidden.shape[0], 0, new)
         for idx, layer in zip(self.layer_ids, self._layers(), strict=True):
