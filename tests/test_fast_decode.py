@@ -168,6 +168,25 @@ def test_growth_and_reuse_across_generations(pair, family):
     assert torch.equal(got, expected) and decoder.batch == 1
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_a_recurring_prompt_shape_replays_a_graph(pair, family, attn, monkeypatch):
+    """The second prompt of a shape runs as a graph on the static cache; a long one stays eager."""
+    local, remote, decoder = pair(family, graphs=True, attn=attn)
+    ids, mask = _prompts(3)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for run in range(3):
+        ids = ids.roll(run, dims=1) if run else ids  # other tokens, the same shape
+        got, expected = _generate_both(local, remote, ids, **kw)
+        assert torch.equal(got, expected)
+        assert decoder.stats["graph_prompts"] == run and decoder.stats["declined"] == 0
+    assert decoder.stats["captures"] == 2  # one for the decode steps, one for the prompt shape
+    monkeypatch.setattr("lightning_split.server.fast_decode.PROMPT_GRAPH_TOKENS", 3 * 7 - 1)
+    for _ in range(2):
+        got, expected = _generate_both(local, remote, ids, **kw)
+        assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 2
+
+
 def test_cache_control_with_the_static_cache(pair):
     local, remote, decoder = pair("gpt2")
     ids, _ = _prompts(2)
@@ -368,6 +387,10 @@ def test_cuda_graph_generation_matches_local(pair, family, batch, exact_matmuls)
                                    do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
     assert decoder.stats["declined"] == 0
+    # The first prompt's shape again: now the prompt replays a graph too.
+    got, expected = _generate_both(local, remote, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                   pad_token_id=0)
+    assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 1
 
 
 @pytest.mark.gpu

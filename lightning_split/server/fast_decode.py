@@ -12,11 +12,13 @@ buffer the graph was captured with.
   server's layers are allocated; the blocks keep their model-wide ``layer_idx``.
 * The client's attention mask covers its own cache (``past + new`` slots): it is padded to the
   capacity with masked slots. No mask (sdpa without padding) means plain causal attention.
-* A prompt (prefill) runs exactly as on the eager path, on a DynamicCache with the client's own
-  mask, and its keys and values are then copied into the static cache: no attention over empty
-  slots, so prefill is as fast as without this path. CPU decode steps run eagerly on the static
-  cache; CUDA decode steps replay a graph, captured once per input signature (batch size,
-  capacity, mask kind, result options).
+* A prompt (prefill) the first time its shape comes runs exactly as on the eager path, on a
+  DynamicCache with the client's own mask, and its keys and values are then copied into the
+  static cache. A short prompt (at most ``PROMPT_GRAPH_TOKENS`` tokens in all) whose shape came
+  before is a graph too: eagerly it is as launch-bound as a decode step, and a capture (a few
+  eager runs) is paid only for shapes that recur (fixed-length prompts, padded batches).
+* CPU steps run eagerly on the static cache; CUDA steps replay a graph, captured once per input
+  signature (batch size, prompt length, capacity, mask kind, result options).
 * A step this path does not recognise is declined before any state changes; the caller then moves
   the tokens held here into a ``DynamicCache`` (``to_dynamic``) and runs the eager blocks.
 """
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 FAMILIES = ("gpt2", "llama")  # model types whose block arguments and masks this path was checked on
 ATTENTION = ("sdpa", "eager")  # attention implementations whose masks we know how to pad
 WARMUP_STEPS = 3  # eager runs on the capture stream first, as PyTorch advises (lazy inits, cuBLAS workspace)
+# Prompts up to this many tokens (batch x length) replay graphs once their shape recurs; longer
+# ones keep GPU kernels busy enough eagerly, and would attend over the static cache's empty slots.
+PROMPT_GRAPH_TOKENS = 4096
+MAX_PROMPT_SHAPES = 1024  # prompt shapes remembered (a count each) before the count starts over
 _CAPTURE_LOCK = threading.Lock()  # sessions run on several threads: one capture at a time
 
 Tree = tuple[tuple, dict]  # a block's (args, kwargs)
@@ -82,7 +88,7 @@ class StaticDecoder:
     """A session's static KV cache for its server layers, and the graphs that decode on it."""
 
     def __init__(self, module: ServerSegment, hf_config: Any, device: torch.device, max_tokens: int,
-                 min_tokens: int = 256, graphs: bool = True, max_graphs: int = 4) -> None:
+                 min_tokens: int = 256, graphs: bool = True, max_graphs: int = 8) -> None:
         self.module, self.hf_config, self.device = module, hf_config, device
         self.max_tokens, self.min_tokens, self.max_graphs = max_tokens, min_tokens, max_graphs
         self.layer_ids = [_layer_idx(b) for b in module.blocks]
@@ -95,7 +101,8 @@ class StaticDecoder:
         self.batch = self.capacity = self.tokens = 0
         self.active = False  # this decoder holds the session's sequence (not a DynamicCache)
         self.graphs: OrderedDict[str, _Graph] = OrderedDict()
-        self.stats: Counter[str] = Counter()  # static_steps, graph_steps, captures, declined
+        self.prompt_shapes: Counter[tuple] = Counter()  # how often each prompt shape came
+        self.stats: Counter[str] = Counter()  # static_steps, graph_steps, graph_prompts, captures, declined
 
     @staticmethod
     def supports(module: ServerSegment, hf_config: Any) -> bool:
@@ -173,22 +180,36 @@ class StaticDecoder:
                 or any(grad_input_index(s) is not None for s in strings) or (past and hidden.shape[0] != self.batch)):
             self.stats["declined"] += 1
             return None
-        if past == 0 and new > 1:  # a prompt: Hugging Face's own path, then the keys and values move over
+        graphs = (body.get("labels") is None and not self.module.training
+                  and (self.emulate_graphs or (self.use_graphs and self.device.type == "cuda")))
+        prompt = past == 0 and new > 1
+        if prompt and not (graphs and self._recurring_prompt(hidden, kind, body)):
+            # Hugging Face's own path, then the keys and values move over.
             out = self._prefill(hidden, self._swap_mask(tree, mask)[1], body, new)
             self.tokens = new
             self.stats["static_steps"] += 1
             return out
         self._reserve(hidden.shape[0], past, new)
         out = None
-        if (new == 1 and body.get("labels") is None and not self.module.training
-                and all(layer.is_initialized for layer in self._layers())  # allocated before any capture
-                and (self.emulate_graphs or (self.use_graphs and self.device.type == "cuda"))):
+        if graphs and all(layer.is_initialized for layer in self._layers()):  # allocated before any capture
             out = self._graph_step(hidden, tree, mask, kind, past, body)
+            self.stats["graph_prompts"] += int(prompt and out is not None)
         if out is None:
             out = self._eager_step(hidden, tree, mask, kind, past, new, body)
         self.tokens = past + new
         self.stats["static_steps"] += 1
         return out
+
+    def _recurring_prompt(self, hidden: torch.Tensor, kind: str, body: dict[str, Any]) -> bool:
+        """Count this prompt's shape; True if it is short and came before (it may replay a graph)."""
+        if hidden.shape[0] * hidden.shape[1] > PROMPT_GRAPH_TOKENS:
+            return False
+        if len(self.prompt_shapes) >= MAX_PROMPT_SHAPES:
+            self.prompt_shapes.clear()
+        options = repr([body.get(k) for k in ("result", "top_k", "logits_to_keep")])
+        shape = (tuple(hidden.shape), kind, options)
+        self.prompt_shapes[shape] += 1
+        return self.prompt_shapes[shape] > 1
 
     def _swap_mask(self, tree: Tree, mask: Any) -> tuple[Any, Tree]:
         """The attention mask found in ``tree``, and ``tree`` with ``mask`` in its place."""
@@ -349,14 +370,14 @@ class StaticDecoder:
         static_tree = self._blocks_tree(tree, lambda t: next(buffers))  # same leaf order as `leaves`
         mask_buf, fill = self._padded(mask) if kind == "given" else (None, False)
         g = _Graph(inputs, torch.zeros((), dtype=torch.long, device=self.device), mask_buf, fill)
-        layers = self._layers()
+        layers, new = self._layers(), inputs[0].shape[1]  # a decode step's one token, or a prompt
 
         def step() -> dict[str, torch.Tensor]:
             # Idempotent for given inputs: each layer's write slot comes from pos, so the warm-up
             # runs, the capture and every replay write the same slot.
             for layer in layers:
                 layer.cumulative_length.copy_(g.pos)
-            attn_mask = g.mask if kind == "given" else self._causal(g.pos, 1, inputs[0].dtype)
+            attn_mask = g.mask if kind == "given" else self._causal(g.pos, new, inputs[0].dtype)
             _, args = self._swap_mask(static_tree, attn_mask)
             return self._results(self.module(inputs[0], *args), options)
 
