@@ -173,15 +173,63 @@ def test_micro_batches_in_flight_match_local(family, shape, connections, split_s
 
 
 def test_two_part_training_returns_the_loss_alone(split_server):
-    """With labels and no result type asked for, the server answers with the loss only (no logits)."""
+    """With labels and no result type asked for, the server answers with the loss only (no logits);
+    it backpropagates at once, so the input gradient comes with it and the backward waits for nothing."""
     with _connected(split_server, GPT2, SplitSpec(cut=1, shape="two_part")) as remote:
         ids = torch.randint(0, 128, (2, 16))
         before = remote.client.stats.snapshot()
         out = remote.model(input_ids=ids, labels=ids)
         received = remote.client.stats.bytes_received - before.bytes_received
         assert out.logits is None and out.loss.dim() == 0
-        assert received < 1024  # a scalar, not 2 x 16 x 128 logits
+        grad_input_bytes = 2 * 16 * 64 * 4
+        assert grad_input_bytes < received < grad_input_bytes + 1024  # not 2 x 16 x 128 logits (16 KiB)
         out.loss.backward()
+        assert remote.runner.unconfirmed  # the BACKWARD (the scale for the server's gradients) not awaited
+        remote.runner.confirm()
+
+
+def _server_segment(split_server, remote):  # noqa: ANN001, ANN202
+    return split_server.servers[-1].sessions.snapshot()[remote.client.session_id].state["segment"]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-round-trips"])
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_two_part_loss_training_matches_local(fused, micro_batches, split_server):
+    """A loss-only training call, with the server's backward run at once (fused) or on the BACKWARD:
+    the loss, the client's and the server's gradients equal the whole model's, over two accumulated
+    batches whose losses are scaled (by 0.5, then 0.25) and whose micro-batches count uneven targets."""
+    spec = SplitSpec(cut=1, shape="two_part")
+    local = build_model(GPT2).train()
+    local.lm_head.weight = torch.nn.Parameter(local.lm_head.weight.detach().clone())  # untied, like the split
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 128, (6, 16), generator=g) for _ in range(2)]
+    labels = [ids.clone() for ids in batches]
+    labels[0][1, :5] = -100
+    labels[1][4, 2:] = -100
+    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=micro_batches) as remote:
+        remote.runner.fuse_loss_backward = fused
+        model = remote.model.train()
+        before = remote.client.stats.messages
+        for ids, lab, scale in zip(batches, labels, (0.5, 0.25), strict=True):
+            loss_l = local(input_ids=ids, labels=lab).loss
+            (loss_l * scale).backward()
+            loss_r = model(input_ids=ids, labels=lab).loss
+            (loss_r * scale).backward()
+            torch.testing.assert_close(loss_r, loss_l, atol=ATOL, rtol=1e-5)
+        remote.runner.confirm()
+        calls = 2 * (micro_batches + 1) if fused else 2 * 2 * micro_batches
+        assert remote.client.stats.messages - before == calls
+        _assert_client_grads_match(model, local)
+        segment = _server_segment(split_server, remote)
+        assert not segment.call_grads.calls  # every fused call's gradients were applied
+        server = segment.module
+        checked = 0
+        for i, block in enumerate(server.blocks):
+            for (n, p), (_, q) in zip(block.named_parameters(), local.transformer.h[spec.cut + i].named_parameters(),
+                                      strict=True):
+                torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=1e-5, msg=f"server block {i} {n}")
+                checked += 1
+        assert checked > 0
 
 
 def test_result_output_types(split_server):

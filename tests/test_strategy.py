@@ -56,6 +56,9 @@ def _gpt2_batches(n: int = 8, seed: int = 0) -> torch.utils.data.DataLoader:
 CASES = {
     "mlp": (DIGITS_MLP, SplitSpec(cut=1, end=3), lambda: Classifier(lr=0.1), lambda: digits_loaders(32)[0]),
     "gpt2": (GPT2, SplitSpec(cut=1, end=3), lambda: CausalLM(lr=3e-3, optimizer="Adam"), _gpt2_batches),
+    # Two-part: the server computes the loss, and backpropagates it with its forward (fused).
+    "gpt2_two_part": (GPT2, SplitSpec(cut=1, shape="two_part"), lambda: CausalLM(lr=3e-3, optimizer="Adam"),
+                      _gpt2_batches),
 }
 
 
@@ -66,11 +69,16 @@ def test_training_parity_with_local(case, tail, connections, split_server):
     source, spec, make_module, make_data = CASES[case]
 
     local_module = make_module()
-    local_module.model = build_model(source)
+    local_module.model = model = build_model(source)
+    resolved = spec.resolve(model)
+    if resolved.shape == "two_part":  # the server's output layer is its own copy, not tied to the client's
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     if tail == "frozen":  # the same parameters are frozen locally as on the server
-        blocks = local_module.model.get_submodule(spec.resolve(local_module.model).blocks or "")
-        for i in range(spec.cut, spec.end):
+        blocks = model.get_submodule(resolved.blocks or "")
+        for i in range(resolved.cut, resolved.end):
             blocks[i].requires_grad_(False)
+        for name in resolved.tail if resolved.shape == "two_part" else ():
+            model.get_submodule(name).requires_grad_(False)
     local_trainer, local_rec = _trainer()
     local_trainer.fit(local_module, make_data())
 
@@ -90,10 +98,10 @@ def test_training_parity_with_local(case, tail, connections, split_server):
     segment = strategy.split.runner
     sessions = list(_sessions_of(split_server))
     assert sessions
-    blocks = local_module.model.get_submodule(spec.resolve(local_module.model).blocks or "")
+    blocks = model.get_submodule(resolved.blocks or "")
     server_blocks = sessions[0].state["segment"].module.blocks
     for i, block in enumerate(server_blocks):
-        for (n, p), (_, q) in zip(block.named_parameters(), blocks[spec.cut + i].named_parameters(), strict=True):
+        for (n, p), (_, q) in zip(block.named_parameters(), blocks[resolved.cut + i].named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server block {i} {n}")
     assert segment.client.stats.messages > 0 and len(segment.client._stream.calls) == connections
     strategy.close()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_split.server.call_grads import CallGradients
 from lightning_split.server.fast_decode import StaticDecoder
 from lightning_split.split.results import segment_results
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
@@ -107,6 +108,7 @@ class SessionSegment:
             for p in self.trainable:
                 p.requires_grad_(True)
         self.optimizer = make_optimizer(self.trainable, tail.get("optimizer")) if self.trainable else None
+        self.call_grads = CallGradients(self.trainable)  # loss-only calls backpropagated at once
         # Where requests enter the segment (its first block); a spread segment moves them on itself.
         self.device = next(base.parameters()).device
         self.hf_config = hf_config
@@ -155,31 +157,56 @@ class SessionSegment:
                 cache = self.cache = self.fast.to_dynamic()
             hidden = body["hidden"].to(self.device, non_blocking=True)
             args, kwargs = self._block_arguments(body, grad_inputs, cache)
-            return self._forward(hidden, grad_inputs, args, kwargs, body, train)
-
-    def _forward(
-        self, hidden: torch.Tensor, grad_inputs: list[torch.Tensor], args: tuple, kwargs: dict[str, Any],
-        body: dict[str, Any], train: bool,
-    ) -> dict[str, Any]:
-        if not train:
-            with torch.no_grad():
-                return self._run(hidden, args, kwargs, body)
-        micro_id = int(body["id"])
-        if micro_id in self.graphs:
-            raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
+            if not train:
+                with torch.no_grad():
+                    return self._run(hidden, args, kwargs, body)
+            micro_id = int(body["id"])
+            if micro_id in self.graphs:
+                raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
+            hidden.requires_grad_(bool(body.get("input_grad", True)))
+            with torch.enable_grad():
+                out = self._run(hidden, args, kwargs, body)
+        if body.get("fused") is not None:  # the backward too, now, outside autocast (as torch advises)
+            return self._backward_now(out, hidden, grad_inputs, body["fused"])
         while len(self.graphs) >= self.max_graphs:
             # A forward whose backward never came (a loss not backpropagated): free the oldest, so
             # memory stays bounded; its backward, should it still come, gets a clear error.
             stale, _ = self.graphs.popitem(last=False)
             log.warning("dropping the autograd graph of micro-batch %d: %d forwards without a backward",
                         stale, self.max_graphs)
-        hidden.requires_grad_(bool(body.get("input_grad", True)))
-        with torch.enable_grad():
-            out = self._run(hidden, args, kwargs, body)
         self.graphs[micro_id] = (hidden, grad_inputs, {k: v for k, v in out.items() if v.requires_grad})
         return {k: v.detach() for k, v in out.items()}
 
+    def _backward_now(self, out: dict[str, Any], hidden: torch.Tensor, grad_inputs: list[torch.Tensor],
+                      fused: dict[str, Any]) -> dict[str, Any]:
+        """A loss-only micro-batch of call ``fused["call"]``: backpropagate ``weight x loss`` at once.
+
+        ``weight`` is the micro-batch's share of the call's loss. The input gradients go back with
+        the loss; the parameters' gradients wait for the call's BACKWARD (call_grads.py)."""
+        if set(out) != {"loss"}:
+            raise SegmentError("a fused forward and backward needs the loss as its only result")
+        loss = out["loss"]
+        weight = torch.as_tensor(fused["weight"])
+        if weight.dim() != 0 or not weight.is_floating_point():
+            raise SegmentError("a fused call's loss weight must be a floating-point scalar")
+        weight = weight.to(loss.device, loss.dtype, non_blocking=True)
+        # Nothing to backpropagate if nothing upstream is trainable (a frozen tail, no input gradient).
+        run = (lambda: torch.autograd.backward(loss, weight)) if loss.requires_grad else (lambda: None)
+        self.call_grads.backward_into(int(fused["call"]), run)
+        return {
+            "loss": loss.detach(),
+            "grad_input": hidden.grad if hidden.requires_grad else None,
+            "grad_extra": [t.grad for t in grad_inputs],
+        }
+
     def backward(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("call") is not None:  # a fused call: its gradients join .grad, scaled
+            call = int(body["call"])
+            if call not in self.call_grads:
+                raise SegmentError(f"no pending fused call {call}")
+            scale = body.get("scale")
+            self.call_grads.apply(call, None if scale is None else float(scale))
+            return {}
         micro_id = int(body["id"])
         if micro_id not in self.graphs:
             raise SegmentError(f"no pending forward for micro-batch {micro_id}")
@@ -358,3 +385,4 @@ class SessionSegment:
             self.optimizer.load_state_dict(state["optimizer"])
         self.last_step = int(state["last_step"])
         self.graphs.clear()
+        self.call_grads.clear()

@@ -1,0 +1,76 @@
+"""Gradients a training call computed ahead of its BACKWARD, kept apart until the client's scale comes.
+
+A two-part split whose server returns the loss alone runs each micro-batch's backward right after
+its forward (see ``split/remote.py``, ``_RemoteLossStep``): the server does not wait a round trip
+for the loss's gradient. What it cannot know yet is the scale the client's autograd gives that
+loss (``1 / accumulate_grad_batches``, a loss weight, 0 for a loss never backpropagated). So
+the call's parameter gradients accumulate into tensors of their own, not into ``.grad``; its
+BACKWARD then brings the scale, and they join ``.grad`` as ``scale x gradient``: what a backward
+with that scale would have accumulated (exactly for a scale of 1, within rounding otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+class CallGradients:
+    """Per call id, the parameters' gradients of the backwards run so far; at most ``max_calls``."""
+
+    def __init__(self, params: list[nn.Parameter], max_calls: int = 4) -> None:
+        self.params = params
+        self.max_calls = max_calls  # each holds up to one tensor per parameter: bounded memory
+        self.calls: OrderedDict[int, list[torch.Tensor | None]] = OrderedDict()
+
+    def backward_into(self, call: int, run_backward: Callable[[], None]) -> None:
+        """Run ``run_backward`` with the parameters' ``.grad`` swapped for ``call``'s own gradients.
+
+        Autograd then accumulates into them in place (no extra copies, no extra adds); the
+        session's ``.grad`` (earlier calls of this training step) is put back untouched.
+        """
+        mine = self.calls.pop(call, None) or [None] * len(self.params)
+        while len(self.calls) >= self.max_calls:
+            stale, _ = self.calls.popitem(last=False)
+            log.warning("dropping the gradients of training call %d: %d calls without a BACKWARD",
+                        stale, self.max_calls)
+        saved = [p.grad for p in self.params]
+        for p, g in zip(self.params, mine, strict=True):
+            p.grad = g
+        try:
+            run_backward()
+            mine = [p.grad for p in self.params]
+        finally:
+            for p, g in zip(self.params, saved, strict=True):
+                p.grad = g
+        self.calls[call] = mine
+
+    def __contains__(self, call: int) -> bool:
+        return call in self.calls
+
+    def apply(self, call: int, scale: float | None) -> None:
+        """Add ``scale x`` the call's gradients to ``.grad``; ``None`` drops them (loss unused)."""
+        mine = self.calls.pop(call)
+        pairs = [(p, g) for p, g in zip(self.params, mine, strict=True) if g is not None]
+        if scale is None or not pairs:
+            return
+        if scale != 1.0:
+            torch._foreach_mul_([g for _, g in pairs], scale)
+        into, added = [], []
+        for p, g in pairs:
+            if p.grad is None:  # the step's first gradient: the tensor itself becomes .grad, no copy
+                p.grad = g
+            else:
+                into.append(p.grad)
+                added.append(g)
+        if into:
+            torch._foreach_add_(into, added)
+
+    def clear(self) -> None:
+        self.calls.clear()
