@@ -12,7 +12,9 @@ Rows (same model source, seed, batches and AdamW everywhere; dropout off):
               ``model(input_ids=ids, labels=ids).loss.backward()`` with the server's optimizer step
               riding on the last backward, then the client's step (what SplitStrategy does without
               clipping); micro-batches in flight as the library chooses
-              (``--micro-batches`` to force a number).
+              (``--micro-batches`` to force a number). The loss is the server's only result, so the
+              server backpropagates each micro-batch with its forward (``--also-unfused``: a row
+              with a separate BACKWARD round trip per micro-batch instead).
 * hand-built: what a PyTorch user writes first: two processes, gloo over TCP loopback, no TLS, no
               auth; rank 0 embeddings + blocks[:cut], rank 1 the rest + loss + its own AdamW;
               activation and labels out, activation gradient and loss back, via the CPU.
@@ -110,12 +112,13 @@ def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Ru
 
 def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
              batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours",
-             lossy: str = "none", connections: int | None = None) -> Run:
+             lossy: str = "none", connections: int | None = None, fuse: bool = True) -> Run:
     tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}}
     wire = CompressionConfig(lossy=lossy)
     config = ChannelConfig(client_to_server=wire, server_to_client=wire,
                            connections=connections or args.connections)
     split = server.connect(source, spec, args.device, tail, micro_batches=micro_batches, config=config)
+    split.runner.fuse_loss_backward = fuse
     try:
         model, client = split.model.train(), split.client
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -363,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an extra row with lossy bf16 compression both ways (halves the bytes; not exact)")
     p.add_argument("--also-micro-batches", type=int, nargs="*", default=[],
                    help="extra 'ours mb=N' rows with these micro-batch counts (same server, same run)")
+    p.add_argument("--also-unfused", action="store_true",
+                   help="an extra row whose server waits for a BACKWARD per micro-batch (two round trips)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     t_start = time.perf_counter()
     source = model_source(args.model, "fp32")  # fp32 master weights; bf16 is autocast
@@ -386,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours conn={k}",
                                  connections=k))
             print(f"  ours conn={k:<2d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        if args.also_unfused:
+            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours unfused", fuse=False))
+            print(f"  ours unfused {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         if args.also_bf16_wire:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours bf16 wire", "bf16"))
             print(f"  ours bf16 wire {runs[-1].steps_per_s:8.2f} steps/s", flush=True)

@@ -181,10 +181,16 @@ def test_a_recurring_prompt_shape_replays_a_graph(pair, family, attn, monkeypatc
         assert torch.equal(got, expected)
         assert decoder.stats["graph_prompts"] == run and decoder.stats["declined"] == 0
     assert decoder.stats["captures"] == 2  # one for the decode steps, one for the prompt shape
+    # Another batch size reallocates the cache: the shape's next prompt fills it on the eager path,
+    # the one after replays the graph again.
+    _generate_both(local, remote, ids[:1], **{**kw, "attention_mask": mask[:1]})
+    for run in range(2):
+        got, expected = _generate_both(local, remote, ids, **kw)
+        assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 2 + run
     monkeypatch.setattr("lightning_split.server.fast_decode.PROMPT_GRAPH_TOKENS", 3 * 7 - 1)
     for _ in range(2):
         got, expected = _generate_both(local, remote, ids, **kw)
-        assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 2
+        assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 3
 
 
 def test_cache_control_with_the_static_cache(pair):
@@ -387,10 +393,11 @@ def test_cuda_graph_generation_matches_local(pair, family, batch, exact_matmuls)
                                    do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
     assert decoder.stats["declined"] == 0
-    # The first prompt's shape again: now the prompt replays a graph too.
-    got, expected = _generate_both(local, remote, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                   pad_token_id=0)
-    assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 1
+    # The first prompt's shape again: it refills the cache the beams reallocated, then replays a graph.
+    for graph_prompts in (0, 1):
+        got, expected = _generate_both(local, remote, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                       pad_token_id=0)
+        assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == graph_prompts
 
 
 @pytest.mark.gpu

@@ -183,7 +183,7 @@ class StaticDecoder:
         graphs = (body.get("labels") is None and not self.module.training
                   and (self.emulate_graphs or (self.use_graphs and self.device.type == "cuda")))
         prompt = past == 0 and new > 1
-        if prompt and not (graphs and self._recurring_prompt(hidden, kind, body)):
+        if prompt and not (graphs and self._recurring_prompt(hidden, kind, body) and self._ready(hidden.shape[0], new)):
             # Hugging Face's own path, then the keys and values move over.
             out = self._prefill(hidden, self._swap_mask(tree, mask)[1], body, new)
             self.tokens = new
@@ -191,7 +191,7 @@ class StaticDecoder:
             return out
         self._reserve(hidden.shape[0], past, new)
         out = None
-        if graphs and all(layer.is_initialized for layer in self._layers()):  # allocated before any capture
+        if graphs and self._ready(hidden.shape[0], past + new):
             out = self._graph_step(hidden, tree, mask, kind, past, body)
             self.stats["graph_prompts"] += int(prompt and out is not None)
         if out is None:
@@ -237,7 +237,7 @@ class StaticDecoder:
         from transformers import StaticCache
 
         needed = past + new
-        if self.cache is not None and batch == self.batch and needed <= self.capacity:
+        if self._fits(batch, needed):
             if past == 0:  # a new sequence: no stale keys (even masked ones) from the last one
                 self.cache.reset()
             return
@@ -252,6 +252,14 @@ class StaticDecoder:
                 dst.lazy_initialization(src.keys[:, :, :0], src.values[:, :, :0])
                 dst.keys[:, :, :past].copy_(src.keys[:, :, :past])
                 dst.values[:, :, :past].copy_(src.values[:, :, :past])
+
+    def _fits(self, batch: int, tokens: int) -> bool:
+        """The cache is allocated for ``batch`` sequences and has room for ``tokens``."""
+        return self.cache is not None and batch == self.batch and tokens <= self.capacity
+
+    def _ready(self, batch: int, tokens: int) -> bool:
+        """A graph may run now: the cache fits and every layer is allocated (a capture needs them)."""
+        return self._fits(batch, tokens) and all(layer.is_initialized for layer in self._layers())
 
     def _causal(self, pos: int | torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
         """Query i (position pos + i) sees slots 0..pos + i. ``pos`` may be a device tensor: a graph
