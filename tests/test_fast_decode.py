@@ -27,11 +27,12 @@ SOURCES = {"gpt2": GPT2, "llama": LLAMA}
 # Eager attention: the client's masks are additive float masks, never None.
 EAGER = {name: dataclasses.replace(source, config={**source.config, "attn_implementation": "eager"})
          for name, source in SOURCES.items()}
-SHAPES = ["u_shape", "two_part"]
+# u_shape_last: the server's blocks are the model's last (a step returns the last positions only).
+SHAPES = ["u_shape", "u_shape_last", "two_part"]
 
 
 def _spec(shape: str) -> SplitSpec:
-    return SplitSpec(cut=1, end=3 if shape == "u_shape" else None, shape=shape)
+    return SplitSpec(cut=1, end=3 if shape == "u_shape" else None, shape=shape.removesuffix("_last"))
 
 
 def _prompts(batch: int, length: int = 7, seed: int = 11, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

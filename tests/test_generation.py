@@ -29,14 +29,20 @@ class TokenCollector(BaseStreamer):
         self.chunks.append(torch.tensor([-1]))
 
 
-@pytest.fixture(params=["u_shape", "two_part"])
+# u_shape: the client also holds a block after the server's; u_shape_last: the server's blocks are
+# the last (generation then gets back only the positions the output layer reads).
+SPECS = {"u_shape": SplitSpec(cut=1, end=3, shape="u_shape"), "u_shape_last": SplitSpec(cut=1, shape="u_shape"),
+         "two_part": SplitSpec(cut=1, shape="two_part")}
+
+
+@pytest.fixture(params=list(SPECS))
 def pair(request, split_server):  # noqa: ANN001
     """(local model, connected split model) for each family in turn."""
     made = []
 
     def _make(family: str):  # noqa: ANN202
         source = SOURCES[family]
-        spec = SplitSpec(cut=1, end=3 if request.param == "u_shape" else None, shape=request.param)
+        spec = SPECS[request.param]
         address, tls_for = split_server(source, spec)
         remote = open_split(address, "alice", tls_for("alice"), source=source, spec=spec)
         made.append(remote)
@@ -141,3 +147,27 @@ def test_two_part_decode_top_k_gives_the_same_tokens_for_fewer_bytes(split_serve
             remote.close()
     vocab = source.config["vocab_size"]
     assert received[5] < received[0] / 2, (received, vocab)
+
+
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_u_shape_prompt_returns_only_the_last_position(family, split_server):
+    """Where the server's blocks are the last, a generation step gets back the positions the client's
+    output layer reads (one per sequence), not the prompt's hidden states; a plain forward gets all."""
+    source, spec = SOURCES[family], SPECS["u_shape_last"]
+    address, tls_for = split_server(source, spec)
+    remote = open_split(address, "alice", tls_for("alice"), source=source, spec=spec)
+    try:
+        local, model = build_model(source).eval(), remote.model.eval()
+        ids, mask = _prompts(2)
+        hidden = local.config.hidden_size
+        before = remote.client.stats.bytes_received
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        received = remote.client.stats.bytes_received - before
+        assert torch.equal(got, local.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                               pad_token_id=0))
+        assert received < 2 * hidden * 4 + 1024 < 2 * 7 * hidden * 4  # 1 position of 7 per sequence
+        with torch.no_grad():  # no logits_to_keep: every position's logits, equal to local
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits, local(ids, attention_mask=mask).logits,
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        remote.close()

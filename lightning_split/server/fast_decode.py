@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_split.split.results import segment_results
+from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ WARMUP_STEPS = 3  # eager runs on the capture stream first, as PyTorch advises (
 # ones keep GPU kernels busy enough eagerly, and would attend over the static cache's empty slots.
 PROMPT_GRAPH_TOKENS = 4096
 MAX_PROMPT_SHAPES = 1024  # prompt shapes remembered (a count each) before the count starts over
+RESULT_OPTIONS = ("result", "top_k", "logits_to_keep", "keep_last")  # what a step returns: part of a graph
 _CAPTURE_LOCK = threading.Lock()  # sessions run on several threads: one capture at a time
 
 Tree = tuple[tuple, dict]  # a block's (args, kwargs)
@@ -206,7 +207,7 @@ class StaticDecoder:
             return False
         if len(self.prompt_shapes) >= MAX_PROMPT_SHAPES:
             self.prompt_shapes.clear()
-        options = repr([body.get(k) for k in ("result", "top_k", "logits_to_keep")])
+        options = repr([body.get(k) for k in RESULT_OPTIONS])
         shape = (tuple(hidden.shape), kind, options)
         self.prompt_shapes[shape] += 1
         return self.prompt_shapes[shape] > 1
@@ -291,12 +292,7 @@ class StaticDecoder:
         return args, kwargs
 
     def _results(self, out: torch.Tensor, body: dict[str, Any]) -> dict[str, Any]:
-        if "result" not in body:  # a U-shaped middle: the hidden state goes back as it is
-            return {"output": out}
-        labels = body.get("labels")
-        labels = None if labels is None else labels.to(self.device, non_blocking=True)
-        return segment_results(self.module, out, body.get("result"), labels,
-                               int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)))
+        return segment_reply(self.module, out, body, self.device)
 
     def _eager_step(self, hidden: torch.Tensor, tree: Tree, mask: Any, kind: str, past: int, new: int,
                     body: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +331,7 @@ class StaticDecoder:
 
     def _graph_step(self, hidden: torch.Tensor, tree: Tree, mask: Any, kind: str, past: int,
                     body: dict[str, Any]) -> dict[str, Any] | None:
-        options = {k: body[k] for k in ("result", "top_k", "logits_to_keep") if k in body}
+        options = {k: body[k] for k in RESULT_OPTIONS if k in body}
         # The mask's last dim (past + new) grows every step: its buffer has the capacity instead.
         mask_sig = None if mask is None else (tuple(mask.shape[:-1]), str(mask.dtype))
         key = repr((self.capacity, kind, _describe(hidden), map_leaves(_describe, tree), mask_sig,

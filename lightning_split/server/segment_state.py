@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from lightning_split.server.call_grads import CallGradients
 from lightning_split.server.fast_decode import StaticDecoder
-from lightning_split.split.results import segment_results
+from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
 
 log = logging.getLogger(__name__)
@@ -257,15 +257,7 @@ class SessionSegment:
     # -- helpers ------------------------------------------------------------------------------
 
     def _run(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any], body: dict[str, Any]) -> dict:
-        out = self.module(hidden, args, kwargs)
-        if "result" not in body:  # a U-shaped middle: the hidden state goes back as it is
-            return {"output": out}
-        labels = body.get("labels")
-        labels = labels.to(self.device, non_blocking=True) if labels is not None else None
-        return segment_results(
-            self.module, out, body.get("result"), labels,
-            int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)),
-        )
+        return segment_reply(self.module, self.module(hidden, args, kwargs), body, self.device)
 
     def _block_arguments(
         self, body: dict[str, Any], grad_inputs: list[torch.Tensor], cache: Any

@@ -41,6 +41,8 @@ def build_client_skeleton(source: ModelSource, spec: SplitSpec) -> tuple[nn.Modu
     del cut.segment  # the server's blocks were never materialised; let them go
     if split.shape == "two_part":
         install_two_part_forward(skeleton, cut.proxy)
+    elif split.end == split.num_blocks:  # nothing after the server's blocks mixes positions
+        install_keep_last_forward(skeleton, cut.proxy)
     return skeleton, cut.proxy, split
 
 
@@ -91,6 +93,38 @@ def install_two_part_forward(model: nn.Module, proxy: SegmentProxy) -> None:
         finally:
             proxy.extra = {}
         raise RuntimeError("the split model's forward never reached its server segment")
+
+    model.forward = forward
+
+
+def install_keep_last_forward(model: nn.Module, proxy: SegmentProxy) -> None:
+    """U-shape generation: the server returns only the positions the client's output layer reads.
+
+    Hugging Face's ``generate`` asks a causal LM for the last position's logits only
+    (``logits_to_keep=1``). Then the server's hidden state comes back for those positions alone
+    (a prompt of T tokens: 1/T of the bytes) and the proxy puts them in place in a zero-filled
+    state of the full length, whose other positions nothing reads. Only where the server's blocks
+    are the model's last (the client's final norm and output layer work position by position), and
+    not with ``output_hidden_states`` or ``labels``, which read every position.
+    """
+    import inspect
+
+    original = model.forward
+    if (getattr(model, "_split_original_forward", None) is not None or not hasattr(model, "config")
+            or "logits_to_keep" not in inspect.signature(original).parameters):
+        return
+    model._split_original_forward = original
+
+    @functools.wraps(original)
+    def forward(*args: Any, logits_to_keep: Any = 0, **kwargs: Any) -> Any:
+        every_position = (kwargs.get("labels") is not None or kwargs.get("output_hidden_states")
+                          or getattr(model.config, "output_hidden_states", False))
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0 and not every_position:
+            proxy.extra = {"keep_last": logits_to_keep}
+        try:
+            return original(*args, logits_to_keep=logits_to_keep, **kwargs)
+        finally:
+            proxy.extra = {}
 
     model.forward = forward
 

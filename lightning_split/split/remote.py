@@ -111,8 +111,16 @@ class RemoteSegment:
         body["hidden"] = hidden
         if cache is not None and kwargs.get("use_cache", True):
             body["cache"] = self._cache_info(cache, hidden)
+        keep = int(extra.get("keep_last", 0)) if not self.proxy.hand_off else 0
+        if 0 < keep < hidden.shape[-2]:
+            body["keep_last"] = keep
         reply = self.client.request(MessageType.INFER, body)
-        return self._unpack({k: v.to(hidden.device, non_blocking=True) for k, v in reply.body.items()})
+        out = {k: v.to(hidden.device, non_blocking=True) for k, v in reply.body.items()}
+        if body.get("keep_last"):  # the last positions only: in place in a full-length state
+            last = out["output"]
+            out["output"] = last.new_zeros((*hidden.shape[:-1], last.shape[-1]))
+            out["output"][..., -keep:, :] = last
+        return self._unpack(out)
 
     def _chunks_for(self, hidden: torch.Tensor) -> int:
         batch = hidden.shape[0] if hidden.dim() >= 1 else 1

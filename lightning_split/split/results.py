@@ -51,6 +51,21 @@ def segment_results(
     return out
 
 
+def segment_reply(segment: ServerSegment, out: torch.Tensor, body: dict[str, Any],
+                  device: torch.device) -> dict[str, Any]:
+    """The reply to one request: what its result instruction asks of the segment's output ``out``.
+
+    A U-shaped middle (no ``result``) sends its hidden state back as it is, or only its last
+    ``keep_last`` positions (all that generation's output layer reads on the client)."""
+    if "result" not in body:
+        keep = int(body.get("keep_last") or 0)
+        return {"output": out[..., -keep:, :] if keep > 0 else out}
+    labels = body.get("labels")
+    labels = None if labels is None else labels.to(device, non_blocking=True)
+    return segment_results(segment, out, body.get("result"), labels,
+                           int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)))
+
+
 class LocalRunner:
     """Runs a ServerSegment in-process: the reference semantics of the remote runner."""
 
