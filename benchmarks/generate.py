@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--decode-top-k", type=int, default=0,
                    help="two_part: each step returns the k best logits, not the row (exact for greedy)")
-    p.add_argument("--connections", type=int, default=1, help="connections each stream is bonded over")
+    p.add_argument("--connections", type=int, default=None,
+                   help="connections each stream is bonded over (default: the library's, by the host's cores)")
     p.add_argument("--also-eager-server", action="store_true",
                    help="extra rows with the server's fast decode (static cache, CUDA graphs) off")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = source.config["vocab_size"]
     print(f"generate: GPT-2 {args.model} ({source.config['n_layer']} x {source.config['n_embd']}), prompt "
           f"{prompt}, {n} new tokens, batches {batches}, cut {args.cut}, {args.device} {args.dtype}, "
-          f"median of {args.steps} after {args.warmup} warm-up", flush=True)
+          f"median of {args.steps} after {args.warmup} warm-up, "
+          f"{ChannelConfig(connections=args.connections).wanted_connections()} connection(s)", flush=True)
 
     rows, results, rtts = [], [], {}
     with pki_dir() as pki:

@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hand-built", action="store_true")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="ours: micro-batches in flight per step (default: the library's automatic choice)")
-    p.add_argument("--connections", type=int, default=1, help="ours: connections each stream is bonded over")
+    p.add_argument("--connections", type=int, default=None,
+                   help="ours: connections each stream is bonded over (default: the library's, by the host's cores)")
     p.add_argument("--also-connections", type=int, nargs="*", default=[],
                    help="extra 'ours conn=K' rows with the stream bonded over K connections")
     p.add_argument("--also-bf16-wire", action="store_true",
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = random_batches(args.warmup + args.steps, args.batch, args.seq, vocab, args.device)
     print(f"train: GPT-2 {args.model} ({source.config['n_layer']} x {source.config['n_embd']}), "
           f"batch {args.batch} x seq {args.seq}, cut {args.cut}, {args.device} {args.dtype}, "
-          f"{args.steps} steps after {args.warmup} warm-up", flush=True)
+          f"{args.steps} steps after {args.warmup} warm-up, "
+          f"{ChannelConfig(connections=args.connections).wanted_connections()} connection(s)", flush=True)
 
     runs: list[Run] = []
     with pki_dir() as pki, SplitServer(pki, source, spec, args.device) as server:

@@ -44,10 +44,16 @@ def test_server_grants_at_most_its_max(start_server, connect) -> None:
     assert client.request(STATE, {"count": True}).body["count"] == 1
 
 
-def test_single_connection_is_the_default(start_server, connect) -> None:
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)])
+def test_the_default_follows_the_cores(start_server, connect, monkeypatch, cores: int, expected: int) -> None:
+    """One connection on small hosts, where extra threads only compete; up to four on many cores."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    assert ChannelConfig().wanted_connections() == expected
     server = start_server(EchoHandler())
     client = connect(server.port)
-    assert "connections" not in client.welcome and len(client._stream.calls) == 1
+    assert len(client._stream.calls) == expected
+    assert client.welcome.get("connections", 1) == expected
+    assert client.request(STATE, {"count": True}).body["count"] == 1
 
 
 @pytest.mark.parametrize("who", ["bob", "alice"])

@@ -209,7 +209,7 @@ class ChannelClient:
     def _live_stream(self) -> _Stream:
         stream = self._stream
         if stream is None or stream.dead.is_set():
-            if not self.session_id or self.config.connections > 1:
+            if not self.session_id or self.config.wanted_connections() > 1:
                 # A bond is set up by a handshake (resuming our session if we have one).
                 self.connect()
                 assert self._stream is not None

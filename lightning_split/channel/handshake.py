@@ -52,7 +52,7 @@ def build_hello(config: ChannelConfig, node_id: str, extra: dict[str, Any] | Non
             "chunk_size": config.chunk_size,
             "max_payload_bytes": int(limits_dict(config)["max_payload_bytes"]),
             "checksum": checksum,
-            "connections": config.connections,
+            "connections": config.wanted_connections(),
         },
         compression={
             "client_to_server": config.client_to_server.to_dict(),
