@@ -279,3 +279,38 @@ def test_segment_device_map(split_server):
         ids = torch.randint(0, 128, (2, 8))
         torch.testing.assert_close(remote.model.eval()(input_ids=ids, labels=ids).loss,
                                    local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("body", [
+    {"fused": {"call": "x", "weight": torch.tensor(0.5)}},
+    {"fused": {"call": 1, "weight": torch.ones(3)}},
+    {"fused": {"call": 1, "weight": torch.tensor(1)}},
+    {"fused": {"weight": torch.tensor(0.5)}},
+    {"fused": {"call": 1, "weight": torch.tensor(0.5)}, "result": "logits"},
+    {"keep_last": -2, "_infer": True},
+    {"keep_last": 999, "_infer": True},
+], ids=["call-not-int", "weight-not-scalar", "weight-not-float", "no-call", "fused-logits", "keep-negative",
+        "keep-too-many"])
+def test_malformed_training_and_result_instructions(body, split_server):
+    """Each gets INVALID_ARGUMENT with a message; the session keeps serving (and training) after it."""
+    from lightning_split.channel import RemoteError
+    from lightning_split.wire import MessageType
+
+    spec = SplitSpec(cut=1, shape="two_part")
+    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}) as remote:
+        ids = torch.randint(0, 128, (2, 8))
+        hidden = torch.randn(2, 8, 64)
+        request = {"hidden": hidden, "id": 10_000, "labels": ids, "args": (), "kwargs": {}, "training": True}
+        kind = MessageType.INFER if body.pop("_infer", False) else MessageType.FORWARD
+        if kind == MessageType.INFER:
+            request = {"hidden": hidden, "args": (), "kwargs": {}}
+        with pytest.raises(RemoteError) as err:
+            remote.client.request(kind, {**request, **body})
+        assert err.value.code.name == "INVALID_ARGUMENT" and err.value.message
+        with pytest.raises(RemoteError) as err:  # a fused call never opened, or a bad scale
+            remote.client.request(MessageType.BACKWARD, {"id": 1, "call": 12345, "scale": torch.ones(2)})
+        assert err.value.code.name == "INVALID_ARGUMENT"
+        loss = remote.model.train()(input_ids=ids, labels=ids).loss
+        loss.backward()
+        remote.runner.confirm()
+        assert torch.isfinite(loss)

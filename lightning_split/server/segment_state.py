@@ -205,6 +205,9 @@ class SessionSegment:
             if call not in self.call_grads:
                 raise SegmentError(f"no pending fused call {call}")
             scale = body.get("scale")
+            if scale is not None and not (isinstance(scale, (int, float)) or
+                                          (isinstance(scale, torch.Tensor) and scale.numel() == 1)):
+                raise SegmentError("a fused call's scale must be a number")
             self.call_grads.apply(call, None if scale is None else float(scale))
             return {}
         micro_id = int(body["id"])

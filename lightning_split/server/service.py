@@ -123,7 +123,7 @@ class SplitService:
         except CacheError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "limit" in str(e) else grpc.StatusCode.FAILED_PRECONDITION
             raise HandlerError(code, str(e)) from e
-        except (SegmentError, KeyError, TypeError) as e:
+        except (SegmentError, ValueError, KeyError, TypeError, IndexError) as e:  # the request's fault
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}") from e
 
     def _dispatch(self, session: Session, segment: SessionSegment, request: Message, body: dict) -> Any:

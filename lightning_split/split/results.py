@@ -59,6 +59,8 @@ def segment_reply(segment: ServerSegment, out: torch.Tensor, body: dict[str, Any
     ``keep_last`` positions (all that generation's output layer reads on the client)."""
     if "result" not in body:
         keep = int(body.get("keep_last") or 0)
+        if not 0 <= keep <= (out.shape[-2] if out.dim() >= 2 else 0):
+            raise ValueError(f"keep_last={keep} is not within the output's {tuple(out.shape)} positions")
         return {"output": out[..., -keep:, :] if keep > 0 else out}
     labels = body.get("labels")
     labels = None if labels is None else labels.to(device, non_blocking=True)
