@@ -1,7 +1,7 @@
 """Gradients a training call computed ahead of its BACKWARD, kept apart until the client's scale comes.
 
 A two-part split whose server returns the loss alone runs each micro-batch's backward right after
-its forward (see ``split/remote.py``, ``_RemoteLossStep``): the server does not wait a round trip
+its forward (see ``split/remote_autograd.py``, ``RemoteLossStep``): the server does not wait a round trip
 for the loss's gradient. What it cannot know yet is the scale the client's autograd gives that
 loss (``1 / accumulate_grad_batches``, a loss weight, 0 for a loss never backpropagated). So
 the call's parameter gradients accumulate into tensors of their own, not into ``.grad``; its
