@@ -25,8 +25,6 @@ Both ends accept gRPC messages of ``chunk_size + FRAME_HEADROOM`` (config.py), w
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import zlib
 from collections.abc import Iterator
 
@@ -71,8 +69,6 @@ class EncodedFrames:
         self.wire_bytes = encoded.wire_bytes
         self.raw_bytes = encoded.raw_bytes
         self.fragment_size, self.fragment_count = fragment_plan(encoded.payload_bytes, encoded.chunk_size)
-        self._pieces = [memoryview(encoded.meta)] + [memoryview(b).cast("B") for b in encoded.buffers if len(b)]
-        self._starts = list(itertools.accumulate((len(p) for p in self._pieces), initial=0))
 
     def __iter__(self) -> Iterator[bytes]:
         for index in range(self.fragment_count):
@@ -82,18 +78,10 @@ class EncodedFrames:
         enc = self.encoded
         enc.wait_ready()  # device->host copies queued by encode_frames(defer=True)
         lo = index * self.fragment_size
-        hi = min(lo + self.fragment_size, enc.payload_bytes)
-        parts: list[memoryview] = []
+        parts = enc.fragment_parts(lo, min(lo + self.fragment_size, enc.payload_bytes))
         crc = 0
-        pi = bisect.bisect_right(self._starts, lo) - 1  # the piece holding byte `lo`
-        while lo < hi:
-            piece, start = self._pieces[pi], self._starts[pi]
-            part = piece[lo - start : min(hi, start + len(piece)) - start]
-            parts.append(part)
-            if enc.checksum:
-                crc = zlib.crc32(part, crc)  # releases the GIL on large parts
-            lo += len(part)
-            pi += 1
+        for part in parts if enc.checksum else ():
+            crc = zlib.crc32(part, crc)  # releases the GIL on large parts
         head = pb.Frame(header=enc.header, fragment_index=index, fragment_count=self.fragment_count,
                         payload_bytes=enc.payload_bytes, meta_bytes=enc.meta_bytes, crc32=crc).SerializeToString()
         if not parts:

@@ -24,6 +24,8 @@ fragment is then fresh memory to fault in.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -79,6 +81,8 @@ class EncodedMessage:
         self.checksum = checksum
         self.fragment_count = max(1, -(-self.payload_bytes // chunk_size))
         self._pending = list(pending or [])
+        self._pieces = [memoryview(meta)] + [memoryview(b).cast("B") for b in buffers if len(b)]
+        self._starts = list(itertools.accumulate((len(p) for p in self._pieces), initial=0))  # in the payload
 
     def wait_ready(self) -> None:
         """Wait for device->host copies still filling the buffers (see ``encode_message(defer=)``).
@@ -90,21 +94,23 @@ class EncodedMessage:
         """A fresh iterator over this message's Frames (may be called again, e.g. to resend)."""
         return FrameIterator(self)
 
+    def fragment_parts(self, lo: int, hi: int) -> list[memoryview]:
+        """The payload's bytes ``[lo, hi)`` as views of the meta and the buffers (nothing copied)."""
+        parts: list[memoryview] = []
+        pi = bisect.bisect_right(self._starts, lo) - 1  # the piece holding byte `lo`
+        while lo < hi:
+            piece, start = self._pieces[pi], self._starts[pi]
+            part = piece[lo - start : min(hi, start + len(piece)) - start]
+            parts.append(part)
+            lo += len(part)
+            pi += 1
+        return parts
+
     def _frames(self) -> Iterator[pb.Frame]:
         self.wait_ready()
-        pieces = [memoryview(self.meta)] + [b for b in self.buffers if len(b)]
-        pi, po = 0, 0  # current piece, offset in it
         for index in range(self.fragment_count):
-            want = min(self.chunk_size, self.payload_bytes - index * self.chunk_size)
-            parts: list[memoryview] = []
-            while want:
-                piece = pieces[pi]
-                take = min(want, len(piece) - po)
-                parts.append(piece[po : po + take])
-                want -= take
-                po += take
-                if po == len(piece):
-                    pi, po = pi + 1, 0
+            lo = index * self.chunk_size
+            parts = self.fragment_parts(lo, min(lo + self.chunk_size, self.payload_bytes))
             data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # the one copy
             yield pb.Frame(header=self.header, fragment_index=index, fragment_count=self.fragment_count,
                            payload_bytes=self.payload_bytes, meta_bytes=self.meta_bytes,
