@@ -20,6 +20,7 @@ Local and split runs are interleaved, repeat by repeat, in the same process.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ from _common import (  # noqa: E402
     pki_dir,
     print_table,
     random_batches,
+    shared_cpu_threads,
+    split_threads,
     timed,
     write_json,
 )
@@ -74,6 +77,11 @@ class Engine:
         self.transport: dict[str, float] = {"messages": 0, "sent": 0, "received": 0, "rtt": 0.0, "busy": 0.0}
 
     def run(self, ids: torch.Tensor, n: int, device: str, record: bool) -> None:
+        # Local generation computes with every core; a split's client with its half (split_threads).
+        with split_threads(device) if self.split else contextlib.nullcontext():
+            self._run(ids, n, device, record)
+
+    def _run(self, ids: torch.Tensor, n: int, device: str, record: bool) -> None:
         dt, _ = timed(lambda: generate(self.model, ids, 1), device)
         if record:
             self.ttft.append(dt)
@@ -136,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, results, rtts = [], [], {}
     with pki_dir() as pki:
         specs = {s: SplitSpec(cut=args.cut, shape=s) for s in args.shapes}
-        servers = {s: SplitServer(pki, source, spec, args.device) for s, spec in specs.items()}
+        # On a CPU each process computes with its half of the cores (split_threads).
+        threads = shared_cpu_threads() if torch.device(args.device).type == "cpu" else None
+        servers = {s: SplitServer(pki, source, spec, args.device, threads) for s, spec in specs.items()}
         engines = [Engine("local", build_model(source, device=args.device).eval())]
         try:
             for shape, server in servers.items():

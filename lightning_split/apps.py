@@ -57,6 +57,11 @@ def build_server(cfg: DictConfig) -> Any:
 
 
 def serve(cfg: DictConfig) -> None:
+    threads = cfg.server.get("torch_threads")
+    if threads:  # a CPU server on a host it shares with clients: its share of the cores
+        import torch
+
+        torch.set_num_threads(int(threads))
     server = build_server(cfg)
     split = server.handler.description["resolved"]
     print(f"lightning-split: serving {cfg.model.source.target} ({split['shape']}, server blocks "
