@@ -314,3 +314,28 @@ def test_malformed_training_and_result_instructions(body, split_server):
         loss.backward()
         remote.runner.confirm()
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_fused_loss_step_with_a_differentiable_block_argument(micro_batches, split_server):
+    """A user module whose blocks take an argument computed from the input (``scale``): in the fused
+    step its gradient comes back with the loss too, cut per micro-batch, scaled like the input's."""
+    import torch.nn.functional as F
+
+    case = CASES["user_module"]
+    spec = case.spec("two_part")
+    local = build_model(case.source).train()
+    x = torch.randn(6, case.source.config["in_features"], generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 3, 1, 2, 4, 1]) % case.source.config.get("out_features", 5)
+    x_l = x.clone().requires_grad_(True)
+    (F.cross_entropy(local(x_l), labels) * 0.5).backward()
+    with _connected(split_server, case.source, spec, tail={"mode": "trainable"}, micro_batches=micro_batches) as remote:
+        x_r = x.clone().requires_grad_(True)
+        before = remote.client.stats.messages
+        loss = remote.model.train()(x_r, labels=labels)
+        (loss * 0.5).backward()
+        remote.runner.confirm()
+        assert remote.client.stats.messages - before == micro_batches + 1  # fused: no BACKWARD round trips
+        torch.testing.assert_close(loss, F.cross_entropy(local(x), labels), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(x_r.grad, x_l.grad, atol=ATOL, rtol=1e-5)  # via the blocks and via scale
+        _assert_client_grads_match(remote.model, local)
