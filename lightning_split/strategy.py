@@ -65,7 +65,8 @@ class SplitStrategy(SingleDeviceStrategy):
         tail: the server segment's mode, ``"frozen"`` (``$LIGHTNING_SPLIT_TAIL``, default), ``"trainable"``
             or ``"lora"``, or a dict ``{"mode": ..., "optimizer": {...}, "lora": {...}}``.
         channel: ChannelConfig (chunk size, compression per direction, limits, deadlines, and
-            ``connections``: bond the stream over several TLS connections for large activations).
+            ``connections``: the TLS connections the stream is bonded over; by default one per 4
+            cores, at most 4).
         log_transport: log bytes each way, compression ratio and round-trip time each step.
         micro_batches: cut each training batch into this many micro-batches in flight, so that
             transfers overlap the server's compute (default: 2 once a hidden state reaches 4 MiB).
