@@ -57,16 +57,18 @@ def build_server(cfg: DictConfig) -> Any:
 
 
 def serve(cfg: DictConfig) -> None:
+    import torch
+
     threads = cfg.server.get("torch_threads")
     if threads:  # a CPU server on a host it shares with clients: its share of the cores
-        import torch
-
         torch.set_num_threads(int(threads))
     server = build_server(cfg)
     split = server.handler.description["resolved"]
+    host = cfg.server.address.rsplit(":", 1)[0]
     print(f"lightning-split: serving {cfg.model.source.target} ({split['shape']}, server blocks "
-          f"{split['cut']}..{split['end'] - 1}) on {cfg.server.address}"
-          f"{' (INSECURE plaintext)' if cfg.server.insecure else ' with mutual TLS'}", flush=True)
+          f"{split['cut']}..{split['end'] - 1}) on {host}:{server.port}"
+          f"{' (INSECURE plaintext)' if cfg.server.insecure else ' with mutual TLS'}, "
+          f"{torch.get_num_threads()} torch thread(s)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -33,7 +33,8 @@ def _free_port() -> int:
 def start_server(work: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lightning_split.cli", "serve", f"server.address=127.0.0.1:{port}",
            f"server.certs={work / 'certs'}", f"server.state_dir={work / 'server_state'}",
-           f"hydra.run.dir={work / 'server_run'}"]
+           f"hydra.run.dir={work / 'server_run'}",
+           f"server.torch_threads={max(1, (os.cpu_count() or 2) // 2)}"]  # this process has the other half
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     for line in proc.stdout:  # wait for the server to say it is serving
@@ -68,7 +69,7 @@ class Report(Callback):
 def main() -> int:
     from lightning_split.examples.modules import Classifier, digits_loaders
 
-    torch.set_num_threads(1)  # the server process takes the other core
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the server process has the other half
     with tempfile.TemporaryDirectory(prefix="lightning-split-demo-") as tmp:
         work = Path(tmp)
         print("1. certificates (lightning-split certs):")

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lightning_split import apps
+from lightning_split.channel import client_tls
 from lightning_split.split.build import ModelSource, build_model
 from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
@@ -30,8 +31,6 @@ def test_server_from_hydra_config_matches_local(model, pki, tmp_path):
     try:
         source = ModelSource.from_dict(OmegaConf.to_container(cfg.model.source))
         spec = SplitSpec.from_dict(OmegaConf.to_container(cfg.model.split))
-        from lightning_split.channel import client_tls
-
         remote = open_split(f"127.0.0.1:{server.port}", "alice", client_tls(pki, "alice"), source=source, spec=spec)
         local = build_model(source).eval()
         if model == "gpt2_tiny":
@@ -82,3 +81,32 @@ def test_recipes_train_through_a_server(recipe, serve_model, pki, tmp_path, monk
         assert cfg.client.tail.mode in ("lora", "frozen")
     finally:
         server.stop(grace=0)
+
+
+def test_serve_command_starts_serves_and_stops(pki, tmp_path):
+    """``lightning-split serve`` in its own process: it says where it listens and with how many
+    torch threads (server.torch_threads), serves a client over mutual TLS, and stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lightning_split.cli", "serve", "server.address=127.0.0.1:0", f"server.certs={pki}",
+           f"server.state_dir={tmp_path / 'state'}", f"hydra.run.dir={tmp_path / 'run'}", "server.torch_threads=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = next(line for line in proc.stdout if "lightning-split: serving" in line)
+        assert "with mutual TLS" in line and "1 torch thread(s)" in line
+        port = int(line.split(" on 127.0.0.1:")[1].split()[0].rstrip(","))
+        remote = open_split(f"127.0.0.1:{port}", "alice", client_tls(pki, "alice"))
+        try:
+            x = torch.randn(4, 64)
+            with torch.no_grad():
+                out = remote.model.eval()(x)
+            assert out.shape[0] == 4 and torch.isfinite(out).all()
+        finally:
+            remote.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
