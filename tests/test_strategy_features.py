@@ -72,6 +72,35 @@ def test_gradient_clipping_is_global(split_server):
     strategy.close()
 
 
+def test_gradient_clipping_is_global_with_fused_two_part_steps(split_server):
+    """Two-part GPT-2, the loss on the server, each step fused (the server backpropagates with its
+    forward), two accumulated batches (loss scale 1/2), and a clipping norm small enough to clip:
+    the global norm takes the server's gradients after its scaled ones were applied."""
+    spec = SplitSpec(cut=1, shape="two_part")
+    local = CausalLM(lr=3e-3, optimizer="Adam")
+    local.model = build_model(GPT2)
+    local.model.lm_head.weight = torch.nn.Parameter(local.model.lm_head.weight.detach().clone())  # untied
+    trainer, local_rec = _trainer(steps=4, gradient_clip_val=0.05)
+    trainer.fit(local, _gpt2_batches())
+
+    address, tls_for = split_server(GPT2, spec)
+    strategy = _strategy(address, tls_for("alice"), tail="trainable")
+    split = CausalLM(lr=3e-3, optimizer="Adam")
+    trainer, split_rec = _trainer(strategy, steps=4, gradient_clip_val=0.05)
+    trainer.fit(split, _gpt2_batches())
+    assert strategy._clip_coef is not None and strategy._clip_coef < 1.0  # it did clip
+    torch.testing.assert_close(torch.tensor(split_rec.losses), torch.tensor(local_rec.losses), rtol=1e-5, atol=1e-6)
+    local_params = dict(local.named_parameters())
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(p, local_params[name], rtol=1e-5, atol=1e-6, msg=name)
+    (session,) = [s for s in _sessions_of(split_server) if s.id == strategy.split.client.session_id]
+    for i, block in enumerate(session.state["segment"].module.blocks):
+        for (n, p), (_, q) in zip(block.named_parameters(), local.model.transformer.h[1 + i].named_parameters(),
+                                  strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server block {i} {n}")
+    strategy.close()
+
+
 def test_bf16_mixed_precision_tracks_local(split_server):
     local = CausalLM(lr=3e-3)
     local.model = build_model(GPT2)
