@@ -190,6 +190,7 @@ class SplitStrategy(SingleDeviceStrategy):
         finally:
             unsent, runner.pending_step = runner.pending_step, None
             runner.outstanding.clear()  # a graph not backpropagated by now never will be
+            runner.pending_loss_steps.clear()
         runner.confirm()  # a server error in this step's fused backward surfaces in this step
         if not fused or unsent is not None:
             # Clipping needs the global norm first; or no backward carried the step (manual

@@ -339,3 +339,29 @@ def test_fused_loss_step_with_a_differentiable_block_argument(micro_batches, spl
         torch.testing.assert_close(loss, F.cross_entropy(local(x), labels), atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(x_r.grad, x_l.grad, atol=ATOL, rtol=1e-5)  # via the blocks and via scale
         _assert_client_grads_match(remote.model, local)
+
+
+def test_many_loss_only_calls_before_one_backward(split_server):
+    """Six loss-only calls before one backward (their losses summed): the first four are fused (the
+    server keeps at most four calls' gradients apart), the rest run unfused; all equal local."""
+    spec = SplitSpec(cut=1, shape="two_part")
+    local = build_model(GPT2).train()
+    local.lm_head.weight = torch.nn.Parameter(local.lm_head.weight.detach().clone())
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 128, (2, 10), generator=g) for _ in range(6)]
+    sum(local(input_ids=ids, labels=ids).loss for ids in batches).backward()
+    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=1) as remote:
+        model = remote.model.train()
+        before = remote.client.stats.messages
+        total = sum(model(input_ids=ids, labels=ids).loss for ids in batches)
+        assert len(remote.runner.pending_loss_steps) == 4
+        total.backward()
+        remote.runner.confirm()
+        assert remote.client.stats.messages - before == 4 * 2 + 2 * 2  # fused: 1 + 1; unfused: 2 round trips
+        _assert_client_grads_match(model, local)
+        segment = _server_segment(split_server, remote)
+        assert not segment.call_grads.calls and not remote.runner.pending_loss_steps
+        for i, block in enumerate(segment.module.blocks):
+            for (n, p), (_, q) in zip(block.named_parameters(), local.transformer.h[1 + i].named_parameters(),
+                                      strict=True):
+                torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=1e-5, msg=f"server block {i} {n}")

@@ -18,13 +18,15 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from lightning_split.split.remote_autograd import MAX_PENDING_LOSS_STEPS
+
 log = logging.getLogger(__name__)
 
 
 class CallGradients:
     """Per call id, the parameters' gradients of the backwards run so far; at most ``max_calls``."""
 
-    def __init__(self, params: list[nn.Parameter], max_calls: int = 4) -> None:
+    def __init__(self, params: list[nn.Parameter], max_calls: int = MAX_PENDING_LOSS_STEPS) -> None:
         self.params = params
         self.max_calls = max_calls  # each holds up to one tensor per parameter: bounded memory
         self.calls: OrderedDict[int, list[torch.Tensor | None]] = OrderedDict()

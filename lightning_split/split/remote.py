@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from lightning_split.split.remote_autograd import RemoteForward, RemoteLossStep, batch_ranges, weighted_mean
+from lightning_split.split.remote_autograd import (
+    MAX_PENDING_LOSS_STEPS,
+    RemoteForward,
+    RemoteLossStep,
+    batch_ranges,
+    weighted_mean,
+)
 from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, SegmentProxy, map_leaves
 from lightning_split.wire import MessageType
 
@@ -83,6 +89,7 @@ class RemoteSegment:
         # Micro-batch ids forwarded with autograd on whose backward has not run yet: the step may
         # only ride on the backward that leaves none (a model called twice in one step has two).
         self.outstanding: set[int] = set()
+        self.pending_loss_steps: set[int] = set()  # fused call ids among them
         self._ids = itertools.count()
         self._keys: tuple[str, ...] = ()
 
@@ -150,7 +157,8 @@ class RemoteSegment:
         with labels), cut into micro-batches along the labels' batch dimension."""
         labels = body.get("labels")
         if (not self.fuse_loss_backward or not self.proxy.hand_off or body.get("result") not in (None, "loss")
-                or not isinstance(labels, torch.Tensor) or labels.dim() < 1 or labels.shape[0] != batch):
+                or not isinstance(labels, torch.Tensor) or labels.dim() < 1 or labels.shape[0] != batch
+                or len(self.pending_loss_steps) >= MAX_PENDING_LOSS_STEPS):
             return None
         return self._target_counts(labels, chunks)
 

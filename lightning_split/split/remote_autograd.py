@@ -18,6 +18,11 @@ from lightning_split.wire import MessageType
 if TYPE_CHECKING:
     from lightning_split.split.remote import RemoteSegment
 
+# Loss-only calls whose BACKWARD has not come yet, at most, per session: the server keeps each
+# one's parameter gradients apart (server/call_grads.py). A client with that many pending runs
+# its next call unfused (a model called many times before one backward).
+MAX_PENDING_LOSS_STEPS = 4
+
 
 def weighted_mean(losses: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     counts = counts.to(losses.device, losses.dtype)
@@ -199,6 +204,7 @@ class RemoteLossStep(torch.autograd.Function):
         replies = [r.body for r in _await_replies(runner, ids, futures, call)]
         runner.outstanding.difference_update(ids)
         runner.outstanding.add(call)
+        runner.pending_loss_steps.add(call)
         ctx.runner, ctx.call, ctx.many = runner, call, len(ranges) > 1
         _remember_inputs(ctx, hidden, extra)
         ctx.grad_input, ctx.extra_grads = _input_grads(ctx, replies, ctx.many)
@@ -209,6 +215,7 @@ class RemoteLossStep(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         runner: RemoteSegment = ctx.runner
         runner.outstanding.discard(ctx.call)
+        runner.pending_loss_steps.discard(ctx.call)
         request: dict[str, Any] = {"id": ctx.call, "call": ctx.call,
                                    "scale": None if grad_loss is None else grad_loss.detach()}
         _take_pending_step(runner, request)
