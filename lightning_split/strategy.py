@@ -153,6 +153,11 @@ class SplitStrategy(SingleDeviceStrategy):
             self._request(MessageType.OPTIMIZER_STEP,
                           {"op": "configure", "optimizer": _optimizer_spec(self.optimizers[0])})
 
+    def on_train_end(self) -> None:
+        if self.split is not None:
+            self.split.runner.confirm()  # the last step's fused backward, too, reached the server
+        super().on_train_end()
+
     def close(self) -> None:
         """End the server session (its state is freed; saved checkpoints stay on the server)."""
         if self.split is not None:
@@ -191,7 +196,7 @@ class SplitStrategy(SingleDeviceStrategy):
             unsent, runner.pending_step = runner.pending_step, None
             runner.outstanding.clear()  # a graph not backpropagated by now never will be
             runner.pending_loss_steps.clear()
-        runner.confirm()  # a server error in this step's fused backward surfaces in this step
+        runner.confirm(wait=False)  # a server error in a fused backward surfaces at once or next step
         if not fused or unsent is not None:
             # Clipping needs the global norm first; or no backward carried the step (manual
             # optimization, a closure that skipped its backward): ask for it now.

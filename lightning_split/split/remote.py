@@ -107,7 +107,7 @@ class RemoteSegment:
             body["logits_to_keep"] = int(extra.get("logits_to_keep", 0))
         self.proxy.last_cache = cache
         if torch.is_grad_enabled():
-            self.confirm()
+            self.confirm(wait=False)
             chunks = self._chunks_for(hidden)
             counts = self._loss_counts(body, chunks, hidden.shape[0])
             if counts is not None:
@@ -162,10 +162,15 @@ class RemoteSegment:
             return None
         return self._target_counts(labels, chunks)
 
-    def confirm(self) -> None:
-        """Wait for the fused calls' BACKWARD replies: a server error there surfaces here."""
+    def confirm(self, wait: bool = True) -> None:
+        """Check the fused calls' BACKWARD replies: a server error there raises here. ``wait=False``
+        checks only the replies that came (the rest stay for the next check): the client need not
+        wait for the server's step before its next forward, which the server queues behind it."""
         unconfirmed, self.unconfirmed = self.unconfirmed, []
-        for future in unconfirmed:
+        for i, future in enumerate(unconfirmed):
+            if not wait and not future.done():
+                self.unconfirmed = unconfirmed[i:] + self.unconfirmed
+                return
             future.result()
 
     def _cache_info(self, cache: Any, hidden: torch.Tensor) -> dict[str, Any]:
