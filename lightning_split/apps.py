@@ -48,6 +48,7 @@ def build_server(cfg: DictConfig) -> Any:
         state_dir=s.state_dir,
         max_cache_tokens=s.max_cache_tokens,
         fast_decode=s.get("fast_decode"),
+        prompt_graph_tokens=s.get("prompt_graph_tokens", 4096),
     )
     tls = None if s.insecure else server_tls(s.certs)
     server = ChannelServer(service, s.address, tls=tls, insecure=s.insecure,

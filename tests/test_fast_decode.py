@@ -171,7 +171,7 @@ def test_growth_and_reuse_across_generations(pair, family):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(SOURCES))
-def test_a_recurring_prompt_shape_replays_a_graph(pair, family, attn, monkeypatch):
+def test_a_recurring_prompt_shape_replays_a_graph(pair, family, attn):
     """The second prompt of a shape runs as a graph on the static cache; a long one stays eager."""
     local, remote, decoder = pair(family, graphs=True, attn=attn)
     ids, mask = _prompts(3)
@@ -188,10 +188,22 @@ def test_a_recurring_prompt_shape_replays_a_graph(pair, family, attn, monkeypatc
     for run in range(2):
         got, expected = _generate_both(local, remote, ids, **kw)
         assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 2 + run
-    monkeypatch.setattr("lightning_split.server.fast_decode.PROMPT_GRAPH_TOKENS", 3 * 7 - 1)
+    decoder.prompt_graph_tokens = 3 * 7 - 1  # this prompt is now "long": it stays eager
     for _ in range(2):
         got, expected = _generate_both(local, remote, ids, **kw)
         assert torch.equal(got, expected) and decoder.stats["graph_prompts"] == 3
+
+
+def test_prompt_graphs_can_be_turned_off(pair):
+    """SplitService(prompt_graph_tokens=0) (serve.yaml: server.prompt_graph_tokens): prompts always
+    run on the eager path; decode steps still replay their graph."""
+    local, remote, decoder = pair("gpt2", graphs=True, prompt_graph_tokens=0)
+    ids, mask = _prompts(2)
+    for _ in range(3):
+        got, expected = _generate_both(local, remote, ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                       pad_token_id=0)
+        assert torch.equal(got, expected)
+    assert decoder.stats["graph_prompts"] == 0 and decoder.stats["graph_steps"] == 6
 
 
 def test_cache_control_with_the_static_cache(pair):

@@ -14,7 +14,7 @@ buffer the graph was captured with.
   capacity with masked slots. No mask (sdpa without padding) means plain causal attention.
 * A prompt (prefill) the first time its shape comes runs exactly as on the eager path, on a
   DynamicCache with the client's own mask, and its keys and values are then copied into the
-  static cache. A short prompt (at most ``PROMPT_GRAPH_TOKENS`` tokens in all) whose shape came
+  static cache. A short prompt (at most ``prompt_graph_tokens`` tokens in all) whose shape came
   before is a graph too: eagerly it is as launch-bound as a decode step, and a capture (a few
   eager runs) is paid only for shapes that recur (fixed-length prompts, padded batches).
 * CPU steps run eagerly on the static cache; CUDA steps replay a graph, captured once per input
@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 FAMILIES = ("gpt2", "llama")  # model types whose block arguments and masks this path was checked on
 ATTENTION = ("sdpa", "eager")  # attention implementations whose masks we know how to pad
 WARMUP_STEPS = 3  # eager runs on the capture stream first, as PyTorch advises (lazy inits, cuBLAS workspace)
-# Prompts up to this many tokens (batch x length) replay graphs once their shape recurs; longer
-# ones keep GPU kernels busy enough eagerly, and would attend over the static cache's empty slots.
+# Prompts up to this many tokens (batch x length), by default, replay graphs once their shape
+# recurs; longer ones keep GPU kernels busy enough eagerly, and would attend over the static
+# cache's empty slots.
 PROMPT_GRAPH_TOKENS = 4096
 MAX_PROMPT_SHAPES = 1024  # prompt shapes remembered (a count each) before the count starts over
 RESULT_OPTIONS = ("result", "top_k", "logits_to_keep", "keep_last")  # what a step returns: part of a graph
@@ -89,8 +90,10 @@ class StaticDecoder:
     """A session's static KV cache for its server layers, and the graphs that decode on it."""
 
     def __init__(self, module: ServerSegment, hf_config: Any, device: torch.device, max_tokens: int,
-                 min_tokens: int = 256, graphs: bool = True, max_graphs: int = 8) -> None:
+                 min_tokens: int = 256, graphs: bool = True, max_graphs: int = 8,
+                 prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS) -> None:
         self.module, self.hf_config, self.device = module, hf_config, device
+        self.prompt_graph_tokens = prompt_graph_tokens
         self.max_tokens, self.min_tokens, self.max_graphs = max_tokens, min_tokens, max_graphs
         self.layer_ids = [_layer_idx(b) for b in module.blocks]
         self.mask_arg = _mask_arg(module.blocks[0])
@@ -203,7 +206,7 @@ class StaticDecoder:
 
     def _recurring_prompt(self, hidden: torch.Tensor, kind: str, body: dict[str, Any]) -> bool:
         """Count this prompt's shape; True if it is short and came before (it may replay a graph)."""
-        if hidden.shape[0] * hidden.shape[1] > PROMPT_GRAPH_TOKENS:
+        if hidden.shape[0] * hidden.shape[1] > self.prompt_graph_tokens:
             return False
         if len(self.prompt_shapes) >= MAX_PROMPT_SHAPES:
             self.prompt_shapes.clear()

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.server.call_grads import CallGradients
-from lightning_split.server.fast_decode import StaticDecoder
+from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS, StaticDecoder
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
 
@@ -87,6 +87,7 @@ class SessionSegment:
         max_graphs: int = 256,
         max_cache_tokens: int = 4096,
         fast_decode: bool | None = None,
+        prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS,
     ) -> None:
         mode = tail.get("mode", "frozen")
         if mode not in TAIL_MODES:
@@ -126,7 +127,8 @@ class SessionSegment:
             fast_decode = self.device.type == "cuda"
         self.fast: StaticDecoder | None = None
         if fast_decode and tail.get("fast_decode", True) and StaticDecoder.supports(self.module, hf_config):
-            self.fast = StaticDecoder(self.module, hf_config, self.device, max_cache_tokens)
+            self.fast = StaticDecoder(self.module, hf_config, self.device, max_cache_tokens,
+                                      prompt_graph_tokens=prompt_graph_tokens)
 
     # -- forward / backward -------------------------------------------------------------------
 

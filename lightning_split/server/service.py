@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from lightning_split.channel import HandlerError, Session
+from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
 from lightning_split.server.segment_state import TAIL_MODES, CacheError, SegmentError, SessionSegment
 from lightning_split.server.state_store import StateStore
 from lightning_split.split.build import ModelSource, build_model, describe_config
@@ -49,6 +50,7 @@ class SplitService:
         max_cache_tokens: int = 4096,
         max_graphs: int = 256,
         fast_decode: bool | None = None,
+        prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -73,6 +75,9 @@ class SplitService:
         # (fast_decode.py); None: where the segment is on a GPU; off: Hugging Face's DynamicCache
         # and eager blocks for every step.
         self.fast_decode = fast_decode
+        # Prompts up to this many tokens (batch x length) replay CUDA graphs once their shape
+        # recurs; each captured shape holds a memory pool of its own. 0: prompts always run eagerly.
+        self.prompt_graph_tokens = int(prompt_graph_tokens)
         self.description = {
             "model": describe_config(source),
             "split": spec.to_dict(),
@@ -101,7 +106,8 @@ class SplitService:
             )
         try:
             session.state["segment"] = SessionSegment(
-                self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode
+                self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode,
+                self.prompt_graph_tokens,
             )
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
