@@ -365,3 +365,29 @@ def test_many_loss_only_calls_before_one_backward(split_server):
             for (n, p), (_, q) in zip(block.named_parameters(), local.transformer.h[1 + i].named_parameters(),
                                       strict=True):
                 torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=1e-5, msg=f"server block {i} {n}")
+
+
+def test_a_failed_fused_backward_surfaces_at_the_next_check(split_server):
+    """The fused BACKWARD is not awaited, but its failure is not lost: a second backward of the same
+    loss (retain_graph) names a call the server already applied; confirm() raises its error, and a
+    check that does not wait raises it too once the reply is in."""
+    from lightning_split.channel import RemoteError
+
+    spec = SplitSpec(cut=1, shape="two_part")
+    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}) as remote:
+        model = remote.model.train()
+        ids = torch.randint(0, 128, (2, 8))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        with pytest.raises(RemoteError) as err:
+            remote.runner.confirm()
+        assert err.value.code.name == "INVALID_ARGUMENT" and "no pending fused call" in err.value.message
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        remote.runner.unconfirmed[-1].exception(timeout=30)  # the reply is in
+        with pytest.raises(RemoteError):
+            model(input_ids=ids, labels=ids)  # the next training call checks without waiting
+        model(input_ids=ids, labels=ids).loss.backward()  # and the session trains on
+        remote.runner.confirm()
