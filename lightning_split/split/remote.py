@@ -166,12 +166,8 @@ class RemoteSegment:
         """Check the fused calls' BACKWARD replies: a server error there raises here. ``wait=False``
         checks only the replies that came (the rest stay for the next check): the client need not
         wait for the server's step before its next forward, which the server queues behind it."""
-        unconfirmed, self.unconfirmed = self.unconfirmed, []
-        for i, future in enumerate(unconfirmed):
-            if not wait and not future.done():
-                self.unconfirmed = unconfirmed[i:] + self.unconfirmed
-                return
-            future.result()
+        while self.unconfirmed and (wait or self.unconfirmed[0].done()):
+            self.unconfirmed.pop(0).result()
 
     def _cache_info(self, cache: Any, hidden: torch.Tensor) -> dict[str, Any]:
         if self.cut == 0:

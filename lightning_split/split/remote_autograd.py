@@ -30,9 +30,10 @@ def weighted_mean(losses: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def batch_ranges(batch: int, chunks: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) ranges of the batch, as equal as possible (like torch.tensor_split)."""
+    """Contiguous [start, stop) ranges of the batch, as equal as possible (like torch.tensor_split);
+    at least one, so that an empty batch is still one (empty) request."""
     bounds = [batch * i // chunks for i in range(chunks + 1)]
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a] or [(0, batch)]
 
 
 def _slice_batch(value: Any, batch: int, start: int, stop: int) -> Any:
@@ -65,7 +66,7 @@ def _release(runner: RemoteSegment, ids: list[int], futures: list[Any], call: in
     try:
         if call is not None:
             if any(f.exception() is None for f in futures):
-                runner.client.request(MessageType.BACKWARD, {"id": call, "call": call, "scale": None}, step=runner.step)
+                runner.client.request(MessageType.BACKWARD, {"call": call, "scale": None}, step=runner.step)
             return
         for micro_id, future in zip(ids, futures, strict=True):
             if future.exception() is None:
@@ -146,7 +147,7 @@ class RemoteForward(torch.autograd.Function):
         ctx: Any, runner: RemoteSegment, body: dict[str, Any], chunks: int, hidden: torch.Tensor,
         *extra: torch.Tensor,
     ) -> Any:
-        ranges = batch_ranges(hidden.shape[0], chunks) if chunks > 1 else [(0, hidden.shape[0])]
+        ranges = batch_ranges(hidden.shape[0], chunks)
         ids, futures = _submit_micro_batches(runner, body, ranges, hidden, extra)
         replies = _await_replies(runner, ids, futures)
         keys = tuple(sorted(replies[0].body))
@@ -195,8 +196,7 @@ class RemoteLossStep(torch.autograd.Function):
         ctx: Any, runner: RemoteSegment, body: dict[str, Any], counts: torch.Tensor, hidden: torch.Tensor,
         *extra: torch.Tensor,
     ) -> torch.Tensor:
-        chunks = counts.shape[0]
-        ranges = batch_ranges(hidden.shape[0], chunks) if chunks > 1 else [(0, hidden.shape[0])]
+        ranges = batch_ranges(hidden.shape[0], counts.shape[0])
         call = runner.next_id()
         weights = counts.float() / counts.sum().float()
         fused = [{"call": call, "weight": weights[i]} for i in range(len(ranges))]
@@ -216,8 +216,7 @@ class RemoteLossStep(torch.autograd.Function):
         runner: RemoteSegment = ctx.runner
         runner.outstanding.discard(ctx.call)
         runner.pending_loss_steps.discard(ctx.call)
-        request: dict[str, Any] = {"id": ctx.call, "call": ctx.call,
-                                   "scale": None if grad_loss is None else grad_loss.detach()}
+        request: dict[str, Any] = {"call": ctx.call, "scale": None if grad_loss is None else grad_loss.detach()}
         _take_pending_step(runner, request)
         runner.unconfirmed.append(runner.client.submit(MessageType.BACKWARD, request, step=runner.step))
         if grad_loss is None:
