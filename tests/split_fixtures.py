@@ -26,7 +26,13 @@ def split_server(pki: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
         servers.append(server)
         return f"127.0.0.1:{port}", lambda node_id: client_tls(pki, node_id)
 
+    def _segment(remote: Any, server: Any = None) -> Any:
+        """The SessionSegment of ``remote``'s session on ``server`` (default: the last one started)."""
+        server = servers[-1] if server is None else server
+        return server.sessions.snapshot()[remote.client.session_id].state["segment"]
+
     _start.servers = servers  # tests may look at the server's sessions
+    _start.segment = _segment
     yield _start
     for server in servers:
         server.stop(grace=0)

@@ -47,8 +47,7 @@ def _prompts(batch: int, length: int = 7, seed: int = 11, device: str = "cpu") -
 
 def _decoder(split_server, remote) -> StaticDecoder:  # noqa: ANN001
     """The server-side static decoder of ``remote``'s session."""
-    sessions = split_server.servers[-1].sessions.snapshot()
-    segment: SessionSegment = sessions[remote.client.session_id].state["segment"]
+    segment: SessionSegment = split_server.segment(remote)
     assert segment.fast is not None, "the fast decode path is off for this session"
     return segment.fast
 
@@ -244,7 +243,7 @@ def test_the_path_is_off_on_cpu_by_default(split_server):
     address, tls_for = split_server(GPT2, spec)
     remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec)
     try:
-        segment = split_server.servers[-1].sessions.snapshot()[remote.client.session_id].state["segment"]
+        segment = split_server.segment(remote)
         assert segment.fast is None  # a static cache without CUDA graphs is no faster than HF's
     finally:
         remote.close()
@@ -259,7 +258,7 @@ def test_the_path_can_be_turned_off(split_server):
                          tail={"mode": "frozen", "fast_decode": False})
     try:
         for server, r in zip(split_server.servers, (remote, remote2), strict=True):
-            segment = server.sessions.snapshot()[r.client.session_id].state["segment"]
+            segment = split_server.segment(r, server)
             assert segment.fast is None
             ids, _ = _prompts(1)
             r.model.eval().generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)

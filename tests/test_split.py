@@ -188,10 +188,6 @@ def test_two_part_training_returns_the_loss_alone(split_server):
         remote.runner.confirm()
 
 
-def _server_segment(split_server, remote):  # noqa: ANN001, ANN202
-    return split_server.servers[-1].sessions.snapshot()[remote.client.session_id].state["segment"]
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-round-trips"])
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_two_part_loss_training_matches_local(fused, micro_batches, split_server):
@@ -220,7 +216,7 @@ def test_two_part_loss_training_matches_local(fused, micro_batches, split_server
         calls = 2 * (micro_batches + 1) if fused else 2 * 2 * micro_batches
         assert remote.client.stats.messages - before == calls
         _assert_client_grads_match(model, local)
-        segment = _server_segment(split_server, remote)
+        segment = split_server.segment(remote)
         assert not segment.call_grads.calls  # every fused call's gradients were applied
         server = segment.module
         checked = 0
@@ -359,7 +355,7 @@ def test_many_loss_only_calls_before_one_backward(split_server):
         remote.runner.confirm()
         assert remote.client.stats.messages - before == 4 * 2 + 2 * 2  # fused: 1 + 1; unfused: 2 round trips
         _assert_client_grads_match(model, local)
-        segment = _server_segment(split_server, remote)
+        segment = split_server.segment(remote)
         assert not segment.call_grads.calls and not remote.runner.pending_loss_steps
         for i, block in enumerate(segment.module.blocks):
             for (n, p), (_, q) in zip(block.named_parameters(), local.transformer.h[1 + i].named_parameters(),
