@@ -112,8 +112,9 @@ def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Ru
 
 def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
              batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours",
-             lossy: str = "none", connections: int | None = None, fuse: bool = True) -> Run:
-    tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}}
+             lossy: str = "none", connections: int | None = None, fuse: bool = True,
+             train_graphs: bool = True) -> Run:
+    tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}, "train_graphs": train_graphs}
     wire = CompressionConfig(lossy=lossy)
     config = ChannelConfig(client_to_server=wire, server_to_client=wire,
                            connections=connections or args.connections)
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra 'ours mb=N' rows with these micro-batch counts (same server, same run)")
     p.add_argument("--also-unfused", action="store_true",
                    help="an extra row whose server waits for a BACKWARD per micro-batch (two round trips)")
+    p.add_argument("--also-eager-server", action="store_true",
+                   help="an extra row whose server runs every micro-batch eagerly (no CUDA graphs)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     t_start = time.perf_counter()
     source = model_source(args.model, "fp32")  # fp32 master weights; bf16 is autocast
@@ -396,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.also_unfused:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours unfused", fuse=False))
             print(f"  ours unfused {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        if args.also_eager_server:
+            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours eager server",
+                                 train_graphs=False))
+            print(f"  ours eager server {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         if args.also_bf16_wire:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours bf16 wire", "bf16"))
             print(f"  ours bf16 wire {runs[-1].steps_per_s:8.2f} steps/s", flush=True)

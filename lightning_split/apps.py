@@ -49,6 +49,7 @@ def build_server(cfg: DictConfig) -> Any:
         max_cache_tokens=s.max_cache_tokens,
         fast_decode=s.get("fast_decode"),
         prompt_graph_tokens=s.get("prompt_graph_tokens", 4096),
+        train_graphs=s.get("train_graphs", True),
     )
     tls = None if s.insecure else server_tls(s.certs)
     server = ChannelServer(service, s.address, tls=tls, insecure=s.insecure,

@@ -188,12 +188,15 @@ def test_two_part_training_returns_the_loss_alone(split_server):
         remote.runner.confirm()
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-round-trips"])
+@pytest.mark.parametrize("fused,graphs", [(True, False), (True, True), (False, False)],
+                         ids=["fused", "fused-graphs", "two-round-trips"])
 @pytest.mark.parametrize("micro_batches", [1, 3])
-def test_two_part_loss_training_matches_local(fused, micro_batches, split_server):
+def test_two_part_loss_training_matches_local(fused, graphs, micro_batches, split_server):
     """A loss-only training call, with the server's backward run at once (fused) or on the BACKWARD:
     the loss, the client's and the server's gradients equal the whole model's, over two accumulated
-    batches whose losses are scaled (by 0.5, then 0.25) and whose micro-batches count uneven targets."""
+    batches whose losses are scaled (by 0.5, then 0.25) and whose micro-batches count uneven targets.
+    ``graphs``: fused micro-batches whose shape recurs take the CUDA-graph path's bookkeeping (static
+    buffers, gradients copied into the call's), the step run on CPU at each replay."""
     spec = SplitSpec(cut=1, shape="two_part")
     local = build_model(GPT2).train()
     local.lm_head.weight = torch.nn.Parameter(local.lm_head.weight.detach().clone())  # untied, like the split
@@ -204,6 +207,7 @@ def test_two_part_loss_training_matches_local(fused, micro_batches, split_server
     labels[1][4, 2:] = -100
     with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=micro_batches) as remote:
         remote.runner.fuse_loss_backward = fused
+        split_server.segment(remote).train_graphs.emulate = graphs
         model = remote.model.train()
         before = remote.client.stats.messages
         for ids, lab, scale in zip(batches, labels, (0.5, 0.25), strict=True):
@@ -218,6 +222,8 @@ def test_two_part_loss_training_matches_local(fused, micro_batches, split_server
         _assert_client_grads_match(model, local)
         segment = split_server.segment(remote)
         assert not segment.call_grads.calls  # every fused call's gradients were applied
+        # The first micro-batch of a shape runs eagerly; every later one replays (3 micro-batches of 2).
+        assert segment.train_graphs.stats["graph_steps"] == ((2 * micro_batches - 1) if graphs else 0)
         server = segment.module
         checked = 0
         for i, block in enumerate(server.blocks):
@@ -312,10 +318,12 @@ def test_malformed_training_and_result_instructions(body, split_server):
         assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_fused_loss_step_with_a_differentiable_block_argument(micro_batches, split_server):
+def test_fused_loss_step_with_a_differentiable_block_argument(micro_batches, graphs, split_server):
     """A user module whose blocks take an argument computed from the input (``scale``): in the fused
-    step its gradient comes back with the loss too, cut per micro-batch, scaled like the input's."""
+    step its gradient comes back with the loss too, cut per micro-batch, scaled like the input's
+    (``graphs``: the second of the two calls replays the graph path's bookkeeping)."""
     import torch.nn.functional as F
 
     case = CASES["user_module"]
@@ -326,11 +334,20 @@ def test_fused_loss_step_with_a_differentiable_block_argument(micro_batches, spl
     x_l = x.clone().requires_grad_(True)
     (F.cross_entropy(local(x_l), labels) * 0.5).backward()
     with _connected(split_server, case.source, spec, tail={"mode": "trainable"}, micro_batches=micro_batches) as remote:
+        segment = split_server.segment(remote)
+        segment.train_graphs.emulate = graphs
+        if graphs:  # a first call of the same shape, its gradients set aside: the next one replays
+            remote.model.train()(x.clone().requires_grad_(True), labels=labels).backward()
+            remote.runner.confirm()
+            remote.model.zero_grad(set_to_none=True)
+            for p in segment.module.parameters():
+                p.grad = None
         x_r = x.clone().requires_grad_(True)
         before = remote.client.stats.messages
         loss = remote.model.train()(x_r, labels=labels)
         (loss * 0.5).backward()
         remote.runner.confirm()
+        assert segment.train_graphs.stats["graph_steps"] == (2 * micro_batches - 1 if graphs else 0)
         assert remote.client.stats.messages - before == micro_batches + 1  # fused: no BACKWARD round trips
         torch.testing.assert_close(loss, F.cross_entropy(local(x), labels), atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(x_r.grad, x_l.grad, atol=ATOL, rtol=1e-5)  # via the blocks and via scale

@@ -37,11 +37,7 @@ class CallGradients:
         Autograd then accumulates into them in place (no extra copies, no extra adds); the
         session's ``.grad`` (earlier calls of this training step) is put back untouched.
         """
-        mine = self.calls.pop(call, None) or [None] * len(self.params)
-        while len(self.calls) >= self.max_calls:
-            stale, _ = self.calls.popitem(last=False)
-            log.warning("dropping the gradients of training call %d: %d calls without a BACKWARD",
-                        stale, self.max_calls)
+        mine = self._take(call)
         saved = [p.grad for p in self.params]
         for p, g in zip(self.params, mine, strict=True):
             p.grad = g
@@ -52,6 +48,32 @@ class CallGradients:
             for p, g in zip(self.params, saved, strict=True):
                 p.grad = g
         self.calls[call] = mine
+
+    def add(self, call: int, grads: list[torch.Tensor | None]) -> None:
+        """Add one backward's gradients (a CUDA graph's outputs, rewritten by its next replay) to
+        ``call``'s: copied the first time, added after that."""
+        mine = self._take(call)
+        into, added = [], []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if mine[i] is None:
+                mine[i] = g.clone()
+            else:
+                into.append(mine[i])
+                added.append(g)
+        if into:
+            torch._foreach_add_(into, added)
+        self.calls[call] = mine
+
+    def _take(self, call: int) -> list[torch.Tensor | None]:
+        """``call``'s gradients so far (None each, for a new call), making room for it."""
+        mine = self.calls.pop(call, None) or [None] * len(self.params)
+        while len(self.calls) >= self.max_calls:
+            stale, _ = self.calls.popitem(last=False)
+            log.warning("dropping the gradients of training call %d: %d calls without a BACKWARD",
+                        stale, self.max_calls)
+        return mine
 
     def __contains__(self, call: int) -> bool:
         return call in self.calls

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_split.server.cuda_graphs import capture
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves
 
@@ -43,14 +43,12 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("gpt2", "llama")  # model types whose block arguments and masks this path was checked on
 ATTENTION = ("sdpa", "eager")  # attention implementations whose masks we know how to pad
-WARMUP_STEPS = 3  # eager runs on the capture stream first, as PyTorch advises (lazy inits, cuBLAS workspace)
 # Prompts up to this many tokens (batch x length), by default, replay graphs once their shape
 # recurs; longer ones keep GPU kernels busy enough eagerly, and would attend over the static
 # cache's empty slots.
 PROMPT_GRAPH_TOKENS = 4096
 MAX_PROMPT_SHAPES = 1024  # prompt shapes remembered (a count each) before the count starts over
 RESULT_OPTIONS = ("result", "top_k", "logits_to_keep", "keep_last")  # what a step returns: part of a graph
-_CAPTURE_LOCK = threading.Lock()  # sessions run on several threads: one capture at a time
 
 Tree = tuple[tuple, dict]  # a block's (args, kwargs)
 
@@ -394,21 +392,10 @@ class StaticDecoder:
             g.replay = lambda: [g.outputs[k].copy_(v) for k, v in step().items()]
             self.stats["captures"] += 1
             return g
-        stream = torch.cuda.Stream(device=self.device)  # warm-up and capture: never the default stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with _CAPTURE_LOCK:
-                with torch.cuda.stream(stream):
-                    for _ in range(WARMUP_STEPS):
-                        step()
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                g.graph = torch.cuda.CUDAGraph()
-                # thread_local: other sessions' threads may go on with eager work meanwhile.
-                with torch.cuda.graph(g.graph, stream=stream, capture_error_mode="thread_local"):
-                    g.outputs = step()
+            g.graph, g.outputs = capture(step, self.device)
         except Exception:  # no graphs for this session: its steps run eagerly on the static cache
             log.warning("CUDA graph capture failed; this session decodes eagerly", exc_info=True)
-            torch.cuda.current_stream(self.device).wait_stream(stream)  # after whatever the warm-up queued
             self.use_graphs = False
             self.stats["capture_failed"] += 1
             return None

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from lightning_split.server.call_grads import CallGradients
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS, StaticDecoder
+from lightning_split.server.train_graphs import TrainGraphs
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
 
@@ -88,6 +89,7 @@ class SessionSegment:
         max_cache_tokens: int = 4096,
         fast_decode: bool | None = None,
         prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS,
+        train_graphs: bool = True,
     ) -> None:
         mode = tail.get("mode", "frozen")
         if mode not in TAIL_MODES:
@@ -112,6 +114,8 @@ class SessionSegment:
         self.call_grads = CallGradients(self.trainable)  # loss-only calls backpropagated at once
         # Where requests enter the segment (its first block); a spread segment moves them on itself.
         self.device = next(base.parameters()).device
+        self.train_graphs = TrainGraphs(self.module, self.call_grads, self.device)
+        self.train_graphs.enabled &= train_graphs and bool(tail.get("train_graphs", True))
         self.hf_config = hf_config
         self.max_graphs = max_graphs
         self.max_cache_tokens = max_cache_tokens
@@ -162,14 +166,20 @@ class SessionSegment:
             if not train:
                 with torch.no_grad():
                     return self._run(hidden, args, kwargs, body)
+            fused = body.get("fused")
+            if fused is not None:
+                weight = self._fused_weight(fused)
+                graphed = self.train_graphs.run(hidden, grad_inputs, args, kwargs, body, weight, int(fused["call"]))
+                if graphed is not None:
+                    return graphed
             micro_id = int(body["id"])
             if micro_id in self.graphs:
                 raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
             hidden.requires_grad_(bool(body.get("input_grad", True)))
             with torch.enable_grad():
                 out = self._run(hidden, args, kwargs, body)
-        if body.get("fused") is not None:  # the backward too, now, outside autocast (as torch advises)
-            return self._backward_now(out, hidden, grad_inputs, body["fused"])
+        if fused is not None:  # the backward too, now, outside autocast (as torch advises)
+            return self._backward_now(out, hidden, grad_inputs, int(fused["call"]), weight)
         while len(self.graphs) >= self.max_graphs:
             # A forward whose backward never came (a loss not backpropagated): free the oldest, so
             # memory stays bounded; its backward, should it still come, gets a clear error.
@@ -179,22 +189,28 @@ class SessionSegment:
         self.graphs[micro_id] = (hidden, grad_inputs, {k: v for k, v in out.items() if v.requires_grad})
         return {k: v.detach() for k, v in out.items()}
 
-    def _backward_now(self, out: dict[str, Any], hidden: torch.Tensor, grad_inputs: list[torch.Tensor],
-                      fused: dict[str, Any]) -> dict[str, Any]:
-        """A loss-only micro-batch of call ``fused["call"]``: backpropagate ``weight x loss`` at once.
-
-        ``weight`` is the micro-batch's share of the call's loss. The input gradients go back with
-        the loss; the parameters' gradients wait for the call's BACKWARD (call_grads.py)."""
-        if set(out) != {"loss"}:
-            raise SegmentError("a fused forward and backward needs the loss as its only result")
-        loss = out["loss"]
+    def _fused_weight(self, fused: dict[str, Any]) -> torch.Tensor:
+        """A fused micro-batch's share of its call's loss, checked: a floating-point scalar."""
         weight = torch.as_tensor(fused["weight"])
         if weight.dim() != 0 or not weight.is_floating_point():
             raise SegmentError("a fused call's loss weight must be a floating-point scalar")
-        weight = weight.to(loss.device, loss.dtype, non_blocking=True)
+        int(fused["call"])  # a call id, or ValueError: INVALID_ARGUMENT
+        return weight.to(self.device, non_blocking=True)
+
+    def _backward_now(self, out: dict[str, Any], hidden: torch.Tensor, grad_inputs: list[torch.Tensor],
+                      call: int, weight: torch.Tensor) -> dict[str, Any]:
+        """A loss-only micro-batch of fused call ``call``: backpropagate ``weight x loss`` at once.
+
+        ``weight`` is the micro-batch's share of the call's loss. The input gradients go back with
+        the loss; the parameters' gradients wait for the call's BACKWARD (call_grads.py). A signature
+        seen before runs as one CUDA graph instead (train_graphs.py)."""
+        if set(out) != {"loss"}:
+            raise SegmentError("a fused forward and backward needs the loss as its only result")
+        loss = out["loss"]
+        weight = weight.to(loss.dtype)
         # Nothing to backpropagate if nothing upstream is trainable (a frozen tail, no input gradient).
         run = (lambda: torch.autograd.backward(loss, weight)) if loss.requires_grad else (lambda: None)
-        self.call_grads.backward_into(int(fused["call"]), run)
+        self.call_grads.backward_into(call, run)
         return {
             "loss": loss.detach(),
             "grad_input": hidden.grad if hidden.requires_grad else None,

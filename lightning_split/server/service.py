@@ -51,6 +51,7 @@ class SplitService:
         max_graphs: int = 256,
         fast_decode: bool | None = None,
         prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS,
+        train_graphs: bool = True,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -78,6 +79,9 @@ class SplitService:
         # Prompts up to this many tokens (batch x length) replay CUDA graphs once their shape
         # recurs; each captured shape holds a memory pool of its own. 0: prompts always run eagerly.
         self.prompt_graph_tokens = int(prompt_graph_tokens)
+        # Fused training micro-batches (the loss the only result) replay CUDA graphs once their
+        # shape recurs (train_graphs.py); off: they always run eagerly.
+        self.train_graphs = bool(train_graphs)
         self.description = {
             "model": describe_config(source),
             "split": spec.to_dict(),
@@ -107,7 +111,7 @@ class SplitService:
         try:
             session.state["segment"] = SessionSegment(
                 self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode,
-                self.prompt_graph_tokens,
+                self.prompt_graph_tokens, self.train_graphs,
             )
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
