@@ -179,6 +179,9 @@ def pki_dir() -> Iterator[Path]:
         yield Path(d)
 
 
+MARKS_AT, MARK_SLOTS = 3, 64  # busy = [seconds, requests, marks made, (start, end) x MARK_SLOTS]
+
+
 class _TimedService(SplitService):
     """SplitService that adds the time its handler spends to ``busy``: on CUDA the GPU time between
     two events around each request (read once they have completed, never by synchronising, which
@@ -194,6 +197,23 @@ class _TimedService(SplitService):
             threading.Thread(target=self._drain_forever, daemon=True).start()
 
     def handle(self, session: Any, request: Any) -> Any:
+        self._mark(0)
+        try:
+            return self._timed_handle(session, request)
+        finally:
+            self._mark(1)
+
+    def _mark(self, which: int) -> None:
+        """A handler's start (0) or end (1) on the host clock, for a client's step timeline (the
+        same CLOCK_MONOTONIC as the client's perf_counter: one host)."""
+        marks = self._busy
+        with marks.get_lock():
+            n = int(marks[2]) - which  # an end belongs to the last start
+            marks[MARKS_AT + 2 * (n % MARK_SLOTS) + which] = time.perf_counter()
+            if which == 0:
+                marks[2] = n + 1
+
+    def _timed_handle(self, session: Any, request: Any) -> Any:
         if self._cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -274,7 +294,7 @@ class SplitServer:
         """``cpu_threads``: the server process's intra-op threads (default: torch's, every core)."""
         ctx = mp.get_context("spawn")
         self.pki = pki
-        self._ready, self._stop, self._busy = ctx.Queue(), ctx.Event(), ctx.Array("d", 2)
+        self._ready, self._stop, self._busy = ctx.Queue(), ctx.Event(), ctx.Array("d", MARKS_AT + 2 * MARK_SLOTS)
         self._proc = ctx.Process(
             target=_serve, name="split-server", daemon=True,
             args=(str(pki), source.to_dict(), spec.to_dict(), device, self._ready, self._stop, self._busy,
@@ -305,6 +325,14 @@ class SplitServer:
         """(seconds spent in the service's handler, requests handled) so far."""
         with self._busy.get_lock():
             return self._busy[0], int(self._busy[1])
+
+    def marks_since(self, t0: float) -> list[tuple[float, float]]:
+        """(start, end) host times of the handler calls that started after ``t0`` (the last 64)."""
+        with self._busy.get_lock():
+            n = int(self._busy[2])
+            pairs = [(self._busy[MARKS_AT + 2 * (i % MARK_SLOTS)], self._busy[MARKS_AT + 2 * (i % MARK_SLOTS) + 1])
+                     for i in range(max(0, n - MARK_SLOTS), n)]
+        return [p for p in pairs if p[0] >= t0]
 
     def connect(self, source: ModelSource, spec: SplitSpec, device: str, tail: dict[str, Any] | None = None,
                 **kwargs: Any) -> SplitModel:
@@ -355,6 +383,36 @@ def record_one_step(split: SplitModel, run: Callable[[], Any]) -> list[tuple[int
     finally:
         del client.submit
     return [(type_, body, future.result().body) for type_, body, future in seen]
+
+
+def step_timeline(split: SplitModel, server: SplitServer, run: Callable[[], Any], device: str) -> dict[str, Any]:
+    """One step's requests as the client and the server saw them, ms from the step's start: when
+    each was submitted, when the server's handler started and returned (host time; on a GPU its
+    kernels may still run), when its reply was in; and when the step ended (synchronised)."""
+    client, seen = split.client, []
+    original = client.submit
+
+    def stamping(type_: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Any:
+        entry = {"type": MessageType.Name(type_), "submit": time.perf_counter()}
+        future = original(type_, body, step, timeout)
+        future.add_done_callback(lambda _f: entry.__setitem__("reply", time.perf_counter()))
+        seen.append(entry)
+        return future
+
+    sync(device)
+    t0 = time.perf_counter()
+    client.submit = stamping
+    try:
+        run()
+        sync(device)
+        end = time.perf_counter()
+    finally:
+        del client.submit
+    time.sleep(0.2)  # the last (unawaited) replies and the server's marks
+    for entry, (start, stop) in zip(seen, server.marks_since(t0), strict=False):
+        entry["handler_start"], entry["handler_end"] = start, stop
+    ms = [{k: (round(1e3 * (v - t0), 2) if isinstance(v, float) else v) for k, v in e.items()} for e in seen]
+    return {"requests": ms, "step_end": round(1e3 * (end - t0), 2)}
 
 
 def _to(body: Any, device: str | torch.device) -> Any:

@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     print_table,
     random_batches,
     record_one_step,
+    step_timeline,
     sync,
     timed,
     write_json,
@@ -113,13 +114,15 @@ def run_local(args: Any, source: ModelSource, batches: list[torch.Tensor]) -> Ru
 def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpec,
              batches: list[torch.Tensor], micro_batches: int | None = None, name: str = "ours",
              lossy: str = "none", connections: int | None = None, fuse: bool = True,
-             train_graphs: bool = True) -> Run:
+             train_graphs: bool = True, ramp: bool | None = None) -> Run:
     tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": LR}, "train_graphs": train_graphs}
     wire = CompressionConfig(lossy=lossy)
     config = ChannelConfig(client_to_server=wire, server_to_client=wire,
                            connections=connections or args.connections)
     split = server.connect(source, spec, args.device, tail, micro_batches=micro_batches, config=config)
     split.runner.fuse_loss_backward = fuse
+    if ramp is not None:
+        split.runner.ramp_micro_batches = ramp
     try:
         model, client = split.model.train(), split.client
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -162,6 +165,7 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
             "logits_MB_per_step": sum(rep["logits"].nbytes for _, _, rep in messages
                                       if isinstance(rep, dict) and "logits" in rep) / 1e6,
             "bare_rtt_ms": channel_rtt_ms(split, 30),
+            "timeline": step_timeline(split, server, lambda: step(len(batches) + 1, batches[1]), args.device),
         }
         return Run(name, times[args.warmup:], losses, extra)
     finally:
@@ -350,6 +354,12 @@ def print_breakdown(ours: Run) -> None:
          ["server -> client (MB/step)", x["received_MB_per_step"]],
          ["  of which logits, unused by loss.backward (MB/step)", x["logits_MB_per_step"]]],
     )
+    line = x["timeline"]
+    print_table(f"one step's requests, ms from its start (step ended at {line['step_end']} ms; handler times are "
+                "the server's host side: its GPU work may still run)",
+                ["request", "submitted", "handler start", "handler end", "reply in"],
+                [[r["type"], r["submit"], r.get("handler_start", "-"), r.get("handler_end", "-"), r.get("reply", "-")]
+                 for r in line["requests"]])
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -368,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an extra row with lossy bf16 compression both ways (halves the bytes; not exact)")
     p.add_argument("--also-micro-batches", type=int, nargs="*", default=[],
                    help="extra 'ours mb=N' rows with these micro-batch counts (same server, same run)")
+    p.add_argument("--also-ramped", type=int, nargs="*", default=[],
+                   help="extra 'ours ramped mb=N' rows: N micro-batches, the first and last half the size")
     p.add_argument("--also-unfused", action="store_true",
                    help="an extra row whose server waits for a BACKWARD per micro-batch (two round trips)")
     p.add_argument("--also-eager-server", action="store_true",
@@ -392,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.also_micro_batches:
             runs.append(run_ours(args, server, source, spec, batches, n, f"ours mb={n}"))
             print(f"  ours mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        for n in args.also_ramped:
+            runs.append(run_ours(args, server, source, spec, batches, n, f"ours ramped mb={n}", ramp=True))
+            print(f"  ours ramped mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         for k in args.also_connections:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours conn={k}",
                                  connections=k))

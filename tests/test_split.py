@@ -222,8 +222,9 @@ def test_two_part_loss_training_matches_local(fused, graphs, micro_batches, spli
         _assert_client_grads_match(model, local)
         segment = split_server.segment(remote)
         assert not segment.call_grads.calls  # every fused call's gradients were applied
-        # The first micro-batch of a shape runs eagerly; every later one replays (3 micro-batches of 2).
-        assert segment.train_graphs.stats["graph_steps"] == ((2 * micro_batches - 1) if graphs else 0)
+        # The first micro-batch of a shape runs eagerly, later ones replay: 3 ramped micro-batches
+        # have 2, 3 and 1 rows, so only the second batch's replay.
+        assert segment.train_graphs.stats["graph_steps"] == ({1: 1, 3: 3}[micro_batches] if graphs else 0)
         server = segment.module
         checked = 0
         for i, block in enumerate(server.blocks):
@@ -404,3 +405,25 @@ def test_a_failed_fused_backward_surfaces_at_the_next_check(split_server):
             model(input_ids=ids, labels=ids)  # the next training call checks without waiting
         model(input_ids=ids, labels=ids).loss.backward()  # and the session trains on
         remote.runner.confirm()
+
+
+@pytest.mark.parametrize("ramp", [False, True])
+def test_batch_ranges_cover_the_batch_once(ramp):
+    """Micro-batch ranges are contiguous, non-empty and cover every row once; ramped, the first and
+    the last hold about half the rows of the middle ones (and never more)."""
+    from lightning_split.split.remote_autograd import batch_ranges
+
+    for batch in range(0, 33):
+        for chunks in range(1, 9):
+            ranges = batch_ranges(batch, chunks, ramp)
+            assert ranges[0][0] == 0 and ranges[-1][1] == batch
+            assert all(a == b_prev for (_, b_prev), (a, _) in zip(ranges, ranges[1:], strict=False))
+            sizes = [b - a for a, b in ranges]
+            assert len(sizes) == min(chunks, max(batch, 1)) or (ramp and len(sizes) < chunks)
+            if batch:
+                assert min(sizes) > 0
+            if ramp and chunks >= 3 and batch >= 2 * (chunks - 1):
+                middle = sizes[1:-1]
+                assert max(sizes[0], sizes[-1]) <= min(middle) and 2 * max(sizes[0], sizes[-1]) >= min(middle) - 1
+    assert [b - a for a, b in batch_ranges(8, 4, ramp=True)] == [1, 3, 3, 1]
+    assert [b - a for a, b in batch_ranges(8, 4)] == [2, 2, 2, 2]

@@ -29,10 +29,18 @@ def weighted_mean(losses: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (losses * counts).sum() / counts.sum()
 
 
-def batch_ranges(batch: int, chunks: int) -> list[tuple[int, int]]:
+def batch_ranges(batch: int, chunks: int, ramp: bool = False) -> list[tuple[int, int]]:
     """Contiguous [start, stop) ranges of the batch, as equal as possible (like torch.tensor_split);
-    at least one, so that an empty batch is still one (empty) request."""
-    bounds = [batch * i // chunks for i in range(chunks + 1)]
+    at least one, so that an empty batch is still one (empty) request.
+
+    ``ramp`` (3 chunks or more): the first and the last range are half the size of the others. The
+    first micro-batch's transfer and the last one's reply are the parts of a pipelined step
+    that nothing overlaps; the middle ones travel while the server computes."""
+    if ramp and chunks >= 3:  # in half units: 1, 2, ..., 2, 1; each bound rounded to the nearest row
+        total, cums = 2 * (chunks - 1), [0, *range(1, 2 * chunks - 2, 2), 2 * (chunks - 1)]
+        bounds = [(2 * batch * c + total) // (2 * total) for c in cums]
+    else:
+        bounds = [batch * i // chunks for i in range(chunks + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a] or [(0, batch)]
 
 
@@ -147,7 +155,7 @@ class RemoteForward(torch.autograd.Function):
         ctx: Any, runner: RemoteSegment, body: dict[str, Any], chunks: int, hidden: torch.Tensor,
         *extra: torch.Tensor,
     ) -> Any:
-        ranges = batch_ranges(hidden.shape[0], chunks)
+        ranges = runner.micro_ranges(hidden.shape[0], chunks)
         ids, futures = _submit_micro_batches(runner, body, ranges, hidden, extra)
         replies = _await_replies(runner, ids, futures)
         keys = tuple(sorted(replies[0].body))
@@ -196,7 +204,7 @@ class RemoteLossStep(torch.autograd.Function):
         ctx: Any, runner: RemoteSegment, body: dict[str, Any], counts: torch.Tensor, hidden: torch.Tensor,
         *extra: torch.Tensor,
     ) -> torch.Tensor:
-        ranges = batch_ranges(hidden.shape[0], counts.shape[0])
+        ranges = runner.micro_ranges(hidden.shape[0], counts.shape[0])
         call = runner.next_id()
         weights = counts.float() / counts.sum().float()
         fused = [{"call": call, "weight": weights[i]} for i in range(len(ranges))]
