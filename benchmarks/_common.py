@@ -190,7 +190,8 @@ class _TimedService(SplitService):
     def __init__(self, *args: Any, busy: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._busy = busy
-        self._cuda = torch.device(kwargs.get("device", "cpu")).type == "cuda"
+        self._device = torch.device(kwargs.get("device", "cpu"))
+        self._cuda = self._device.type == "cuda"
         self._events: list[tuple[Any, Any]] = []
         self._lock = threading.Lock()
         if self._cuda:
@@ -216,11 +217,12 @@ class _TimedService(SplitService):
     def _timed_handle(self, session: Any, request: Any) -> Any:
         if self._cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            stream = torch.cuda.current_stream(self._device)  # the server's GPU, not this thread's current one
+            start.record(stream)
             try:
                 return super().handle(session, request)
             finally:
-                end.record()
+                end.record(stream)
                 with self._lock:
                     self._events.append((start, end))
         t0 = time.perf_counter()

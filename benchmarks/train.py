@@ -208,7 +208,8 @@ def _hand_built_rank(rank: int, port: int, args: dict[str, Any], source: dict, o
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    device, dtype, cut = args["device"], args["dtype"], args["cut"]
+    dtype, cut = args["dtype"], args["cut"]
+    device = args["device"] if rank == 0 else args["server_device"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = build_model(ModelSource.from_dict(source), device=device).train()
     t = model.transformer
@@ -271,7 +272,7 @@ def run_hand_built(args: Any, source: ModelSource) -> Run:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    keys = ("device", "dtype", "cut", "batch", "seq", "steps", "warmup")
+    keys = ("device", "server_device", "dtype", "cut", "batch", "seq", "steps", "warmup")
     conf = {k: getattr(args, k) for k in keys}
     procs = [ctx.Process(target=_hand_built_rank, args=(r, port, conf, source.to_dict(), out), daemon=True)
              for r in (0, 1)]
@@ -367,6 +368,8 @@ def print_breakdown(ours: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--no-lightning", action="store_true", help="skip the two Lightning Trainer rows")
+    p.add_argument("--server-device", default=None,
+                   help="the server's (and the hand-built rank 1's) device, e.g. cuda:1 (default: --device's)")
     p.add_argument("--no-hand-built", action="store_true")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="ours: micro-batches in flight per step (default: the library's automatic choice)")
@@ -385,18 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also-eager-server", action="store_true",
                    help="an extra row whose server runs every micro-batch eagerly (no CUDA graphs)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
+    args.server_device = args.server_device or args.device
     t_start = time.perf_counter()
     source = model_source(args.model, "fp32")  # fp32 master weights; bf16 is autocast
     spec = SplitSpec(cut=args.cut, shape="two_part")
     vocab = source.config["vocab_size"]
     batches = random_batches(args.warmup + args.steps, args.batch, args.seq, vocab, args.device)
     print(f"train: GPT-2 {args.model} ({source.config['n_layer']} x {source.config['n_embd']}), "
-          f"batch {args.batch} x seq {args.seq}, cut {args.cut}, {args.device} {args.dtype}, "
+          f"batch {args.batch} x seq {args.seq}, cut {args.cut}, {args.device} {args.dtype} "
+          f"(server: {args.server_device}), "
           f"{args.steps} steps after {args.warmup} warm-up, "
           f"{ChannelConfig(connections=args.connections).wanted_connections()} connection(s)", flush=True)
 
     runs: list[Run] = []
-    with pki_dir() as pki, SplitServer(pki, source, spec, args.device) as server:
+    with pki_dir() as pki, SplitServer(pki, source, spec, args.server_device) as server:
         runs.append(run_local(args, source, batches))
         print(f"  local      {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         runs.append(run_ours(args, server, source, spec, batches, args.micro_batches))

@@ -77,33 +77,43 @@ def test_cuda_trainer_matches_local(split_server_process):
     strategy.close()
 
 
-def test_deferred_device_copies_and_pinned_receive():
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_deferred_device_copies_and_pinned_receive(device):
     """A CUDA tensor's device->host copy is only queued at encode time (the frames wait for it);
-    the receiver's payload lands in pinned memory and reaches the GPU by an async copy."""
+    the receiver's payload lands in pinned memory and reaches the GPU by an async copy. On a GPU
+    other than the thread's current one, the wait is on that GPU's stream."""
     from lightning_split.wire import Message, MessageType, Reassembler, encode_message
 
-    x = torch.randn(257, 1031, device="cuda")
+    if torch.device(device).index >= torch.cuda.device_count():
+        pytest.skip("needs a second GPU")
+    x = torch.randn(2049, 4099, device=device)
     body = {"a": x, "b": x[:, ::2].bfloat16(), "n": 3}
+    with torch.cuda.device(device):
+        torch.cuda._sleep(50_000_000)  # the copies queue behind ~25 ms of spinning: still running when read
     encoded = encode_message(Message(type=MessageType.FORWARD, body=body), chunk_size=1 << 16, defer=True)
     x.add_(1.0)  # queued after the copies on the same stream: the wire still carries the old values
-    receiver = Reassembler(checksum=False, pin_memory=True, device="cuda")
+    receiver = Reassembler(checksum=False, pin_memory=True, device=device)
     got = None
     for frame in encoded.frames():
         got = receiver.add(frame) or got
     assert got is not None and got.body["n"] == 3
     torch.testing.assert_close(got.body["a"], x - 1.0)
     torch.testing.assert_close(got.body["b"], (x - 1.0)[:, ::2].bfloat16())
-    assert got.body["a"].is_cuda
+    assert got.body["a"].device == torch.device(device)
 
 
+@pytest.mark.parametrize("server_device", ["cuda:0", "cuda:1"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_cuda_training_graphs_match_local(autocast, split_server):
+def test_cuda_training_graphs_match_local(autocast, server_device, split_server):
     """Fused training micro-batches whose shape recurs replay one CUDA graph (forward, loss and
-    backward): the losses and both sides' gradients equal the whole model's, over three calls."""
+    backward): the losses and both sides' gradients equal the whole model's, over three calls;
+    also with the server's segment on another GPU than the client's (not the thread's current one)."""
+    if torch.device(server_device).index >= torch.cuda.device_count():
+        pytest.skip("needs a second GPU")
     spec = SplitSpec(cut=1, shape="two_part")
     local = build_model(GPT2, device="cuda").train()
     local.lm_head.weight = torch.nn.Parameter(local.lm_head.weight.detach().clone())  # untied, like the split
-    address, tls_for = split_server(GPT2, spec, device="cuda")
+    address, tls_for = split_server(GPT2, spec, device=server_device)
     remote = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec, device="cuda",
                         tail={"mode": "trainable"}, micro_batches=2)
     g = torch.Generator().manual_seed(5)
@@ -129,6 +139,6 @@ def test_cuda_training_graphs_match_local(autocast, split_server):
         for i, block in enumerate(segment.module.blocks):
             for (n, p), (_, q) in zip(block.named_parameters(), local.transformer.h[spec.cut + i].named_parameters(),
                                       strict=True):
-                torch.testing.assert_close(p.grad, q.grad, msg=f"server block {i} {n}", **tol)
+                torch.testing.assert_close(p.grad.cuda(), q.grad, msg=f"server block {i} {n}", **tol)
     finally:
         remote.close()

@@ -187,7 +187,7 @@ def _host_bytes(t: torch.Tensor, defer: bool = False) -> tuple[memoryview, Any]:
             host.copy_(t, non_blocking=defer and t.device.type == "cuda")
             if defer and t.device.type == "cuda":
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(torch.cuda.current_stream(t.device))  # the copy's stream: t's device, not ours
             t = host
         except RuntimeError:
             t, ready = t.cpu(), None
