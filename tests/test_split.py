@@ -427,3 +427,25 @@ def test_batch_ranges_cover_the_batch_once(ramp):
                 assert max(sizes[0], sizes[-1]) <= min(middle) and 2 * max(sizes[0], sizes[-1]) >= min(middle) - 1
     assert [b - a for a, b in batch_ranges(8, 4, ramp=True)] == [1, 3, 3, 1]
     assert [b - a for a, b in batch_ranges(8, 4)] == [2, 2, 2, 2]
+
+
+def test_training_graphs_stay_bounded_when_shapes_keep_changing(split_server):
+    """A client whose batch shape cycles through three sizes (more than a session's two graphs):
+    the captures stop at MAX_CAPTURES, later calls run eagerly, and every loss still equals local."""
+    from lightning_split.server.train_graphs import MAX_CAPTURES
+
+    spec = SplitSpec(cut=1, shape="two_part")
+    local = build_model(GPT2).eval()
+    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=1) as remote:
+        graphs = split_server.segment(remote).train_graphs
+        graphs.emulate = True
+        model = remote.model.eval()
+        g = torch.Generator().manual_seed(4)
+        for i in range(3 * (MAX_CAPTURES + 2)):
+            ids = torch.randint(0, 128, (2 + i % 3, 8), generator=g)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.testing.assert_close(loss, local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
+        remote.runner.confirm()
+        assert graphs.stats["captures"] == MAX_CAPTURES and len(graphs.graphs) <= graphs.max_graphs
+        assert graphs.stats["graph_steps"] > 0

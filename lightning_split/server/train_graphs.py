@@ -21,9 +21,10 @@ put back after them).
 
 When: a signature's second occurrence; the first runs eagerly (``SessionSegment``), so a one-off
 shape such as an epoch's last short batch never pays for a capture. At most ``max_graphs`` per
-session, least recently used out, sharing one memory pool: a session's replays never overlap and
-their outputs are copied out at once. A signature whose capture fails (host syncs, data-dependent
-control flow) stays eager. Not used for multi-device segments (a graph runs on one device).
+session, least recently used out, and ``MAX_CAPTURES`` captures in all; they share one memory
+pool: a session's replays never overlap and their outputs are copied out at once. A signature
+whose capture fails (host syncs, data-dependent control flow) stays eager. Not used for
+multi-device segments (a graph runs on one device).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 MAX_TRAIN_GRAPHS = 2  # per session: a training run has one batch shape, or two (the last batch)
 TRAIN_WARMUP_STEPS = 2  # forward + backward runs before a capture (each costs one micro-batch's compute)
 MAX_SIGNATURES = 1024  # signatures remembered (a count each) before the count starts over
+# Captures per session: a client whose shapes keep changing would otherwise pay warm-ups and a
+# capture at every evicted signature's return; after this many its new signatures run eagerly.
+MAX_CAPTURES = 8
 LOSS_OPTIONS = ("result", "top_k", "logits_to_keep")  # what segment_reply reads besides the labels
 
 
@@ -97,7 +101,7 @@ class TrainGraphs:
         key = repr((_describe(hidden), input_grad, [_describe(t) for t in grad_inputs],
                     map_leaves(lambda v: ("grad", grad_ids[id(v)]) if id(v) in grad_ids else _describe(v), tree),
                     _describe(labels), sorted(options.items()), body.get("autocast"), self.module.training))
-        if key in self.failed:
+        if key in self.failed or (key not in self.graphs and self.stats["captures"] >= MAX_CAPTURES):
             return None
         if key not in self.graphs:
             if len(self.seen) >= MAX_SIGNATURES:
@@ -191,10 +195,6 @@ class TrainGraphs:
             torch.cuda.current_stream(self.device).synchronize()  # no graph destroyed mid-replay
         for _ in range(max(0, count)):
             self.graphs.popitem(last=False)
-
-    def release(self) -> None:
-        self._drop_graphs(len(self.graphs))
-        self.seen.clear()
 
 
 @contextlib.contextmanager
