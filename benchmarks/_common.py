@@ -179,7 +179,8 @@ def pki_dir() -> Iterator[Path]:
         yield Path(d)
 
 
-MARKS_AT, MARK_SLOTS = 3, 64  # busy = [seconds, requests, marks made, (start, end) x MARK_SLOTS]
+# busy = [seconds, requests, marks made, (start, end, busy seconds) x MARK_SLOTS]
+MARKS_AT, MARK_SLOTS, MARK_WIDTH = 3, 64, 3
 
 
 class _TimedService(SplitService):
@@ -192,29 +193,30 @@ class _TimedService(SplitService):
         self._busy = busy
         self._device = torch.device(kwargs.get("device", "cpu"))
         self._cuda = self._device.type == "cuda"
-        self._events: list[tuple[Any, Any]] = []
+        self._events: list[tuple[int, Any, Any]] = []
         self._lock = threading.Lock()
         if self._cuda:
             threading.Thread(target=self._drain_forever, daemon=True).start()
 
     def handle(self, session: Any, request: Any) -> Any:
-        self._mark(0)
+        index = self._mark(0)
         try:
-            return self._timed_handle(session, request)
+            return self._timed_handle(session, request, index)
         finally:
             self._mark(1)
 
-    def _mark(self, which: int) -> None:
+    def _mark(self, which: int) -> int:
         """A handler's start (0) or end (1) on the host clock, for a client's step timeline (the
-        same CLOCK_MONOTONIC as the client's perf_counter: one host)."""
+        same CLOCK_MONOTONIC as the client's perf_counter: one host); returns the request's index."""
         marks = self._busy
         with marks.get_lock():
             n = int(marks[2]) - which  # an end belongs to the last start
-            marks[MARKS_AT + 2 * (n % MARK_SLOTS) + which] = time.perf_counter()
+            marks[MARKS_AT + MARK_WIDTH * (n % MARK_SLOTS) + which] = time.perf_counter()
             if which == 0:
                 marks[2] = n + 1
+        return n
 
-    def _timed_handle(self, session: Any, request: Any) -> Any:
+    def _timed_handle(self, session: Any, request: Any, index: int) -> Any:
         if self._cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             stream = torch.cuda.current_stream(self._device)  # the server's GPU, not this thread's current one
@@ -224,27 +226,28 @@ class _TimedService(SplitService):
             finally:
                 end.record(stream)
                 with self._lock:
-                    self._events.append((start, end))
+                    self._events.append((index, start, end))
         t0 = time.perf_counter()
         try:
             return super().handle(session, request)
         finally:
-            self._add(time.perf_counter() - t0)
+            self._add(time.perf_counter() - t0, index)
 
-    def _add(self, seconds: float) -> None:
+    def _add(self, seconds: float, index: int) -> None:
         with self._busy.get_lock():
             self._busy[0] += seconds
             self._busy[1] += 1
+            self._busy[MARKS_AT + MARK_WIDTH * (index % MARK_SLOTS) + 2] = seconds
 
     def _drain_forever(self) -> None:
         while True:
             time.sleep(0.02)
             with self._lock:
-                flags = [end.query() for _, end in self._events]
-                done = [pair for pair, ok in zip(self._events, flags, strict=True) if ok]
-                self._events = [pair for pair, ok in zip(self._events, flags, strict=True) if not ok]
-            for start, end in done:
-                self._add(start.elapsed_time(end) / 1e3)
+                flags = [end.query() for _, _, end in self._events]
+                done = [item for item, ok in zip(self._events, flags, strict=True) if ok]
+                self._events = [item for item, ok in zip(self._events, flags, strict=True) if not ok]
+            for index, start, end in done:
+                self._add(start.elapsed_time(end) / 1e3, index)
 
 
 def _profile_stream_workers(path: str) -> None:
@@ -296,7 +299,8 @@ class SplitServer:
         """``cpu_threads``: the server process's intra-op threads (default: torch's, every core)."""
         ctx = mp.get_context("spawn")
         self.pki = pki
-        self._ready, self._stop, self._busy = ctx.Queue(), ctx.Event(), ctx.Array("d", MARKS_AT + 2 * MARK_SLOTS)
+        self._ready, self._stop = ctx.Queue(), ctx.Event()
+        self._busy = ctx.Array("d", MARKS_AT + MARK_WIDTH * MARK_SLOTS)
         self._proc = ctx.Process(
             target=_serve, name="split-server", daemon=True,
             args=(str(pki), source.to_dict(), spec.to_dict(), device, self._ready, self._stop, self._busy,
@@ -328,13 +332,14 @@ class SplitServer:
         with self._busy.get_lock():
             return self._busy[0], int(self._busy[1])
 
-    def marks_since(self, t0: float) -> list[tuple[float, float]]:
-        """(start, end) host times of the handler calls that started after ``t0`` (the last 64)."""
+    def marks_since(self, t0: float) -> list[tuple[float, float, float]]:
+        """(start, end) host times of the handler calls that started after ``t0`` (the last 64),
+        with each call's busy seconds (GPU time between its events on CUDA, else wall time)."""
         with self._busy.get_lock():
             n = int(self._busy[2])
-            pairs = [(self._busy[MARKS_AT + 2 * (i % MARK_SLOTS)], self._busy[MARKS_AT + 2 * (i % MARK_SLOTS) + 1])
-                     for i in range(max(0, n - MARK_SLOTS), n)]
-        return [p for p in pairs if p[0] >= t0]
+            slots = [MARKS_AT + MARK_WIDTH * (i % MARK_SLOTS) for i in range(max(0, n - MARK_SLOTS), n)]
+            marks = [(self._busy[j], self._busy[j + 1], self._busy[j + 2]) for j in slots]
+        return [m for m in marks if m[0] >= t0]
 
     def connect(self, source: ModelSource, spec: SplitSpec, device: str, tail: dict[str, Any] | None = None,
                 **kwargs: Any) -> SplitModel:
@@ -411,9 +416,11 @@ def step_timeline(split: SplitModel, server: SplitServer, run: Callable[[], Any]
     finally:
         del client.submit
     time.sleep(0.2)  # the last (unawaited) replies and the server's marks
-    for entry, (start, stop) in zip(seen, server.marks_since(t0), strict=False):
+    for entry, (start, stop, busy) in zip(seen, server.marks_since(t0), strict=False):
         entry["handler_start"], entry["handler_end"] = start, stop
-    ms = [{k: (round(1e3 * (v - t0), 2) if isinstance(v, float) else v) for k, v in e.items()} for e in seen]
+        entry["handler_busy_ms"] = round(1e3 * busy, 2)
+    ms = [{k: (round(1e3 * (v - t0), 2) if isinstance(v, float) and k != "handler_busy_ms" else v)
+           for k, v in e.items()} for e in seen]
     return {"requests": ms, "step_end": round(1e3 * (end - t0), 2)}
 
 

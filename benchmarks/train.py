@@ -356,11 +356,11 @@ def print_breakdown(ours: Run) -> None:
          ["  of which logits, unused by loss.backward (MB/step)", x["logits_MB_per_step"]]],
     )
     line = x["timeline"]
-    print_table(f"one step's requests, ms from its start (step ended at {line['step_end']} ms; handler times are "
-                "the server's host side: its GPU work may still run)",
-                ["request", "submitted", "handler start", "handler end", "reply in"],
-                [[r["type"], r["submit"], r.get("handler_start", "-"), r.get("handler_end", "-"), r.get("reply", "-")]
-                 for r in line["requests"]])
+    print_table(f"one step's requests, ms from its start (step ended at {line['step_end']} ms); handler start/end: "
+                "the server's host clock (its GPU work may still run); busy: its GPU time (CPU: wall time)",
+                ["request", "submitted", "handler start", "handler end", "handler busy", "reply in"],
+                [[r["type"], r["submit"], r.get("handler_start", "-"), r.get("handler_end", "-"),
+                  r.get("handler_busy_ms", "-"), r.get("reply", "-")] for r in line["requests"]])
 
 
 # -- main --------------------------------------------------------------------------------------------
