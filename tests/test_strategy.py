@@ -66,6 +66,24 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_parity_with_local(case, tail, connections, split_server):
     """Also over a stream bonded over three connections, with small fragments so all carry some."""
+    _assert_trainer_parity(case, tail, connections, split_server)
+
+
+@pytest.mark.parametrize("tail", ["frozen", "trainable"])
+def test_two_part_trainer_parity_through_training_graphs(tail, split_server, monkeypatch):
+    """The server's CUDA-graph path for fused micro-batches (its bookkeeping emulated on CPU: static
+    buffers, gradients added to the call's, scaled by Lightning's 1/2 for accumulation): every call
+    after the first replays, and losses and weights still equal local training's."""
+    from lightning_split.server.train_graphs import TrainGraphs
+
+    monkeypatch.setattr(TrainGraphs, "emulate", True)
+    stats = _assert_trainer_parity("gpt2_two_part", tail, 1, split_server)
+    assert stats["captures"] == 1 and stats["graph_steps"] == 11  # 12 calls of one shape
+
+
+def _assert_trainer_parity(case: str, tail: str, connections: int, split_server) -> dict:  # noqa: ANN001
+    """Train ``case`` locally and through SplitStrategy; assert equal losses and weights on both
+    sides. Returns the server session's training-graph statistics."""
     source, spec, make_module, make_data = CASES[case]
 
     local_module = make_module()
@@ -104,7 +122,9 @@ def test_training_parity_with_local(case, tail, connections, split_server):
         for (n, p), (_, q) in zip(block.named_parameters(), blocks[resolved.cut + i].named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server block {i} {n}")
     assert segment.client.stats.messages > 0 and len(segment.client._stream.calls) == connections
+    stats = dict(sessions[0].state["segment"].train_graphs.stats)
     strategy.close()
+    return stats
 
 
 def _sessions_of(split_server):  # noqa: ANN001

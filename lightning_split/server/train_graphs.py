@@ -69,6 +69,8 @@ class _TrainGraph:
 class TrainGraphs:
     """One session's graphed fused training steps."""
 
+    emulate = False  # tests: the graph bookkeeping on CPU, the step run at each replay
+
     def __init__(self, module: ServerSegment, call_grads: CallGradients, device: torch.device,
                  max_graphs: int = MAX_TRAIN_GRAPHS) -> None:
         self.module = module
@@ -77,7 +79,6 @@ class TrainGraphs:
         self.max_graphs = max_graphs
         # A graph runs on one device: a segment spread over several GPUs trains eagerly.
         self.enabled = device.type == "cuda" and len({p.device for p in module.parameters()}) == 1
-        self.emulate = False  # tests: the graph bookkeeping on CPU, the step run at each replay
         self.seen: Counter[str] = Counter()
         self.failed: set[str] = set()
         self.graphs: OrderedDict[str, _TrainGraph] = OrderedDict()
