@@ -67,10 +67,15 @@ class RemoteSegment:
 
     # Cut a training batch into micro-batches in flight once its hidden state is this large.
     PIPELINE_MIN_BYTES = 4 << 20
-    # Measured on an H200 host (GPT-2 small and medium, 8 x 1024, bf16, the server replaying CUDA
-    # graphs): 4 ramped micro-batches (1, 3, 3, 1 rows) took 81.6 and 159 ms per step; 4 equal
-    # ones 85.9 and 164; 2 equal ones 88.2 and 165; 5 and 6 ramped ones 83.5-86.7 and 168.
-    PIPELINE_CHUNKS = 4
+    # How many, for a fused loss step (the server replays a CUDA graph per micro-batch shape on a
+    # GPU). Measured on an H200 host (GPT-2 small and medium, 8 x 1024, bf16): 4 ramped
+    # micro-batches (1, 3, 3, 1 rows) took 81.6 and 159 ms per step; 4 equal ones 85.9 and 164; 2
+    # equal ones 88.2 and 165; 5 and 6 ramped ones 83.5-86.7 and 168.
+    PIPELINE_CHUNKS_FUSED = 4
+    # Otherwise (a FORWARD and a BACKWARD per micro-batch, eager on the server): 2 beat 4 and 8,
+    # whose extra kernel launches on the server cost more than the transfers they hide (GPT-2
+    # small, same host, before the graphs).
+    PIPELINE_CHUNKS = 2
 
     def __init__(self, client: Any, proxy: SegmentProxy, cut: int, causal_lm: bool = False,
                  micro_batches: int | None = None) -> None:
@@ -111,9 +116,10 @@ class RemoteSegment:
         self.proxy.last_cache = cache
         if torch.is_grad_enabled():
             self.confirm(wait=False)
-            chunks = self._chunks_for(hidden)
-            counts = self._loss_counts(body, chunks, hidden.shape[0])
-            if counts is not None:
+            fuse = self._may_fuse(body, hidden.shape[0] if hidden.dim() >= 1 else 1)
+            chunks = self._chunks_for(hidden, fuse)
+            if fuse:
+                counts = self._target_counts(body["labels"], chunks)
                 return self._unpack({"loss": RemoteLossStep.apply(self, body, counts, hidden, *differentiable)})
             outputs = RemoteForward.apply(self, body, chunks, hidden, *differentiable)
             result = dict(zip(self._keys, outputs, strict=True))
@@ -134,13 +140,13 @@ class RemoteSegment:
             out["output"][..., -keep:, :] = last
         return self._unpack(out)
 
-    def _chunks_for(self, hidden: torch.Tensor) -> int:
+    def _chunks_for(self, hidden: torch.Tensor, fused: bool) -> int:
         batch = hidden.shape[0] if hidden.dim() >= 1 else 1
         if self.micro_batches is not None:
             return max(1, min(self.micro_batches, batch))
         if hidden.numel() * hidden.element_size() < self.PIPELINE_MIN_BYTES:
             return 1
-        return max(1, min(self.PIPELINE_CHUNKS, batch))
+        return max(1, min(self.PIPELINE_CHUNKS_FUSED if fused else self.PIPELINE_CHUNKS, batch))
 
     def micro_ranges(self, batch: int, chunks: int) -> list[tuple[int, int]]:
         """The micro-batches' row ranges: ramped (half-size first and last) if ``ramp_micro_batches``."""
@@ -157,17 +163,14 @@ class RemoteSegment:
         targets = labels[..., 1:] if self.causal_lm else labels
         return torch.stack([(targets[a:b] != -100).sum() for a, b in self.micro_ranges(labels.shape[0], chunks)])
 
-    def _loss_counts(self, body: dict[str, Any], chunks: int, batch: int) -> torch.Tensor | None:
-        """The micro-batches' target counts if this call may be fused (``RemoteLossStep``), else None.
-
-        Fused: a two-part call with labels whose result is the loss alone (Hugging Face's default
-        with labels), cut into micro-batches along the labels' batch dimension."""
+    def _may_fuse(self, body: dict[str, Any], batch: int) -> bool:
+        """Whether this call may be fused (``RemoteLossStep``): a two-part call with labels whose
+        result is the loss alone (Hugging Face's default with labels), cut into micro-batches along
+        the labels' batch dimension."""
         labels = body.get("labels")
-        if (not self.fuse_loss_backward or not self.proxy.hand_off or body.get("result") not in (None, "loss")
-                or not isinstance(labels, torch.Tensor) or labels.dim() < 1 or labels.shape[0] != batch
-                or len(self.pending_loss_steps) >= MAX_PENDING_LOSS_STEPS):
-            return None
-        return self._target_counts(labels, chunks)
+        return (self.fuse_loss_backward and self.proxy.hand_off and body.get("result") in (None, "loss")
+                and isinstance(labels, torch.Tensor) and labels.dim() >= 1 and labels.shape[0] == batch
+                and len(self.pending_loss_steps) < MAX_PENDING_LOSS_STEPS)
 
     def confirm(self, wait: bool = True) -> None:
         """Check the fused calls' BACKWARD replies: a server error there raises here. ``wait=False``
