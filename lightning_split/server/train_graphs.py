@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 MAX_TRAIN_GRAPHS = 2  # per session: a training run has one batch shape, or two (the last batch)
 TRAIN_WARMUP_STEPS = 2  # forward + backward runs before a capture (each costs one micro-batch's compute)
 MAX_SIGNATURES = 1024  # signatures remembered (a count each) before the count starts over
-# Captures per session: a client whose shapes keep changing would otherwise pay warm-ups and a
-# capture at every evicted signature's return; after this many its new signatures run eagerly.
+# Captures per session, failed ones included: a client whose shapes keep changing would otherwise
+# pay warm-ups and a capture at every evicted signature's return; after this many its new
+# signatures run eagerly.
 MAX_CAPTURES = 8
 LOSS_OPTIONS = ("result", "top_k", "logits_to_keep")  # what segment_reply reads besides the labels
 
@@ -102,7 +103,8 @@ class TrainGraphs:
         key = repr((_describe(hidden), input_grad, [_describe(t) for t in grad_inputs],
                     map_leaves(lambda v: ("grad", grad_ids[id(v)]) if id(v) in grad_ids else _describe(v), tree),
                     _describe(labels), sorted(options.items()), body.get("autocast"), self.module.training))
-        if key in self.failed or (key not in self.graphs and self.stats["captures"] >= MAX_CAPTURES):
+        attempts = self.stats["captures"] + self.stats["capture_failed"]
+        if key in self.failed or (key not in self.graphs and attempts >= MAX_CAPTURES):
             return None
         if key not in self.graphs:
             if len(self.seen) >= MAX_SIGNATURES:
