@@ -449,3 +449,28 @@ def test_training_graphs_stay_bounded_when_shapes_keep_changing(split_server):
         remote.runner.confirm()
         assert graphs.stats["captures"] == MAX_CAPTURES and len(graphs.graphs) <= graphs.max_graphs
         assert graphs.stats["graph_steps"] > 0
+
+
+def test_a_failed_training_graph_capture_leaves_that_shape_eager(split_server, monkeypatch):
+    """A capture that raises (as one of an op CUDA graphs cannot hold would) is logged, its
+    signature runs eagerly from then on and is never captured again, and the losses stay exact."""
+    import lightning_split.server.train_graphs as train_graphs
+
+    def not_capturable(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(train_graphs, "segment_reply", not_capturable)  # the graph path's only
+    spec = SplitSpec(cut=1, shape="two_part")
+    local = build_model(GPT2).eval()
+    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=1) as remote:
+        graphs = split_server.segment(remote).train_graphs
+        graphs.emulate = True
+        model = remote.model.eval()
+        for seed in range(4):
+            ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.testing.assert_close(loss, local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
+        remote.runner.confirm()
+        assert graphs.stats["capture_failed"] == 1 and graphs.stats["captures"] == 0
+        assert graphs.stats["graph_steps"] == 0 and len(graphs.failed) == 1
