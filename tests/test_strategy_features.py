@@ -281,3 +281,24 @@ def test_removed_checkpoints_free_their_server_state(split_server, tmp_path):
     saved = sorted(p.stem for p in (tmp_path / "server-state" / "alice").glob("*.json"))
     assert saved == [tag]
     strategy.close()
+
+
+def test_lora_tail_through_training_graphs_matches_eager(split_server, monkeypatch):
+    """LoRA adapters trained through the server's training-graph path (its bookkeeping emulated on
+    CPU) give the losses the eager path gives, step for step."""
+    from lightning_split.server.train_graphs import TrainGraphs
+
+    address, tls_for = split_server(GPT2, SplitSpec(cut=1, shape="two_part"))
+    tail = {"mode": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}}
+    losses, steps = {}, {}
+    for graphs in (False, True):
+        monkeypatch.setattr(TrainGraphs, "emulate", graphs)
+        torch.manual_seed(0)  # the same adapter initialisation on the server, the same client module
+        strategy = _strategy(address, tls_for("alice"), tail=tail)
+        trainer, rec = _trainer(strategy, steps=6, accumulate_grad_batches=2)
+        trainer.fit(CausalLM(lr=1e-2), _gpt2_batches(16))
+        (session,) = [s for s in _sessions_of(split_server) if s.id == strategy.split.client.session_id]
+        losses[graphs], steps[graphs] = rec.losses, session.state["segment"].train_graphs.stats["graph_steps"]
+        strategy.close()
+    assert steps[False] == 0 and steps[True] == len(losses[True]) - 1
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-6, atol=1e-7)
