@@ -10,10 +10,13 @@ and the capture itself, one session at a time.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from lightning_split.split.surgery import map_leaves
 
 WARMUP_STEPS = 3  # eager runs on the capture stream before capturing, as PyTorch advises
 _CAPTURE_LOCK = threading.Lock()  # sessions run on several threads: one capture at a time
@@ -45,3 +48,24 @@ def capture(step: Callable[[], Any], device: torch.device, warmup: int = WARMUP_
     finally:
         current.wait_stream(stream)
     return graph, outputs
+
+
+def describe_leaf(value: Any) -> Any:
+    """A leaf as a graph's key sees it: a tensor's shape and dtype, any other value itself."""
+    return ("tensor", tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(value)
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts, in ``map_leaves`` order."""
+    out: list[Any] = []
+    map_leaves(out.append, tree)
+    return out
+
+
+def drop_oldest(graphs: OrderedDict[Any, Any], count: int, device: torch.device) -> None:
+    """Forget the ``count`` least recently used of ``graphs`` (entries with a ``graph``
+    attribute, None when emulated), once the device is done with them."""
+    if count > 0 and any(g.graph is not None for g in graphs.values()):
+        torch.cuda.current_stream(device).synchronize()  # no graph destroyed mid-replay
+    for _ in range(max(0, count)):
+        graphs.popitem(last=False)

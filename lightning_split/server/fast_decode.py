@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_split.server.cuda_graphs import capture
+from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tree_leaves
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves
 
@@ -63,11 +63,6 @@ def _mask_arg(block: nn.Module) -> int | None:
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in inspect.signature(block.forward).parameters.values() if p.kind in kinds]
     return names.index("attention_mask") - 1 if "attention_mask" in names[1:] else None
-
-
-def _describe(value: Any) -> Any:
-    """A leaf as a graph's key sees it: a tensor's shape and dtype, any other value itself."""
-    return ("tensor", tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(value)
 
 
 @dataclass
@@ -128,15 +123,8 @@ class StaticDecoder:
 
     def release(self) -> None:
         """Free the cache and the graphs (their memory pools with them)."""
-        self._drop_graphs(len(self.graphs))
+        drop_oldest(self.graphs, len(self.graphs), self.device)
         self.cache, self.batch, self.capacity, self.tokens, self.active = None, 0, 0, 0, False
-
-    def _drop_graphs(self, count: int) -> None:
-        """Forget the ``count`` least recently used graphs, once the device is done with them."""
-        if count > 0 and any(g.graph is not None for g in self.graphs.values()):
-            torch.cuda.current_stream(self.device).synchronize()  # no graph destroyed mid-replay
-        for _ in range(count):
-            self.graphs.popitem(last=False)
 
     def _layers(self) -> list[Any]:
         return [self.cache.layers[i] for i in self.layer_ids]
@@ -177,7 +165,7 @@ class StaticDecoder:
         hidden = body["hidden"]
         mask, tree = self._swap_mask((tuple(body.get("args", ())), dict(body.get("kwargs") or {})), None)
         kind = self._mask_kind(mask, hidden, past, new)
-        strings = [v for v in _leaves(tree) if isinstance(v, str)]
+        strings = [v for v in tree_leaves(tree) if isinstance(v, str)]
         if (kind is None or body.get("grad_inputs") or body.get("autocast") or KV_CACHE not in strings
                 or any(grad_input_index(s) is not None for s in strings) or (past and hidden.shape[0] != self.batch)):
             self.stats["declined"] += 1
@@ -244,7 +232,7 @@ class StaticDecoder:
                 self.cache.reset()
             return
         capacity = min(max(self.min_tokens, 1 << (needed - 1).bit_length()), -(-self.max_tokens // 64) * 64)
-        self._drop_graphs(len(self.graphs))  # they point at the old cache
+        drop_oldest(self.graphs, len(self.graphs), self.device)  # they point at the old cache
         old, self.cache = self.cache, StaticCache(config=self.hf_config, max_cache_len=max(capacity, needed))
         self.batch, self.capacity = batch, max(capacity, needed)
         self._slots = torch.arange(self.capacity, device=self.device)  # read by graphs: made before them
@@ -335,16 +323,16 @@ class StaticDecoder:
         options = {k: body[k] for k in RESULT_OPTIONS if k in body}
         # The mask's last dim (past + new) grows every step: its buffer has the capacity instead.
         mask_sig = None if mask is None else (tuple(mask.shape[:-1]), str(mask.dtype))
-        key = repr((self.capacity, kind, _describe(hidden), map_leaves(_describe, tree), mask_sig,
+        key = repr((self.capacity, kind, describe_leaf(hidden), map_leaves(describe_leaf, tree), mask_sig,
                     sorted(options.items())))
-        leaves = [hidden, *(v for v in _leaves(tree) if isinstance(v, torch.Tensor))]
+        leaves = [hidden, *(v for v in tree_leaves(tree) if isinstance(v, torch.Tensor))]
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             g = self.graphs.get(key)
             if g is None:
                 g = self._capture(tree, kind, options, leaves, mask, past)
                 if g is None:
                     return None
-                self._drop_graphs(len(self.graphs) + 1 - self.max_graphs)
+                drop_oldest(self.graphs, len(self.graphs) + 1 - self.max_graphs, self.device)
                 self.graphs[key] = g
             self.graphs.move_to_end(key)
             self._stage(g, leaves, mask, past)
@@ -403,8 +391,3 @@ class StaticDecoder:
         self.stats["captures"] += 1
         return g
 
-
-def _leaves(tree: Any) -> list[Any]:
-    out: list[Any] = []
-    map_leaves(out.append, tree)
-    return out

@@ -168,8 +168,8 @@ class SessionSegment:
                     return self._run(hidden, args, kwargs, body)
             fused = body.get("fused")
             if fused is not None:
-                weight = self._fused_weight(fused)
-                graphed = self.train_graphs.run(hidden, grad_inputs, args, kwargs, body, weight, int(fused["call"]))
+                call, weight = int(fused["call"]), self._fused_weight(fused)
+                graphed = self.train_graphs.run(hidden, grad_inputs, args, kwargs, body, weight, call)
                 if graphed is not None:
                     return graphed
             micro_id = int(body["id"])
@@ -179,7 +179,7 @@ class SessionSegment:
             with torch.enable_grad():
                 out = self._run(hidden, args, kwargs, body)
         if fused is not None:  # the backward too, now, outside autocast (as torch advises)
-            return self._backward_now(out, hidden, grad_inputs, int(fused["call"]), weight)
+            return self._backward_now(out, hidden, grad_inputs, call, weight)
         while len(self.graphs) >= self.max_graphs:
             # A forward whose backward never came (a loss not backpropagated): free the oldest, so
             # memory stays bounded; its backward, should it still come, gets a clear error.
@@ -194,7 +194,6 @@ class SessionSegment:
         weight = torch.as_tensor(fused["weight"])
         if weight.dim() != 0 or not weight.is_floating_point():
             raise SegmentError("a fused call's loss weight must be a floating-point scalar")
-        int(fused["call"])  # a call id, or ValueError: INVALID_ARGUMENT
         return weight.to(self.device, non_blocking=True)
 
     def _backward_now(self, out: dict[str, Any], hidden: torch.Tensor, grad_inputs: list[torch.Tensor],

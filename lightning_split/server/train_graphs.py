@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.server.call_grads import CallGradients
-from lightning_split.server.cuda_graphs import capture
+from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tree_leaves
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
 
@@ -100,9 +100,9 @@ class TrainGraphs:
         tree = (args, kwargs)
         grad_ids = {id(t): i for i, t in enumerate(grad_inputs)}
         options = {k: body[k] for k in LOSS_OPTIONS if k in body}
-        key = repr((_describe(hidden), input_grad, [_describe(t) for t in grad_inputs],
-                    map_leaves(lambda v: ("grad", grad_ids[id(v)]) if id(v) in grad_ids else _describe(v), tree),
-                    _describe(labels), sorted(options.items()), body.get("autocast"), self.module.training))
+        key = repr((describe_leaf(hidden), input_grad, [describe_leaf(t) for t in grad_inputs],
+                    map_leaves(lambda v: ("grad", grad_ids[id(v)]) if id(v) in grad_ids else describe_leaf(v), tree),
+                    describe_leaf(labels), sorted(options.items()), body.get("autocast"), self.module.training))
         attempts = self.stats["captures"] + self.stats["capture_failed"]
         if key in self.failed or (key not in self.graphs and attempts >= MAX_CAPTURES):
             return None
@@ -112,7 +112,7 @@ class TrainGraphs:
             self.seen[key] += 1
             if self.seen[key] < 2:
                 return None
-        leaves = [hidden, *grad_inputs, *(v for v in _leaves(tree) if isinstance(v, torch.Tensor)
+        leaves = [hidden, *grad_inputs, *(v for v in tree_leaves(tree) if isinstance(v, torch.Tensor)
                                           and id(v) not in grad_ids), labels]
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             g = self.graphs.get(key)
@@ -183,7 +183,7 @@ class TrainGraphs:
             self.stats["capture_failed"] += 1
             return None
         g.input_grads, g.param_grads = list(grads[: len(wrt) - len(params)]), list(grads[len(wrt) - len(params) :])
-        self._drop_graphs(len(self.graphs) + 1 - self.max_graphs)
+        drop_oldest(self.graphs, len(self.graphs) + 1 - self.max_graphs, self.device)
         self.graphs[key] = g
         self.stats["captures"] += 1
         return g
@@ -193,11 +193,6 @@ class TrainGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         return self.pool
 
-    def _drop_graphs(self, count: int) -> None:
-        if count > 0 and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # no graph destroyed mid-replay
-        for _ in range(max(0, count)):
-            self.graphs.popitem(last=False)
 
 
 @contextlib.contextmanager
@@ -220,15 +215,3 @@ def _copy_into(bufs: tuple[Any, ...], values: tuple[torch.Tensor, tuple[Any, ...
         if buf is not None:
             buf.copy_(value)
 
-
-def _describe(value: Any) -> Any:
-    """A leaf as a graph's key sees it: a tensor's shape and dtype, any other value itself."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), str(value.dtype))
-    return value
-
-
-def _leaves(tree: Any) -> list[Any]:
-    out: list[Any] = []
-    map_leaves(out.append, tree)
-    return out
