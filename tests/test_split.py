@@ -434,21 +434,28 @@ def test_training_graphs_stay_bounded_when_shapes_keep_changing(split_server):
     the captures stop at MAX_CAPTURES, later calls run eagerly, and every loss still equals local."""
     from lightning_split.server.train_graphs import MAX_CAPTURES
 
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 128, (2 + i % 3, 8), generator=g) for i in range(3 * (MAX_CAPTURES + 2))]
+    graphs = _loss_only_calls_through_emulated_graphs(split_server, batches)
+    assert graphs.stats["captures"] == MAX_CAPTURES and len(graphs.graphs) <= graphs.max_graphs
+    assert graphs.stats["graph_steps"] > 0
+
+
+def _loss_only_calls_through_emulated_graphs(split_server, batches: list[torch.Tensor]):  # noqa: ANN001, ANN202
+    """Backpropagate a two-part GPT-2's loss-only call for each batch, the server's training graphs
+    emulated on CPU; each loss equals local's. Returns the session's TrainGraphs."""
     spec = SplitSpec(cut=1, shape="two_part")
     local = build_model(GPT2).eval()
     with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=1) as remote:
         graphs = split_server.segment(remote).train_graphs
         graphs.emulate = True
         model = remote.model.eval()
-        g = torch.Generator().manual_seed(4)
-        for i in range(3 * (MAX_CAPTURES + 2)):
-            ids = torch.randint(0, 128, (2 + i % 3, 8), generator=g)
+        for ids in batches:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.testing.assert_close(loss, local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
         remote.runner.confirm()
-        assert graphs.stats["captures"] == MAX_CAPTURES and len(graphs.graphs) <= graphs.max_graphs
-        assert graphs.stats["graph_steps"] > 0
+    return graphs
 
 
 def test_a_failed_training_graph_capture_leaves_that_shape_eager(split_server, monkeypatch):
@@ -460,17 +467,7 @@ def test_a_failed_training_graph_capture_leaves_that_shape_eager(split_server, m
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(train_graphs, "segment_reply", not_capturable)  # the graph path's only
-    spec = SplitSpec(cut=1, shape="two_part")
-    local = build_model(GPT2).eval()
-    with _connected(split_server, GPT2, spec, tail={"mode": "trainable"}, micro_batches=1) as remote:
-        graphs = split_server.segment(remote).train_graphs
-        graphs.emulate = True
-        model = remote.model.eval()
-        for seed in range(4):
-            ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.testing.assert_close(loss, local(input_ids=ids, labels=ids).loss, atol=ATOL, rtol=1e-5)
-        remote.runner.confirm()
-        assert graphs.stats["capture_failed"] == 1 and graphs.stats["captures"] == 0
-        assert graphs.stats["graph_steps"] == 0 and len(graphs.failed) == 1
+    batches = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    graphs = _loss_only_calls_through_emulated_graphs(split_server, batches)
+    assert graphs.stats["capture_failed"] == 1 and graphs.stats["captures"] == 0
+    assert graphs.stats["graph_steps"] == 0 and len(graphs.failed) == 1
