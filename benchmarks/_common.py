@@ -254,9 +254,9 @@ def _profile_stream_workers(path: str) -> None:
     """cProfile each stream's worker thread (receive, decode, handler, encode) into ``path``.N."""
     import cProfile
 
-    from lightning_split.channel import server as channel_server
+    from lightning_split.channel.server_stream import ServerStream
 
-    serve, count = channel_server._Stream.serve, [0]
+    serve, count = ServerStream.serve, [0]
 
     def profiled(self: Any, *args: Any) -> None:
         count[0] += 1
@@ -266,7 +266,7 @@ def _profile_stream_workers(path: str) -> None:
         finally:
             prof.dump_stats(f"{path}.{count[0]}")
 
-    channel_server._Stream.serve = profiled
+    ServerStream.serve = profiled
 
 
 def _serve(pki: str, source: dict, spec: dict, device: str, ready: Any, stop: Any, busy: Any,

@@ -13,9 +13,10 @@ from lightning_split import cli
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate and clients alice, bob and client, written by ``lightning-split certs``."""
+    """A CA, a server certificate and clients alice, bob, client and mallory, written by ``lightning-split certs``."""
     out = tmp_path_factory.mktemp("pki")
-    rc = cli.main(["certs", "--out", str(out), "--client", "alice", "--client", "bob", "--client", "client"])
+    rc = cli.main(["certs", "--out", str(out), "--client", "alice", "--client", "bob", "--client", "client",
+                   "--client", "mallory"])
     assert rc == 0
     return out
 

@@ -37,12 +37,13 @@ def test_cli_writes_pki_with_private_keys_0600(tmp_path: Path) -> None:
     rc = cli.main(["certs", "--out", str(out), "--server-name", "split.example", "--server-name", "10.1.2.3",
                    "--client", "alice", "--client", "bob", "--days", "30"])
     assert rc == 0
-    for name in ("ca.pem", "ca.key", "server.pem", "server.key", "clients/alice.pem", "clients/alice.key",
-                 "clients/bob.pem", "clients/bob.key"):
+    for name in ("ca.pem", "ca/ca.pem", "ca/ca.key", "server/ca.pem", "server/server.pem", "server/server.key",
+                 "clients/alice.pem", "clients/alice.key", "clients/bob.pem", "clients/bob.key"):
         assert (out / name).is_file(), name
-    for key in ("ca.key", "server.key", "clients/alice.key", "clients/bob.key"):
+    for key in ("ca/ca.key", "server/server.key", "clients/alice.key", "clients/bob.key"):
         assert _mode(out / key) == 0o600, key
-    server = _load(out / "server.pem")
+    assert not list(out.glob("*.key")) and not list((out / "server").glob("ca.key"))  # the CA key is apart
+    server = _load(out / "server" / "server.pem")
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "split.example"}
     assert set(sans.get_values_for_type(x509.IPAddress)) == {

@@ -193,17 +193,17 @@ def test_hello_for_another_node(server, pki) -> None:
 def test_silent_client_is_dropped_after_handshake_timeout(server, pki) -> None:
     raw = RawStream(secure_channel(server.port, client_tls(pki, "alice")))  # never says anything
     raw._reader.join(timeout=10)
-    assert raw.code == S.CANCELLED
+    assert raw.code == S.DEADLINE_EXCEEDED and "no HANDSHAKE" in raw.details
     raw.close()
     assert_still_serves(server, pki)
 
 
 def test_server_survives_many_bad_streams(server, pki) -> None:
-    for name in ("garbage_meta", "crc_mismatch", "fragment_flood") * 3:
+    for name in ("garbage_meta", "crc_mismatch", "fragment_flood") * 2:
         raw = open_raw(server.port, pki)
         sid = raw.handshake()["session_id"]
         raw.send(*CASES[name][0](sid))
         raw.finish()
         raw.close()
     assert_still_serves(server, pki)
-    assert len(server.sessions) == 9  # one per bad stream: sessions outlive their streams
+    assert len(server.sessions) == 6  # one per bad stream: sessions outlive their streams

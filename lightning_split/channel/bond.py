@@ -129,6 +129,8 @@ def outbox_frames(outbox: queue.SimpleQueue, alive: Any = None) -> Iterator[byte
             raise BondAborted
         frames, index = item
         yield frames.frame(index)
+        if index == frames.fragment_count - 1 and frames.on_sent is not None:
+            frames.on_sent()  # the message's last fragment is gRPC's now (server.py's reply window)
 
 
 class RoundRobinReader(_Ring):

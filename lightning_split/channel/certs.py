@@ -2,10 +2,24 @@
 
 The client's identity *is* its certificate: the subject CN is the node id, repeated as a SAN URI
 ``urn:lightning-split:node:<id>``. The server reads the CN from the TLS auth context and requires
-every frame's header ``node_id`` to match it, so a client cannot speak for another.
+every frame's header ``node_id`` to match it, so a client cannot speak for another. Sessions are
+bound to the certificate's fingerprint too (identity.py), and a CRL revokes single certificates.
+
+Layout of a PKI folder (:class:`Layout`): the CA's private key never sits where the server reads::
+
+    DIR/ca/ca.pem, ca.key                 the CA: only `lightning-split certs` needs the key
+    DIR/server/ca.pem                     what the server reads: the CAs it trusts for clients,
+    DIR/server/server.pem, server.key     its certificate and key,
+    DIR/server/crl.pem                    and the revocation list (written by `certs revoke`)
+    DIR/clients/<id>.pem, <id>.key        one pair per client node
+    DIR/ca.pem                            the public CA certificate, for clients
+
+A folder in the older flat layout (ca.pem, ca.key, server.pem, server.key at the top) is still read
+and written in place.
 
 Keys are ECDSA P-256 by default: handshakes are several times cheaper than with RSA-2048 and every
-TLS stack gRPC links supports them. Private keys are written with mode 0600.
+TLS stack gRPC links supports them. Private keys are written with mode 0600. Files are replaced
+atomically, so a running server never reads half of a rotated certificate.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -32,15 +47,47 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """PEM files one side of the channel needs: the CA that signs the peer, its own cert and key."""
+    """PEM files one side of the channel needs: the CA that signs the peer, its own cert and key.
+
+    ``crl`` (server side only) is the revocation list; a missing file revokes nothing.
+    """
 
     ca: Path
     cert: Path
     key: Path
+    crl: Path | None = None
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(ca, cert, key) as bytes, in the order grpc's credential helpers want them."""
         return Path(self.ca).read_bytes(), Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a PKI folder keeps what (see the module docstring)."""
+
+    root: Path
+    ca_dir: Path
+    server_dir: Path
+
+    @classmethod
+    def of(cls, root: str | os.PathLike) -> Layout:
+        root = Path(root)
+        # The flat layout (or a server bundle folder given directly): everything at the top.
+        flat = not (root / "server").is_dir() and ((root / "ca.key").exists() or (root / "server.pem").exists())
+        return cls(root, root, root) if flat else cls(root, root / "ca", root / "server")
+
+    ca_cert = property(lambda self: self.ca_dir / "ca.pem")
+    ca_key = property(lambda self: self.ca_dir / "ca.key")
+    public_ca = property(lambda self: self.root / "ca.pem")
+    trust = property(lambda self: self.server_dir / "ca.pem")
+    server_cert = property(lambda self: self.server_dir / "server.pem")
+    server_key = property(lambda self: self.server_dir / "server.key")
+    crl = property(lambda self: self.server_dir / "crl.pem")
+
+    def client(self, node_id: str) -> tuple[Path, Path]:
+        validate_node_id(node_id)
+        return self.root / "clients" / f"{node_id}.pem", self.root / "clients" / f"{node_id}.key"
 
 
 @dataclass(frozen=True)
@@ -53,6 +100,7 @@ class CertPaths:
     server_cert: Path
     server_key: Path
     clients: dict[str, tuple[Path, Path]]  # node_id -> (cert, key)
+    server_dir: Path  # the folder the server reads (ChannelServer(tls=server_tls(out_dir)))
 
 
 def validate_node_id(node_id: str) -> str:
@@ -84,29 +132,51 @@ def _validity(
     return start, end
 
 
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a sibling temp file (created with ``mode``), then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()  # os.open's mode only applies when the file is created
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)  # the umask cannot widen it, but be explicit
+    os.replace(tmp, path)
+
+
 def _write_key(path: Path, key: PrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()  # os.open's mode only applies when the file is created
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # the umask cannot widen it, but be explicit
+    _write_atomic(path, data, 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def load_ca(out_dir: str | os.PathLike) -> tuple[x509.Certificate, PrivateKey]:
-    out = Path(out_dir)
-    cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
-    key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    layout = Layout.of(out_dir)
+    cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
     return cert, key  # type: ignore[return-value]
+
+
+def _publish_ca(layout: Layout, cert: x509.Certificate, fresh: bool) -> None:
+    """The public CA certificate for clients, and the server's trust bundle.
+
+    The bundle may hold more CAs than ours (added by hand, e.g. while moving to a new CA): keep them,
+    unless our CA itself is new.
+    """
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    if layout.public_ca != layout.ca_cert:
+        _write_atomic(layout.public_ca, pem)
+    if layout.trust == layout.ca_cert:
+        return
+    bundle = b"" if fresh or not layout.trust.exists() else layout.trust.read_bytes()
+    if pem not in bundle:
+        _write_atomic(layout.trust, bundle + (b"" if not bundle or bundle.endswith(b"\n") else b"\n") + pem)
 
 
 def make_ca(
@@ -115,8 +185,8 @@ def make_ca(
     days: float = 3650,
     key_kind: str = "ec",
 ) -> tuple[Path, Path]:
-    """Create ``ca.pem`` and ``ca.key`` in ``out_dir``; returns their paths."""
-    out = Path(out_dir)
+    """Create the CA (``ca/ca.pem`` and ``ca/ca.key`` under ``out_dir``); returns their paths."""
+    layout = Layout.of(out_dir)
     key = _new_key(key_kind)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     start, end = _validity(days, None, None)
@@ -140,9 +210,10 @@ def make_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_cert(out / "ca.pem", cert)
-    _write_key(out / "ca.key", key)
-    return out / "ca.pem", out / "ca.key"
+    _write_cert(layout.ca_cert, cert)
+    _write_key(layout.ca_key, key)
+    _publish_ca(layout, cert, fresh=True)
+    return layout.ca_cert, layout.ca_key
 
 
 def _leaf(
@@ -185,8 +256,10 @@ def _leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_cert(cert_path, cert)
+    # Key first: a server that reloads in between sees a key that does not match the old
+    # certificate and keeps its previous pair (identity.server_credentials checks).
     _write_key(key_path, key)
+    _write_cert(cert_path, cert)
     return cert_path, key_path
 
 
@@ -204,6 +277,17 @@ def _server_sans(names: Iterable[str]) -> list[x509.GeneralName]:
     return sans
 
 
+def server_names(out_dir: str | os.PathLike) -> list[str]:
+    """The names of the current server certificate: its CN first, then its DNS and IP SANs."""
+    cert = x509.load_pem_x509_certificate(Layout.of(out_dir).server_cert.read_bytes())
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [str(cns[0].value)] if cns else []
+    names += sans.get_values_for_type(x509.DNSName)
+    names += [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    return list(dict.fromkeys(names))
+
+
 def make_server_cert(
     out_dir: str | os.PathLike,
     names: Iterable[str] = (),
@@ -212,16 +296,16 @@ def make_server_cert(
     not_after: dt.datetime | None = None,
     key_kind: str = "ec",
 ) -> tuple[Path, Path]:
-    """``server.pem``/``server.key`` signed by the CA in ``out_dir``.
+    """``server/server.pem``/``server.key`` signed by the CA in ``out_dir`` (a new key each time).
 
     SANs: localhost, 127.0.0.1, ::1 and every extra name (IP literals become IP SANs).
     """
-    out = Path(out_dir)
+    layout = Layout.of(out_dir)
     names = list(names)
     cn = names[0] if names else "localhost"
     return _leaf(
-        out, cn, _server_sans(names), ExtendedKeyUsageOID.SERVER_AUTH,
-        out / "server.pem", out / "server.key", days, not_before, not_after, key_kind,
+        layout.root, cn, _server_sans(names), ExtendedKeyUsageOID.SERVER_AUTH,
+        layout.server_cert, layout.server_key, days, not_before, not_after, key_kind,
     )
 
 
@@ -233,13 +317,15 @@ def make_client_cert(
     not_after: dt.datetime | None = None,
     key_kind: str = "ec",
 ) -> tuple[Path, Path]:
-    """``clients/<node_id>.pem``/``.key``: CN = node id, SAN URI ``urn:lightning-split:node:<id>``."""
-    out = Path(out_dir)
-    validate_node_id(node_id)
+    """``clients/<node_id>.pem``/``.key``: CN = node id, SAN URI ``urn:lightning-split:node:<id>``.
+
+    Calling it again renews the certificate: a new key and serial, the same CA and identity.
+    """
+    layout = Layout.of(out_dir)
+    cert_path, key_path = layout.client(node_id)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)]
     return _leaf(
-        out, node_id, sans, ExtendedKeyUsageOID.CLIENT_AUTH,
-        out / "clients" / f"{node_id}.pem", out / "clients" / f"{node_id}.key",
+        layout.root, node_id, sans, ExtendedKeyUsageOID.CLIENT_AUTH, cert_path, key_path,
         days, not_before, not_after, key_kind,
     )
 
@@ -258,21 +344,82 @@ def make_certs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     client_ids = [validate_node_id(c) for c in client_ids]
-    if not ((out / "ca.pem").exists() and (out / "ca.key").exists()):
+    layout = Layout.of(out)
+    if layout.server_dir == out and (out / "server.pem").exists() and not layout.ca_key.exists():
+        raise ValueError(f"{out} looks like a server bundle (no CA key): point at the PKI folder above it")
+    if layout.ca_cert.exists() and layout.ca_key.exists():
+        _publish_ca(layout, load_ca(out)[0], fresh=False)
+    else:
         make_ca(out, days=max(days, 3650), key_kind=key_kind)
     server = make_server_cert(out, server_names, days=days, key_kind=key_kind)
     clients = {cid: make_client_cert(out, cid, days=days, key_kind=key_kind) for cid in client_ids}
-    return CertPaths(out, out / "ca.pem", out / "ca.key", server[0], server[1], clients)
+    return CertPaths(out, layout.ca_cert, layout.ca_key, server[0], server[1], clients, layout.server_dir)
+
+
+def revoke(
+    out_dir: str | os.PathLike,
+    serials: Iterable[int],
+    days: float = 365,
+) -> Path:
+    """Add certificate serials to the CA-signed CRL in the server's folder; returns its path.
+
+    The server reloads the file within a second or so: new streams of a revoked certificate are
+    refused and its live sessions closed. Entries already in the CRL are kept.
+    """
+    layout = Layout.of(out_dir)
+    ca_cert, ca_key = load_ca(out_dir)
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=days))
+    )
+    listed: set[int] = set()
+    number = 0
+    if layout.crl.exists():
+        old = x509.load_pem_x509_crl(layout.crl.read_bytes())
+        if not old.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+            raise ValueError(f"{layout.crl} is not signed by this CA: refusing to extend it")
+        for entry in old:
+            builder = builder.add_revoked_certificate(entry)
+            listed.add(entry.serial_number)
+        with_number = [e.value for e in old.extensions if isinstance(e.value, x509.CRLNumber)]
+        number = with_number[0].crl_number if with_number else 0
+    for serial in serials:
+        if serial not in listed:
+            listed.add(serial)
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    crl = (
+        builder.add_extension(x509.CRLNumber(number + 1), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    _write_atomic(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+    return layout.crl
+
+
+def cert_serial(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> int:
+    """The serial of a PEM certificate; with ``out_dir``, checked to be issued by that folder's CA."""
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    if out_dir is not None:
+        try:  # by signature: our CAs all share one name
+            cert.verify_directly_issued_by(load_ca(out_dir)[0])
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError(f"{path} was not issued by the CA in {out_dir}") from None
+    return cert.serial_number
 
 
 def server_tls(out_dir: str | os.PathLike) -> TLSFiles:
-    out = Path(out_dir)
-    return TLSFiles(ca=out / "ca.pem", cert=out / "server.pem", key=out / "server.key")
+    """The server's files: ``out_dir`` is a PKI folder (either layout) or its ``server/`` bundle."""
+    layout = Layout.of(out_dir)
+    return TLSFiles(ca=layout.trust, cert=layout.server_cert, key=layout.server_key, crl=layout.crl)
 
 
 def client_tls(out_dir: str | os.PathLike, node_id: str) -> TLSFiles:
-    out = Path(out_dir)
-    validate_node_id(node_id)
-    return TLSFiles(
-        ca=out / "ca.pem", cert=out / "clients" / f"{node_id}.pem", key=out / "clients" / f"{node_id}.key"
-    )
+    cert, key = Layout.of(out_dir).client(node_id)
+    return TLSFiles(ca=Path(out_dir) / "ca.pem", cert=cert, key=key)

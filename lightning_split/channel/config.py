@@ -25,6 +25,16 @@ def auto_connections() -> int:
     return max(1, min(4, cores // 4))
 
 
+def host_memory_bytes() -> int:
+    """Physical memory of this host (0 if unknown: then budgets are unlimited)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 @dataclass
 class ChannelConfig:
     """Everything the client and the server of one channel are configured with.
@@ -48,6 +58,22 @@ class ChannelConfig:
     limits: WireLimits = field(default_factory=WireLimits)
     max_sessions: int = 64
     session_ttl_s: float = 600.0
+    # Fair admission among tenants (a node is one client certificate): one node's excess is
+    # refused with RESOURCE_EXHAUSTED while every other node is served as before. A stream is one
+    # Exchange call (a bonded session uses one per connection), and each holds a server thread.
+    max_sessions_per_node: int = 8
+    max_streams_per_node: int = 32
+    # A stream after its handshake that neither sends a fragment nor waits for a reply for this
+    # long is ended (its session lives on: the client's next request reopens a stream) ...
+    stream_idle_timeout_s: float = 600.0
+    # ... and one whose message stops arriving mid-way (no fragment for this long) is aborted,
+    # its partial payload freed.
+    stream_stall_timeout_s: float = 60.0
+    # Memory the server holds for its peers (payloads in flight, saved activations, KV caches),
+    # charged before it is allocated (budget.py). None: memory_bytes = half the host's RAM,
+    # node_memory_bytes = a quarter of memory_bytes; 0: unlimited.
+    memory_bytes: int | None = None
+    node_memory_bytes: int | None = None
     handshake_timeout_s: float = 30.0
     request_deadline_s: float = 300.0
     # HTTP/2 keepalive pings find a dead peer (a pulled cable, a killed VM) that TCP alone would
@@ -76,7 +102,13 @@ class ChannelConfig:
             raise ValueError("max_sessions must be >= 1")
         if not 1 <= self.wanted_connections() <= 64 or not 1 <= self.max_connections <= 64:
             raise ValueError("connections and max_connections must be within [1, 64]")
-        for name in ("session_ttl_s", "handshake_timeout_s", "request_deadline_s"):
+        if self.max_sessions_per_node < 1 or self.max_streams_per_node < 1:
+            raise ValueError("max_sessions_per_node and max_streams_per_node must be >= 1")
+        for name in ("memory_bytes", "node_memory_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: unlimited) or None (auto)")
+        for name in ("session_ttl_s", "handshake_timeout_s", "request_deadline_s", "stream_idle_timeout_s",
+                     "stream_stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         for d in (self.client_to_server, self.server_to_client):
@@ -85,6 +117,16 @@ class ChannelConfig:
 
     def wanted_connections(self) -> int:
         return auto_connections() if self.connections is None else int(self.connections)
+
+    def memory_budgets(self) -> tuple[int, int]:
+        """(server, per node) memory budgets in bytes, 0 meaning unlimited, auto sizes resolved."""
+        total = self.memory_bytes
+        if total is None:
+            total = host_memory_bytes() // 2
+        node = self.node_memory_bytes
+        if node is None:
+            node = total // 4
+        return int(total), int(node)
 
     def wants_pinned(self) -> bool:
         if self.pin_memory is not None:

@@ -26,7 +26,7 @@ Both ends accept gRPC messages of ``chunk_size + FRAME_HEADROOM`` (config.py), w
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from google.protobuf.message import DecodeError
 
@@ -69,6 +69,7 @@ class EncodedFrames:
         self.wire_bytes = encoded.wire_bytes
         self.raw_bytes = encoded.raw_bytes
         self.fragment_size, self.fragment_count = fragment_plan(encoded.payload_bytes, encoded.chunk_size)
+        self.on_sent: Callable[[], None] | None = None  # called once the last fragment is sent
 
     def __iter__(self) -> Iterator[bytes]:
         for index in range(self.fragment_count):

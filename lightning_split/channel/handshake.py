@@ -72,6 +72,12 @@ def _bad(msg: str) -> HandlerError:
     return HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "bad HANDSHAKE: " + msg)
 
 
+def _names(value: Any, what: str) -> set[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _bad(f"capabilities.{what} must be a list of names")
+    return set(value)
+
+
 def _grant(requested: Any, fallback: CompressionConfig, allow_lossless: set[str],
            allow_lossy: set[str]) -> CompressionConfig:
     """The requested compression, each stage downgraded to "none" where it is not allowed."""
@@ -105,6 +111,13 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) 
     """
     if not isinstance(hello, dict):
         raise _bad("the body must be a dict")
+    try:
+        return _negotiate(hello, identity, config, checksum)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong kind
+        raise _bad(f"{type(e).__name__}: {e}") from None
+
+
+def _negotiate(hello: dict[str, Any], identity: str, config: ChannelConfig, checksum: bool) -> dict[str, Any]:
     version = hello.get("protocol_version")
     if version not in SUPPORTED_VERSIONS:
         raise HandlerError(
@@ -130,8 +143,8 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) 
         raise _bad("compression must be a dict")
     allow_lossless, allow_lossy = set(config.allow_lossless), set(config.allow_lossy)
     # Replies are decoded by the client: never send it a stage it did not list.
-    peer_lossless = set(caps.get("lossless", ["none"])) | {"none"}
-    peer_lossy = set(caps.get("lossy", ["none"])) | {"none"}
+    peer_lossless = _names(caps.get("lossless", ["none"]), "lossless") | {"none"}
+    peer_lossy = _names(caps.get("lossy", ["none"]), "lossy") | {"none"}
     connections = caps.get("connections", 1)
     if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
         raise _bad(f"connections {connections!r} must be an int >= 1")

@@ -3,7 +3,14 @@
 A session belongs to one node id (the CN of the client's certificate). Its ``state`` dict is the
 handler's: the model segment's autograd state, an optimizer, a KV cache... A broken stream leaves
 the session alone; a reconnecting stream of the same node resumes it. Sessions end on CLOSE, on
-idle-TTL expiry, or when the server stops; each end goes through ``handler.close_session``.
+idle-TTL expiry, when the server stops, or when the CRL revokes the owner's certificate; each end
+goes through ``handler.close_session``.
+
+Under mutual TLS a session is also bound to the SHA-256 fingerprint of the certificate that opened
+it: only a stream presenting that very certificate resumes it. A renewed certificate (same CN, new
+key and serial, e.g. ``lightning-split certs rotate --client NAME``) connects fine but opens a new
+session; it continues the old work by resuming from a saved state tag, not by taking over the live
+session. So a second certificate issued with the same CN cannot hijack a session either.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,6 +50,7 @@ class Session:
     server_to_client: CompressionConfig
     chunk_size: int
     checksum: bool = True  # frames to the client carry CRCs (agreed at the handshake)
+    fingerprint: str = ""  # SHA-256 of the owner's client certificate; empty without TLS
     hello: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -50,6 +59,10 @@ class Session:
     # dying while the reconnect arrives) never run the handler concurrently on the same state.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     closed: bool = False
+    # The owner's share of the server's memory budget (budget.NodeAccount): what the session
+    # holds between requests (saved activations, KV cache) is charged to it under keys that
+    # start with the session id, and released when the session ends. None: not accounted.
+    account: Any = field(default=None, repr=False)
     _busy: int = field(default=0, repr=False)
 
     def touch(self) -> None:
@@ -79,10 +92,13 @@ class SessionHandler(Protocol):
 class SessionTable:
     """Live sessions, bounded in number, expired when idle for ``ttl_s``."""
 
-    def __init__(self, handler: SessionHandler, max_sessions: int, ttl_s: float) -> None:
+    def __init__(self, handler: SessionHandler, max_sessions: int, ttl_s: float,
+                 max_per_node: int | None = None, budget: Any = None) -> None:
         self._handler = handler
         self._max = max_sessions
+        self._max_per_node = max_per_node or max_sessions
         self._ttl = ttl_s
+        self._budget = budget  # a budget.MemoryBudget: each session is charged to its node's account
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
 
@@ -101,6 +117,13 @@ class SessionTable:
     def create(self, node_id: str, **kwargs: Any) -> Session:
         self.expire()
         with self._lock:
+            # The node's own cap first: one tenant's excess must not use up the slots of others.
+            held = sum(1 for s in self._sessions.values() if s.node_id == node_id)
+            if held >= self._max_per_node:
+                raise HandlerError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"node {node_id!r} holds its maximum of {self._max_per_node} sessions; close one or retry later",
+                )
             if len(self._sessions) >= self._max:
                 raise HandlerError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -110,15 +133,18 @@ class SessionTable:
             # certificate, but it must not be guessable either.
             sid = secrets.token_hex(16)
             session = Session(id=sid, node_id=node_id, **kwargs)
+            if self._budget is not None:
+                session.account = self._budget.account(node_id)
             self._sessions[sid] = session
             return session
 
-    def get(self, session_id: str, node_id: str) -> Session:
-        """The live session ``session_id`` if ``node_id`` owns it.
+    def get(self, session_id: str, node_id: str, fingerprint: str = "") -> Session:
+        """The live session ``session_id`` if ``node_id`` owns it, with the same certificate.
 
-        Unknown or expired ids give NOT_FOUND; a session owned by another node gives
-        PERMISSION_DENIED (ids are unguessable, so telling the two apart reveals nothing useful,
-        and it makes a misconfigured client easy to diagnose).
+        Unknown or expired ids give NOT_FOUND; a session owned by another node, or opened with
+        another certificate (``fingerprint``), gives PERMISSION_DENIED (ids are unguessable, so
+        telling the two apart reveals nothing useful, and it makes a misconfigured client easy to
+        diagnose).
         """
         with self._lock:
             session = self._sessions.get(session_id)
@@ -128,6 +154,12 @@ class SessionTable:
             raise HandlerError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"session {session_id[:8]}... does not belong to node {node_id!r}",
+            )
+        if session.fingerprint and session.fingerprint != fingerprint:
+            raise HandlerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"session {session_id[:8]}... was opened with another certificate of node {node_id!r}; "
+                "a renewed certificate opens a new session",
             )
         session.touch()
         return session
@@ -164,6 +196,16 @@ class SessionTable:
             self._finish(s)
         return [s.id for s in dead]
 
+    def close_where(self, predicate: Callable[[Session], bool]) -> list[str]:
+        """Close the sessions ``predicate`` picks (e.g. those of a revoked certificate); their ids."""
+        with self._lock:
+            picked = [s for s in self._sessions.values() if predicate(s)]
+            for s in picked:
+                del self._sessions[s.id]
+        for s in picked:
+            self._finish(s)
+        return [s.id for s in picked]
+
     def close_all(self) -> None:
         with self._lock:
             sessions = list(self._sessions.values())
@@ -179,5 +221,11 @@ class SessionTable:
             session.closed = True
             try:
                 self._handler.close_session(session)
-            except Exception:  # a handler bug must not take the server down
-                log.exception("close_session failed for session %s", session.id[:8])
+            except Exception as e:  # a handler bug must not take the server down
+                log.error("close_session failed for session %s of %s: %s: %s", session.id[:8],
+                          session.node_id, type(e).__name__, e)
+                log.debug("close_session failure", exc_info=True)
+            finally:
+                session.state.clear()
+                if session.account is not None:  # whatever the handler still had charged goes back
+                    session.account.release_prefix(session.id)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -170,8 +170,13 @@ class Reassembler:
     def __init__(self, limits: WireLimits | None = None, checksum: bool = True,
                  compression_allowed: CompressionConfig | None = None, *,
                  device: torch.device | str | None = None, nthreads: int = 2,
-                 protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION,), pin_memory: bool = False) -> None:
+                 protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION,), pin_memory: bool = False,
+                 charge: Callable[[int], None] | None = None) -> None:
         self.limits = limits or WireLimits()
+        # Asked before memory is taken for a message: ``charge(n)`` means "the message being
+        # received needs n bytes in all" (its payload buffer, then what decoding allocates on top);
+        # it raises WireError to refuse. The caller releases the charge when done with the message.
+        self.charge = charge
         self.checksum = checksum
         self.compression_allowed = compression_allowed
         self.device = device
@@ -180,6 +185,15 @@ class Reassembler:
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA driver
         self._pool: tuple[torch.Tensor, int] | None = None  # (last payload buffer, its idle use count)
         self.reset()
+
+    def pooled_bytes(self) -> int:
+        """Bytes of the payload buffer kept for reuse by the next message (memory between messages)."""
+        return 0 if self._pool is None else self._pool[0].numel()
+
+    def close(self) -> None:
+        """Drop the partial message and the pooled buffer: the stream is over."""
+        self.reset()
+        self._pool = None
 
     def reset(self) -> None:
         """Drop any partially received message."""
@@ -259,6 +273,8 @@ class Reassembler:
             raise invalid(f"meta_bytes={meta} > payload_bytes={payload}")
         if meta > lim.max_meta_bytes:
             raise exhausted(f"meta_bytes={meta} > max_meta_bytes={lim.max_meta_bytes}")
+        if self.charge is not None:
+            self.charge(payload + ALIGN)
         buf = self._take_buffer(payload + ALIGN)  # padded so the buffer region can be aligned too
         self._pad = -(buf.data_ptr() + meta) % ALIGN
         self._buf, self._mv = buf, memoryview(buf.numpy())
@@ -320,7 +336,14 @@ class Reassembler:
         meta_end = pad + first.meta_bytes
         meta = memoryview(buf.numpy())[pad:meta_end]
         region = buf[meta_end : pad + first.payload_bytes]
-        body, raw = _decode(meta, region, self.limits, self.device, self.compression_allowed, self.nthreads)
+        charge = None
+        if self.charge is not None:
+            held, charge_total = first.payload_bytes + ALIGN, self.charge
+
+            def charge(extra: int) -> None:
+                charge_total(held + extra)
+        body, raw = _decode(meta, region, self.limits, self.device, self.compression_allowed, self.nthreads,
+                            charge)
         h = first.header
         return Message(type=h.type, body=body, session_id=h.session_id, step=h.step, sequence=h.sequence,
                        code=h.code, node_id=h.node_id, protocol_version=h.protocol_version,

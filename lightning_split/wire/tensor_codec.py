@@ -13,6 +13,7 @@ No pickle, no ``torch.load``, no blosc2 ``unpack_tensor``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -173,6 +174,7 @@ class _Validator:
         self.region_len = len(region)
         self.nodes = 0
         self.decoded_bytes = 0
+        self.alloc_bytes = 0  # what decoding allocates beyond the payload (RAW tensors are views)
         self.plans: list[_Plan] = []
 
     def walk(self, v: pb.Value, depth: int) -> None:
@@ -238,6 +240,7 @@ class _Validator:
         if tm.blosc2:  # header only (32 bytes): declared sizes must match before anything is allocated
             check_blosc2_header(self.region_np[tm.offset : tm.offset + tm.nbytes].data, enc_bytes)
         self.decoded_bytes += numel * dtype.itemsize
+        self.alloc_bytes += decode_alloc_bytes(dtype, numel, tm.encoding, enc_bytes, tm.blosc2, tm.offset)
         if self.decoded_bytes > lim.max_decoded_bytes:
             raise exhausted(f"body decodes to more than max_decoded_bytes={lim.max_decoded_bytes}")
         self.plans.append(_Plan(tm, dtype, tuple(tm.shape)))
@@ -284,9 +287,21 @@ def _as_region(buffer: Any) -> torch.Tensor:
     return torch.frombuffer(mv, dtype=torch.uint8)
 
 
+def decode_alloc_bytes(dtype: torch.dtype, numel: int, encoding: int, enc_bytes: int, blosc2: bool,
+                       offset: int) -> int:
+    """Bytes decoding one tensor allocates: a blosc2 chunk's decompressed bytes, a lossy encoding's
+    (or a bool's) rebuilt values, a copy of RAW bytes not aligned for their dtype; else none."""
+    out = enc_bytes if blosc2 else 0
+    if encoding != pb.RAW:
+        out += numel * 4 + numel * dtype.itemsize  # the float32 (or half) stage, then the dtype
+    elif dtype == torch.bool or (not blosc2 and offset % max(dtype.itemsize, 1)):
+        out += numel * dtype.itemsize
+    return out
+
+
 def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | None,
-            device: torch.device | str | None, allowed: CompressionConfig | None, nthreads: int
-            ) -> tuple[Any, int]:
+            device: torch.device | str | None, allowed: CompressionConfig | None, nthreads: int,
+            charge: Callable[[int], None] | None = None) -> tuple[Any, int]:
     limits = limits or _DEFAULT_LIMITS
     if len(meta_bytes) > limits.max_meta_bytes:
         raise exhausted(f"PayloadMeta of {len(meta_bytes)} bytes > max_meta_bytes {limits.max_meta_bytes}")
@@ -304,6 +319,8 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
     except RecursionError as e:  # pragma: no cover - protobuf's own nesting limit comes first
         raise exhausted("body nested too deeply") from e
     val.check_overlap()
+    if charge is not None:  # the receiver's memory budget, asked before anything is allocated
+        charge(val.alloc_bytes)
     dev = torch.device(device) if device is not None else None
     tensors: list[torch.Tensor] = []
     for p in val.plans:
