@@ -19,7 +19,7 @@ from cryptography import x509
 
 from lightning_split import cli
 from lightning_split._proto import split_pb2 as pb
-from lightning_split.channel import ChannelClient, ChannelServer, HandlerError, RemoteError, TLSFiles
+from lightning_split.channel import ChannelClient, ChannelConfig, ChannelServer, HandlerError, RemoteError, TLSFiles
 from lightning_split.channel.certs import client_tls, make_certs, revoke, server_tls
 from lightning_split.channel.identity import Peer, RevocationList, peer_from_auth_context
 from lightning_split.wire import Message
@@ -197,6 +197,15 @@ def test_a_second_certificate_with_the_same_cn_cannot_take_over_a_session(start_
         # The owner itself still resumes its session on a new stream.
         owner.connect()
         assert owner.session_id == sid
+        # Nor can the other certificate join a bonded stream of the first, token in hand.
+        bonded = RawStream(secure_channel(server.port, first_tls))
+        token = bonded.handshake("alice", ChannelConfig(connections=2))["bond_token"]
+        joiner = RawStream(secure_channel(server.port, second_tls))
+        joiner.send_message(Message(type=pb.HANDSHAKE, body={"join": token, "index": 1}, node_id="alice", sequence=1))
+        code, details = joiner.finish()
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "bad join" in details
+        joiner.close()
+        bonded.close()
 
 
 # -- rotation ---------------------------------------------------------------------------------

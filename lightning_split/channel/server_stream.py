@@ -280,7 +280,7 @@ class ServerStream:
     def _join(self, msg: Message) -> None:
         """This connection joins the bond of another stream (same identity): answer here, hand over."""
         try:
-            bond = self.srv.bonds.join(msg.body.get("join"), msg.body.get("index"), self.identity or "")
+            bond = self.srv.bonds.join(msg.body.get("join"), msg.body.get("index"), self._owner())
         except ValueError as e:
             self._refuse(grpc.StatusCode.PERMISSION_DENIED, f"bad join: {e}")
         self.handshake_done.set()
@@ -290,6 +290,10 @@ class ServerStream:
         bond.dealer.attach(index, self.outbox)
         bond.reader.attach(index, self.requests)
         self.joined = True
+
+    def _owner(self) -> str:
+        """Who may join this stream's bond: the same node with the same certificate."""
+        return f"{self.identity or ''}#{self.fingerprint}"
 
     def _bind(self, session: Session) -> None:
         self.session = session
@@ -366,6 +370,6 @@ class ServerStream:
         log.info("%s session %s for %s", "resumed" if resumed else "opened", session.id[:8], self.identity)
         body = handshake.welcome(session.id, agreed, self.cfg, extras, resumed)
         if agreed["connections"] > 1:
-            self.bond = self.srv.bonds.open(self.identity, agreed["connections"], self.reader, self.dealer)
+            self.bond = self.srv.bonds.open(self._owner(), agreed["connections"], self.reader, self.dealer)
             body.update(connections=agreed["connections"], bond_token=self.bond.token)
         return self._reply(msg, body)
