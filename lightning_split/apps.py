@@ -34,6 +34,7 @@ def _plain(node: Any) -> Any:
 def build_server(cfg: DictConfig) -> Any:
     """A started ChannelServer serving the configured model's split."""
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
+    from lightning_split.server.kv_cache import MAX_CACHE_BYTES
     from lightning_split.server.service import SplitService
     from lightning_split.split.build import ModelSource
     from lightning_split.split.spec import SplitSpec
@@ -47,6 +48,8 @@ def build_server(cfg: DictConfig) -> Any:
         tail_modes=tuple(s.tail_modes),
         state_dir=s.state_dir,
         max_cache_tokens=s.max_cache_tokens,
+        max_cache_bytes=s.get("max_cache_bytes", MAX_CACHE_BYTES),
+        allow_nonfinite=s.get("allow_nonfinite", False),
         fast_decode=s.get("fast_decode"),
         prompt_graph_tokens=s.get("prompt_graph_tokens", 4096),
         train_graphs=s.get("train_graphs", True),

@@ -7,6 +7,9 @@ loss (``1 / accumulate_grad_batches``, a loss weight, 0 for a loss never backpro
 the call's parameter gradients accumulate into tensors of their own, not into ``.grad``; its
 BACKWARD then brings the scale, and they join ``.grad`` as ``scale x gradient``: what a backward
 with that scale would have accumulated (exactly for a scale of 1, within rounding otherwise).
+
+Each call belongs to the training step its first micro-batch was stamped with: a step the
+session has applied already (a client's retry) discards the calls of that step and earlier.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ class CallGradients:
         self.params = params
         self.max_calls = max_calls  # each holds up to one tensor per parameter: bounded memory
         self.calls: OrderedDict[int, list[torch.Tensor | None]] = OrderedDict()
+        self.steps: dict[int, int] = {}  # call id -> the training step it belongs to
+
+    def open(self, call: int, step: int) -> None:
+        """A micro-batch of ``call`` in training step ``step`` comes: the call is kept from now on."""
+        self.calls[call] = self._take(call)
+        self.steps.setdefault(call, step)
 
     def backward_into(self, call: int, run_backward: Callable[[], None]) -> None:
         """Run ``run_backward`` with the parameters' ``.grad`` swapped for ``call``'s own gradients.
@@ -71,6 +80,7 @@ class CallGradients:
         mine = self.calls.pop(call, None) or [None] * len(self.params)
         while len(self.calls) >= self.max_calls:
             stale, _ = self.calls.popitem(last=False)
+            self.steps.pop(stale, None)
             log.warning("dropping the gradients of training call %d: %d calls without a BACKWARD",
                         stale, self.max_calls)
         return mine
@@ -81,6 +91,7 @@ class CallGradients:
     def apply(self, call: int, scale: float | None) -> None:
         """Add ``scale x`` the call's gradients to ``.grad``; ``None`` drops them (loss unused)."""
         mine = self.calls.pop(call)
+        self.steps.pop(call, None)
         pairs = [(p, g) for p, g in zip(self.params, mine, strict=True) if g is not None]
         if scale is None or not pairs:
             return
@@ -96,5 +107,12 @@ class CallGradients:
         if into:
             torch._foreach_add_(into, added)
 
+    def discard_through(self, step: int) -> None:
+        """Forget the calls of training steps up to ``step``: their gradients must never be applied."""
+        for call in [c for c, s in self.steps.items() if s <= step]:
+            self.calls.pop(call, None)
+            del self.steps[call]
+
     def clear(self) -> None:
         self.calls.clear()
+        self.steps.clear()

@@ -53,7 +53,8 @@ RESULT_OPTIONS = ("result", "top_k", "logits_to_keep", "keep_last")  # what a st
 Tree = tuple[tuple, dict]  # a block's (args, kwargs)
 
 
-def _layer_idx(block: nn.Module) -> int | None:
+def layer_index(block: nn.Module) -> int | None:
+    """The block's model-wide layer index (its place in a KV cache), None if it has no attention."""
     idx = [getattr(getattr(block, name, None), "layer_idx", None) for name in ("attn", "self_attn")]
     return next((i for i in idx if isinstance(i, int)), None)
 
@@ -88,7 +89,7 @@ class StaticDecoder:
         self.module, self.hf_config, self.device = module, hf_config, device
         self.prompt_graph_tokens = prompt_graph_tokens
         self.max_tokens, self.min_tokens, self.max_graphs = max_tokens, min_tokens, max_graphs
-        self.layer_ids = [_layer_idx(b) for b in module.blocks]
+        self.layer_ids = [layer_index(b) for b in module.blocks]
         self.mask_arg = _mask_arg(module.blocks[0])
         self.sdpa = hf_config._attn_implementation == "sdpa"
         # A graph runs on one device: a segment spread over several GPUs decodes eagerly.
@@ -106,7 +107,7 @@ class StaticDecoder:
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
-        ids = [_layer_idx(b) for b in module.blocks]
+        ids = [layer_index(b) for b in module.blocks]
         if (getattr(hf_config, "model_type", None) not in FAMILIES or not ids or None in ids
                 or getattr(hf_config, "_attn_implementation", None) not in ATTENTION
                 or getattr(hf_config, "add_cross_attention", False) or _mask_arg(module.blocks[0]) is None):
@@ -123,6 +124,8 @@ class StaticDecoder:
 
     def release(self) -> None:
         """Free the cache and the graphs (their memory pools with them)."""
+        for g in self.graphs.values():
+            g.replay = None  # an emulated graph's replay refers back to it: no cycle left for the GC
         drop_oldest(self.graphs, len(self.graphs), self.device)
         self.cache, self.batch, self.capacity, self.tokens, self.active = None, 0, 0, 0, False
 
@@ -231,10 +234,10 @@ class StaticDecoder:
             if past == 0:  # a new sequence: no stale keys (even masked ones) from the last one
                 self.cache.reset()
             return
-        capacity = min(max(self.min_tokens, 1 << (needed - 1).bit_length()), -(-self.max_tokens // 64) * 64)
+        capacity = self.capacity_for(batch, needed)
         drop_oldest(self.graphs, len(self.graphs), self.device)  # they point at the old cache
-        old, self.cache = self.cache, StaticCache(config=self.hf_config, max_cache_len=max(capacity, needed))
-        self.batch, self.capacity = batch, max(capacity, needed)
+        old, self.cache = self.cache, StaticCache(config=self.hf_config, max_cache_len=capacity)
+        self.batch, self.capacity = batch, capacity
         self._slots = torch.arange(self.capacity, device=self.device)  # read by graphs: made before them
         if old is not None and past:  # grown mid-sequence: carry the held tokens over
             for idx in self.layer_ids:
@@ -242,6 +245,14 @@ class StaticDecoder:
                 dst.lazy_initialization(src.keys[:, :, :0], src.values[:, :, :0])
                 dst.keys[:, :, :past].copy_(src.keys[:, :, :past])
                 dst.values[:, :, :past].copy_(src.values[:, :, :past])
+
+    def capacity_for(self, batch: int, tokens: int) -> int:
+        """Room per sequence once the cache holds ``tokens`` of ``batch`` sequences: the present capacity if
+        that fits, else a power of two in [min_tokens, max_tokens rounded up to 64], never below ``tokens``."""
+        if self._fits(batch, tokens):
+            return self.capacity
+        capacity = min(max(self.min_tokens, 1 << (tokens - 1).bit_length()), -(-self.max_tokens // 64) * 64)
+        return max(capacity, tokens)
 
     def _fits(self, batch: int, tokens: int) -> bool:
         """The cache is allocated for ``batch`` sequences and has room for ``tokens``."""
@@ -281,7 +292,7 @@ class StaticDecoder:
         return args, kwargs
 
     def _results(self, out: torch.Tensor, body: dict[str, Any]) -> dict[str, Any]:
-        return segment_reply(self.module, out, body, self.device)
+        return segment_reply(self.module, out, body)
 
     def _eager_step(self, hidden: torch.Tensor, tree: Tree, mask: Any, kind: str, past: int, new: int,
                     body: dict[str, Any]) -> dict[str, Any]:

@@ -1,80 +1,41 @@
 """One session's view of the server's segment: its weights mode, autograd graphs, optimizer, KV cache.
 
-Tail modes:
-
-* ``frozen``: every session shares the model owner's segment; only input gradients flow back.
-* ``trainable``: the session trains its own copy of the segment with its own optimizer.
-* ``lora``: the session trains LoRA adapters (``peft``) over the shared, frozen base weights.
-
+The tail modes (the shared frozen segment, a trainable copy, LoRA adapters) are in ``tail.py``.
 A FORWARD keeps the graph (input leaf and outputs) under the client's micro-batch id until its
-BACKWARD; OPTIMIZER_STEP steps and zeroes the session's gradients once per training step: a step
-number already applied is acknowledged but never applied twice.
+BACKWARD, at most ``max_graphs`` of them, the oldest dropped first; OPTIMIZER_STEP steps and zeroes
+the session's gradients once per training step: a step number already applied is acknowledged but
+never applied twice, and the gradients computed for it again are discarded.
 
-Generation (INFER with a cache) keeps the session's KV cache for the server's layers: for GPT-2 and
-Llama a static cache with CUDA-graph decode steps (``fast_decode.StaticDecoder``), else, or when
-that path declines a step, Hugging Face's ``DynamicCache``.
+Generation (INFER with a cache) keeps the session's KV cache for the server's layers
+(``kv_cache.SessionCache``). What the session keeps between requests, pending graphs and the KV
+cache, is measured and charged to its node's memory budget (``session_memory.py``); the request's
+values are checked before they touch any of it (``checks.py``, and here what needs the session).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections import OrderedDict
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from lightning_split.server.call_grads import CallGradients
+from lightning_split.server.checks import AUTOCAST_DTYPES, SegmentError, embedding_rows, output_classes
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS, StaticDecoder
+from lightning_split.server.kv_cache import MAX_CACHE_BYTES, SessionCache
+from lightning_split.server.session_memory import SavedBytes, SessionMemory
+from lightning_split.server.tail import make_optimizer, session_weights
 from lightning_split.server.train_graphs import TrainGraphs
-from lightning_split.split.results import segment_reply
+from lightning_split.split.results import check_labels, in_range, segment_reply
 from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
 
 log = logging.getLogger(__name__)
 
-TAIL_MODES = ("frozen", "trainable", "lora")
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
-
-
-class SegmentError(ValueError):
-    """A request this session cannot serve (bad ids, unknown options): INVALID_ARGUMENT."""
-
-
-class CacheError(SegmentError):
-    """The KV cache's length or memory limit: FAILED_PRECONDITION / RESOURCE_EXHAUSTED."""
-
-
-def make_optimizer(params: list[nn.Parameter], spec: dict[str, Any]) -> torch.optim.Optimizer:
-    spec = dict(spec or {"name": "SGD", "lr": 1e-3})
-    name = spec.pop("name", "SGD")
-    if name not in OPTIMIZERS:
-        raise SegmentError(f"optimizer {name!r} is not offered; choose one of {OPTIMIZERS}")
-    allowed = {"lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "dampening", "alpha",
-               "amsgrad", "foreach", "maximize"}
-    bad = set(spec) - allowed
-    if bad:
-        raise SegmentError(f"optimizer options {sorted(bad)} are not accepted")
-    if "betas" in spec:
-        spec["betas"] = tuple(spec["betas"])
-    return getattr(torch.optim, name)(params, **spec)
-
-
-def _lora_segment(base: ServerSegment, lora: dict[str, Any]) -> ServerSegment:
-    """A copy of the segment that shares the base weights, with LoRA adapters injected."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    shared = {id(p): p for p in base.parameters()}
-    shared.update({id(b): b for b in base.buffers()})
-    segment = copy.deepcopy(base, memo=shared)
-    config = LoraConfig(
-        r=int(lora.get("r", 8)),
-        lora_alpha=int(lora.get("alpha", 16)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=list(lora["target_modules"]),
-    )
-    return inject_adapter_in_model(config, segment)
+# Forwards awaiting their backward, per session: a pipelined step has a few; more is a client
+# that never backpropagates, whose oldest graphs go first (their memory is charged meanwhile).
+MAX_GRAPHS = 64
 
 
 class SessionSegment:
@@ -85,82 +46,83 @@ class SessionSegment:
         base: ServerSegment,
         tail: dict[str, Any],
         hf_config: Any = None,
-        max_graphs: int = 256,
+        max_graphs: int = MAX_GRAPHS,
         max_cache_tokens: int = 4096,
         fast_decode: bool | None = None,
         prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS,
         train_graphs: bool = True,
+        *,
+        max_cache_bytes: int = MAX_CACHE_BYTES,
+        account: Any = None,
+        session_id: str = "",
     ) -> None:
-        mode = tail.get("mode", "frozen")
-        if mode not in TAIL_MODES:
-            raise SegmentError(f"tail mode {mode!r} is not one of {TAIL_MODES}")
-        self.mode = mode
-        if mode == "frozen":
-            self.module = base
-            self.trainable: list[nn.Parameter] = []
-        elif mode == "trainable":
-            self.module = copy.deepcopy(base)
-            self.trainable = list(self.module.parameters())
-            for p in self.trainable:
-                p.requires_grad_(True)
-        else:
-            if not tail.get("lora", {}).get("target_modules"):
-                raise SegmentError("tail mode 'lora' needs lora.target_modules")
-            self.module = _lora_segment(base, tail["lora"])
-            self.trainable = [p for n, p in self.module.named_parameters() if "lora_" in n]
-            for p in self.trainable:
-                p.requires_grad_(True)
+        """``account``: the node's share of the server's memory budget (``budget.NodeAccount``),
+        charged under ``session_id`` for what the session holds; None: counted, not charged."""
+        self.mode = tail.get("mode", "frozen")
+        self.module, self.trainable = session_weights(base, tail)
         self.optimizer = make_optimizer(self.trainable, tail.get("optimizer")) if self.trainable else None
         self.call_grads = CallGradients(self.trainable)  # loss-only calls backpropagated at once
         # Where requests enter the segment (its first block); a spread segment moves them on itself.
         self.device = next(base.parameters()).device
+        # The loss's classes (the output layer's width), known before the forward: labels replayed
+        # by a training graph are checked against it. Unknown: the loss checks them, graphs stay off.
+        self.classes = output_classes(self.module)
+        self.token_rows = embedding_rows(self.module)  # an integer hidden state's range, if it indexes one
         self.train_graphs = TrainGraphs(self.module, self.call_grads, self.device)
-        self.train_graphs.enabled &= train_graphs and bool(tail.get("train_graphs", True))
-        self.hf_config = hf_config
+        self.train_graphs.enabled &= (train_graphs and bool(tail.get("train_graphs", True))
+                                      and self.classes is not None)
         self.max_graphs = max_graphs
-        self.max_cache_tokens = max_cache_tokens
         self.graphs: OrderedDict[int, tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]] = (
             OrderedDict()
         )
         self.last_step = -1
-        self.cache: Any = None  # a DynamicCache, when the static decoder does not hold the sequence
+        self.memory = SessionMemory(account, session_id, self.module)
         # The fast decode path: by default (None) where it pays, on a GPU, whose decode steps it
         # replays as CUDA graphs (on a CPU its static cache alone is slower than a DynamicCache);
         # True forces it (tests run it on CPU), False or the session's tail option turns it off.
         if fast_decode is None:
             fast_decode = self.device.type == "cuda"
-        self.fast: StaticDecoder | None = None
+        fast = None
         if fast_decode and tail.get("fast_decode", True) and StaticDecoder.supports(self.module, hf_config):
-            self.fast = StaticDecoder(self.module, hf_config, self.device, max_cache_tokens,
-                                      prompt_graph_tokens=prompt_graph_tokens)
+            fast = StaticDecoder(self.module, hf_config, self.device, max_cache_tokens,
+                                 prompt_graph_tokens=prompt_graph_tokens)
+        self.kv = SessionCache(self.module, hf_config, self.device, self.memory, max_cache_tokens, max_cache_bytes,
+                               fast)
+
+    @property
+    def fast(self) -> StaticDecoder | None:
+        """The static decoder (generation's fast path), None where it is off."""
+        return self.kv.fast
+
+    @property
+    def cache(self) -> Any:
+        """The DynamicCache holding the session's sequence, if one does."""
+        return self.kv.dynamic
 
     # -- forward / backward -------------------------------------------------------------------
 
-    def forward(self, body: dict[str, Any], train: bool) -> dict[str, Any]:
+    def forward(self, body: dict[str, Any], train: bool, step: int = 0) -> dict[str, Any]:
+        """FORWARD (``train``) or INFER; ``step``: the training step the request is stamped with."""
+        self._check_inputs(body)
         grad_inputs = [t.to(self.device, non_blocking=True).requires_grad_(train)
                        for t in body.get("grad_inputs") or []]
-        cache = self._session_cache(body["cache"]) if body.get("cache") is not None else None
+        cache, past, new = None, 0, 0
+        if body.get("cache") is not None:
+            cache, past, new = self.kv.prepare(body["cache"], body["hidden"])
         if self.mode != "frozen":
             # A frozen segment is shared by every session and always runs in eval mode (no
             # dropout, fixed norm statistics): flipping a shared module's mode would race.
             self.module.train(bool(body.get("training", train)))
-        autocast = body.get("autocast")
-        if autocast is not None:
-            if autocast not in ("bfloat16", "float16"):
-                raise SegmentError(f"autocast dtype {autocast!r} is not supported")
-            context = torch.autocast(self.device.type, dtype=getattr(torch, autocast))
-        else:
-            context = contextlib.nullcontext()
-        with context:
-            if cache is not None and cache is self._static_cache():
+        with _autocast(body.get("autocast"), self.device):
+            if cache is not None and cache is self.kv.static():
                 out = None
                 if not train:
                     with torch.no_grad():
-                        out = self.fast.run(body, int(body["cache"]["past"]), int(body["cache"]["new"]))
+                        out = self.fast.run(body, past, new)
                 if out is not None:
                     return out
                 # Declined (nothing changed): its tokens move to a DynamicCache and the step runs eagerly.
-                cache = self.cache = self.fast.to_dynamic()
+                cache = self.kv.to_dynamic()
             hidden = body["hidden"].to(self.device, non_blocking=True)
             args, kwargs = self._block_arguments(body, grad_inputs, cache)
             if not train:
@@ -169,23 +131,44 @@ class SessionSegment:
             fused = body.get("fused")
             if fused is not None:
                 call, weight = int(fused["call"]), self._fused_weight(fused)
+                self.call_grads.open(call, step)
                 graphed = self.train_graphs.run(hidden, grad_inputs, args, kwargs, body, weight, call)
                 if graphed is not None:
                     return graphed
-            micro_id = int(body["id"])
-            if micro_id in self.graphs:
-                raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
+            else:
+                micro_id = int(body["id"])
+                if micro_id in self.graphs:
+                    raise SegmentError(f"micro-batch {micro_id} already has a pending forward")
             hidden.requires_grad_(bool(body.get("input_grad", True)))
-            with torch.enable_grad():
+            # What autograd saves is counted as it is saved: a forward over the node's memory
+            # budget stops there (BudgetExceeded), and its graph is freed with the exception.
+            with torch.enable_grad(), self.memory.measure() as saved:
                 out = self._run(hidden, args, kwargs, body)
         if fused is not None:  # the backward too, now, outside autocast (as torch advises)
             return self._backward_now(out, hidden, grad_inputs, call, weight)
+        return self._keep_graph(micro_id, hidden, grad_inputs, out, saved)
+
+    def _check_inputs(self, body: dict[str, Any]) -> None:
+        """What needs the session to check (the request's form was checked by ``checks.check_request``)."""
+        if body.get("labels") is not None:
+            check_labels(body["labels"], self.classes)
+        hidden = body["hidden"]
+        if not hidden.is_floating_point():  # token ids: only into an embedding, and within its rows
+            if self.token_rows is None:
+                raise SegmentError(f"the hidden state must be floating point, not {hidden.dtype}")
+            in_range(hidden, "the hidden state's token ids", 0, self.token_rows)
+
+    def _keep_graph(self, micro_id: int, hidden: torch.Tensor, grad_inputs: list[torch.Tensor],
+                    out: dict[str, torch.Tensor], saved: SavedBytes) -> dict[str, Any]:
+        """Keep the forward's graph for its BACKWARD, charged; the reply gets detached outputs."""
         while len(self.graphs) >= self.max_graphs:
             # A forward whose backward never came (a loss not backpropagated): free the oldest, so
             # memory stays bounded; its backward, should it still come, gets a clear error.
             stale, _ = self.graphs.popitem(last=False)
+            self.memory.drop_graph(stale)
             log.warning("dropping the autograd graph of micro-batch %d: %d forwards without a backward",
                         stale, self.max_graphs)
+        self.memory.keep_graph(micro_id, saved, [hidden, *grad_inputs, *out.values()])
         self.graphs[micro_id] = (hidden, grad_inputs, {k: v for k, v in out.items() if v.requires_grad})
         return {k: v.detach() for k, v in out.items()}
 
@@ -221,23 +204,22 @@ class SessionSegment:
             call = int(body["call"])
             if call not in self.call_grads:
                 raise SegmentError(f"no pending fused call {call}")
-            scale = body.get("scale")
-            if scale is not None and not (isinstance(scale, (int, float)) or
-                                          (isinstance(scale, torch.Tensor) and scale.numel() == 1)):
-                raise SegmentError("a fused call's scale must be a number")
+            scale = body.get("scale")  # a number (checks.check_request)
             self.call_grads.apply(call, None if scale is None else float(scale))
             return {}
         micro_id = int(body["id"])
         if micro_id not in self.graphs:
             raise SegmentError(f"no pending forward for micro-batch {micro_id}")
-        hidden, grad_inputs, outputs = self.graphs.pop(micro_id)
+        hidden, grad_inputs, outputs = self.graphs[micro_id]
         grads = body.get("grads") or {}
-        pairs = [(outputs[k], g.to(outputs[k].device, non_blocking=True)) for k, g in grads.items() if k in outputs]
-        for k, g in grads.items():
+        for k, g in grads.items():  # before the graph is let go: a bad request leaves it pending
             if k not in outputs:
                 raise SegmentError(f"gradient for {k!r}, which is not a differentiable output")
             if g.shape != outputs[k].shape:
                 raise SegmentError(f"gradient for {k!r} has shape {tuple(g.shape)}, not {tuple(outputs[k].shape)}")
+        del self.graphs[micro_id]
+        self.memory.drop_graph(micro_id)
+        pairs = [(outputs[k], g.to(outputs[k].device, non_blocking=True)) for k, g in grads.items()]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
         return {
@@ -253,15 +235,22 @@ class SessionSegment:
         return {"optimizer": type(self.optimizer).__name__}
 
     def step(self, step: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Apply one optimizer step for training step ``step``; a repeat is a no-op."""
+        """Apply one optimizer step for training step ``step``; a repeat applies nothing.
+
+        A repeat is a client retrying a step (after a reconnect, say): the gradients it computed
+        for it again are discarded, with the fused calls of the steps applied so far, so the next
+        step gets exactly its own."""
         if step <= self.last_step:
+            for p in self.trainable:
+                p.grad = None
+            self.call_grads.discard_through(self.last_step)
             return {"applied": False, "last_step": self.last_step}
         if self.optimizer is not None:
             if body.get("lr") is not None:  # follow the client's learning-rate schedule
                 for group in self.optimizer.param_groups:
                     group["lr"] = float(body["lr"])
             scale = body.get("clip_coef")
-            if scale is not None and scale < 1.0:
+            if scale is not None and float(scale) < 1.0:
                 for p in self.trainable:
                     if p.grad is not None:
                         p.grad.mul_(scale)
@@ -277,7 +266,7 @@ class SessionSegment:
     # -- helpers ------------------------------------------------------------------------------
 
     def _run(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any], body: dict[str, Any]) -> dict:
-        return segment_reply(self.module, self.module(hidden, args, kwargs), body, self.device)
+        return segment_reply(self.module, self.module(hidden, args, kwargs), body)
 
     def _block_arguments(
         self, body: dict[str, Any], grad_inputs: list[torch.Tensor], cache: Any
@@ -302,78 +291,27 @@ class SessionSegment:
             kwargs["use_cache"] = use_cache
         return args, kwargs
 
-    def _session_cache(self, info: dict[str, Any]) -> Any:
-        """This step's cache (the static decoder or a DynamicCache), checked against the client's count."""
-        from transformers import DynamicCache
-
-        past, new = int(info["past"]), int(info["new"])
-        if info.get("reorder") is not None and past > 0:
-            # Beam search reordered the client's cache since the last step: follow it.
-            self._reorder(info["reorder"])
-        if past == 0 or not self._holds_cache():
-            if past != 0:
-                raise CacheError(f"the client expects {past} cached tokens, the server holds none")
-            self.cache = None
-            if self.fast is not None:
-                self.fast.begin()
-            else:
-                self.cache = DynamicCache(config=self.hf_config)
-        held = self.cached_tokens()
-        if held != past:
-            raise CacheError(f"KV cache out of step: the server holds {held} tokens, the client {past}")
-        if past + new > self.max_cache_tokens:
-            raise CacheError(f"KV cache limit: {past + new} tokens > max_cache_tokens={self.max_cache_tokens}")
-        return self._static_cache() or self.cache
-
-    def _static_cache(self) -> StaticDecoder | None:
-        """The static decoder while it holds the session's sequence (it makes its cache lazily)."""
-        return self.fast if self.fast is not None and self.fast.active else None
-
-    def _holds_cache(self) -> bool:
-        return self.cache is not None or self._static_cache() is not None
-
-    def _reorder(self, beam_idx: torch.Tensor) -> None:
-        if not self._holds_cache():
-            raise CacheError("no KV cache to reorder")
-        if self._static_cache() is not None and not self.fast.reorder(beam_idx):
-            self.cache = self.fast.to_dynamic()  # a reorder that changes the batch size
-        if self.cache is not None:
-            self.cache.reorder_cache(beam_idx.to(self.device))
-
-    def cached_tokens(self) -> int:
-        if self._static_cache() is not None:
-            return self.fast.tokens
-        if self.cache is None:
-            return 0
-        first = self.module.blocks[0]
-        layer_idx = getattr(getattr(first, "attn", None), "layer_idx", None)
-        if layer_idx is None:
-            layer_idx = getattr(getattr(first, "self_attn", None), "layer_idx", 0)
-        return int(self.cache.get_seq_length(layer_idx))
-
-    def cache_bytes(self) -> int:
-        if self._static_cache() is not None:
-            return self.fast.nbytes()
-        if self.cache is None:
-            return 0
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-
     def cache_control(self, body: dict[str, Any]) -> dict[str, Any]:
-        op = body.get("op")
-        if op == "reset":
-            self.cache = None
-            if self.fast is not None:
-                self.fast.release()
-        elif op == "reorder":
-            self._reorder(body["beam_idx"])
-        elif op != "info":
-            raise SegmentError(f"unknown cache op {op!r}")
-        return {"tokens": self.cached_tokens(), "bytes": self.cache_bytes()}
+        """CACHE: ``reset``, ``reorder``, ``info`` (with ``held``: what the session holds, in bytes)."""
+        reply = self.kv.control(body)
+        if body.get("op") == "info" and body.get("held"):
+            reply["held"] = self.held_bytes()
+        return reply
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes the session holds between requests, as charged: pending graphs, the KV cache."""
+        return self.memory.held()
+
+    def close(self) -> None:
+        """The session ends: free what it holds at once (not at a later garbage collection), and
+        give its charges back."""
+        self.graphs.clear()
+        self.call_grads.clear()
+        self.train_graphs.release()
+        self.kv.release()
+        for p in self.trainable:
+            p.grad = None
+        self.memory.close()
 
     # -- state save / restore -----------------------------------------------------------------
 
@@ -397,4 +335,14 @@ class SessionSegment:
             self.optimizer.load_state_dict(state["optimizer"])
         self.last_step = int(state["last_step"])
         self.graphs.clear()
+        self.memory.clear_graphs()
         self.call_grads.clear()
+
+
+def _autocast(dtype: str | None, device: torch.device) -> Any:
+    """The client's mixed precision for the segment's forward (bfloat16 or float16), or none."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise SegmentError(f"autocast dtype {dtype!r} is not supported")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))

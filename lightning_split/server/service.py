@@ -9,9 +9,14 @@ FORWARD         train: run the segment keeping the graph for the micro-batch's B
 BACKWARD        output gradients in, input gradient out
 OPTIMIZER_STEP  ``op="step"`` steps the session's optimizer once per step number; ``"grad_norm"``
 INFER           model inference and result output: no autograd state; KV cache when asked
-CACHE           KV cache control: ``reset``, ``reorder`` (beam search), ``info``
+CACHE           KV cache control: ``reset``, ``reorder`` (beam search), ``info`` (``held``: the session's bytes)
 STATE           ``save`` / ``load`` / ``delete`` the session's server state under a tag, on the server's disk
 ==============  ================================================================================
+
+Every request is checked before it is served (``checks.py``): indices in range on the host (a
+device-side assert would end the process for every tenant), NaN and infinities refused (unless
+``allow_nonfinite``), step numbers an int64 can answer. What a session holds between requests is
+charged to its node's memory budget (``session.account``, ``session_memory.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import grpc
 import torch
 
 from lightning_split.channel import HandlerError, Session
+from lightning_split.server.checks import CacheError, SegmentError, check_request, step_number
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
-from lightning_split.server.segment_state import TAIL_MODES, CacheError, SegmentError, SessionSegment
+from lightning_split.server.kv_cache import MAX_CACHE_BYTES
+from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
 from lightning_split.server.state_store import StateStore
+from lightning_split.server.tail import TAIL_MODES, check_tail
 from lightning_split.split.build import ModelSource, build_model, describe_config
 from lightning_split.split.shipping import fingerprint, pack_part
 from lightning_split.split.spec import SplitSpec
@@ -48,10 +56,12 @@ class SplitService:
         tail_modes: tuple[str, ...] = TAIL_MODES,
         state_dir: str | Path | None = None,
         max_cache_tokens: int = 4096,
-        max_graphs: int = 256,
+        max_graphs: int = MAX_GRAPHS,
         fast_decode: bool | None = None,
         prompt_graph_tokens: int = PROMPT_GRAPH_TOKENS,
         train_graphs: bool = True,
+        max_cache_bytes: int = MAX_CACHE_BYTES,
+        allow_nonfinite: bool = False,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -70,8 +80,12 @@ class SplitService:
         self.spec = spec
         self.tail_modes = tuple(tail_modes)
         self.store = StateStore(state_dir) if state_dir else None
-        self.max_cache_tokens = max_cache_tokens
+        self.max_cache_tokens = max_cache_tokens  # per sequence
+        self.max_cache_bytes = int(max_cache_bytes)  # per session, its whole batch (0: no limit)
         self.max_graphs = max_graphs
+        # NaN and infinities in activations, gradients and step options are refused by default:
+        # one would spread through every weight a trainable tail updates with it.
+        self.allow_nonfinite = bool(allow_nonfinite)
         # Generation's decode steps on a static KV cache, replayed as CUDA graphs on a GPU
         # (fast_decode.py); None: where the segment is on a GPU; off: Hugging Face's DynamicCache
         # and eager blocks for every step.
@@ -102,16 +116,17 @@ class SplitService:
                 "architecture mismatch: the client's part (names, shapes, dtypes) differs from the "
                 f"server's split (client {str(claimed)[:12]}..., server {self.client_fingerprint[:12]}...)",
             )
-        tail = dict(hello.get("tail") or {"mode": "frozen"})
-        if tail.get("mode", "frozen") not in self.tail_modes:
-            raise HandlerError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"tail mode {tail.get('mode')!r} is not offered by this server (offered: {self.tail_modes})",
-            )
         try:
+            tail = check_tail(hello.get("tail"))
+            if tail.get("mode", "frozen") not in self.tail_modes:
+                raise HandlerError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"tail mode {tail.get('mode')!r} is not offered by this server (offered: {self.tail_modes})",
+                )
             session.state["segment"] = SessionSegment(
                 self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode,
-                self.prompt_graph_tokens, self.train_graphs,
+                self.prompt_graph_tokens, self.train_graphs, max_cache_bytes=self.max_cache_bytes,
+                account=session.account, session_id=session.id,
             )
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
@@ -121,6 +136,9 @@ class SplitService:
         return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
 
     def close_session(self, session: Session) -> None:
+        segment = session.state.get("segment")
+        if segment is not None:
+            segment.close()  # graphs, caches and charges go now, not at a garbage collection
         session.state.clear()
 
     def handle(self, session: Session, request: Message) -> Any:
@@ -129,22 +147,35 @@ class SplitService:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "a request body must be a dict")
         segment: SessionSegment = session.state["segment"]
         try:
+            check_request(request.type, body, request.step, self.allow_nonfinite)
             return self._dispatch(session, segment, request, body)
         except CacheError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "limit" in str(e) else grpc.StatusCode.FAILED_PRECONDITION
             raise HandlerError(code, str(e)) from e
         except (SegmentError, ValueError, KeyError, TypeError, IndexError) as e:  # the request's fault
-            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}") from e
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {_first_line(e)}") from e
+        except torch.OutOfMemoryError as e:
+            log.warning("out of device memory for %s of %s", MessageType.Name(request.type), session.node_id)
+            raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               "the server's device memory cannot hold this request") from e
+        except RuntimeError as e:
+            if _device_fault(e):  # the device itself failed: the operator must know, the peer need not
+                raise
+            # The segment's own checks of what it was given (shapes, dtypes, masks that do not fit
+            # the hidden state, a graph already backpropagated): the request's fault, and nothing
+            # was stepped: an optimizer step only follows a request that ran.
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the segment cannot run on these inputs: {_first_line(e)}") from e
 
     def _dispatch(self, session: Session, segment: SessionSegment, request: Message, body: dict) -> Any:
         kind = request.type
         if kind == MessageType.FORWARD:
-            return segment.forward(body, train=True)
+            return segment.forward(body, train=True, step=request.step)
         if kind == MessageType.BACKWARD:
             reply = segment.backward(body)
             if body.get("then_step") is not None:  # the step rode on the step's last backward
                 then = dict(body["then_step"])
-                reply["stepped"] = segment.step(int(then.pop("step")), then)["applied"]
+                reply["stepped"] = segment.step(step_number(then.pop("step")), then)["applied"]
             return reply
         if kind == MessageType.INFER:
             return segment.forward(body, train=False)
@@ -153,7 +184,7 @@ class SplitService:
                 return segment.grad_sq_norm()
             if body.get("op") == "configure":
                 return segment.configure_optimizer(dict(body["optimizer"]))
-            return segment.step(int(request.step), body)
+            return segment.step(step_number(request.step), body)
         if kind == MessageType.CACHE:
             return segment.cache_control(body)
         if kind == MessageType.SPLIT:
@@ -183,3 +214,15 @@ class SplitService:
         except ValueError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "STATE op must be 'save', 'load' or 'delete'")
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """A short account of a refused request's fault for the peer (no traceback, no file names)."""
+    text = str(error).strip().splitlines()
+    return text[0][:limit] if text else type(error).__name__
+
+
+def _device_fault(error: RuntimeError) -> bool:
+    """A CUDA (or other accelerator) failure rather than the segment refusing its inputs."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator_error) or "CUDA error" in str(error) or "device-side assert" in str(error)

@@ -163,7 +163,7 @@ class TrainGraphs:
             with torch.enable_grad():
                 with precision:
                     out = self.module(static_hidden, *static_tree)
-                    loss = segment_reply(self.module, out, static_body, self.device)["loss"]
+                    loss = segment_reply(self.module, out, static_body)["loss"]
                 grads = torch.autograd.grad(loss, wrt, grad_outputs=g.weight.to(loss.dtype), allow_unused=True)
             return loss.detach(), grads
 
@@ -193,6 +193,12 @@ class TrainGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         return self.pool
 
+    def release(self) -> None:
+        """Drop every graph and the memory pool they share (the session ends)."""
+        for g in self.graphs.values():
+            g.replay = None  # an emulated graph's replay refers back to it: no cycle left for the GC
+        drop_oldest(self.graphs, len(self.graphs), self.device)
+        self.pool = None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,40 @@ from typing import Any
 
 import torch
 
-from lightning_split.split.surgery import ServerSegment
+from lightning_split.split.surgery import IGNORE_INDEX, ServerSegment
+
+LABEL_DTYPES = (torch.int64, torch.uint8)  # the class-index dtypes cross-entropy takes
+
+
+def in_range(t: torch.Tensor, what: str, low: int, high: int, also: int | None = None) -> None:
+    """Every value of the integer tensor ``t`` lies in ``[low, high)`` (or equals ``also``); else ValueError.
+
+    On the server ``t`` is a CPU tensor from the wire: an index out of range that reached a CUDA
+    kernel would be a device-side assert, fatal to every session of the process."""
+    if not t.numel():
+        return
+    ok = (t >= low) & (t < high)
+    if also is not None:
+        ok |= t == also
+    if not bool(ok.all()):
+        bad = t[~ok].flatten()[0].item()
+        allowed = f"[{low}, {high})" + (f" or {also}" if also is not None else "")
+        raise ValueError(f"{what} holds {bad}, outside {allowed}")
+
+
+def check_labels(labels: object, classes: int | None = None, shape: tuple[int, ...] | None = None) -> None:
+    """Class indices the loss takes: int64 (or uint8), of the logits' ``shape`` without the class
+    dimension, each in ``[0, classes)`` or the ignored -100; else ValueError.
+
+    Only tensors on the CPU have their values checked (the server's arrive so); tensors already on
+    a device are the server's own buffers (a training graph's), filled from checked ones."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES:
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be int64 class indices, not {kind}")
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the logits' {tuple(shape)}")
+    if classes is not None and labels.device.type == "cpu":
+        in_range(labels, "labels", 0, classes, also=IGNORE_INDEX)
 
 
 def segment_results(
@@ -41,9 +74,12 @@ def segment_results(
     if labels is not None or result == "loss":
         if labels is None:
             raise ValueError("result type 'loss' needs labels")
+        check_labels(labels, logits.shape[-1], logits.shape[:-1])  # shapes: no sync on a device
         out["loss"] = segment.loss(logits, labels)
     if result == "topk":
         k = top_k or 1
+        if not 0 < k <= logits.shape[-1]:
+            raise ValueError(f"top_k={top_k} is not within the {logits.shape[-1]} classes")
         scores, ids = torch.topk(logits[..., -1, :].float(), k, dim=-1)
         out["topk_scores"], out["topk_ids"] = scores, ids
     elif result not in ("logits", "loss"):
@@ -51,8 +87,7 @@ def segment_results(
     return out
 
 
-def segment_reply(segment: ServerSegment, out: torch.Tensor, body: dict[str, Any],
-                  device: torch.device) -> dict[str, Any]:
+def segment_reply(segment: ServerSegment, out: torch.Tensor, body: dict[str, Any]) -> dict[str, Any]:
     """The reply to one request: what its result instruction asks of the segment's output ``out``.
 
     A U-shaped middle (no ``result``) sends its hidden state back as it is, or only its last
@@ -62,9 +97,8 @@ def segment_reply(segment: ServerSegment, out: torch.Tensor, body: dict[str, Any
         if not 0 <= keep <= (out.shape[-2] if out.dim() >= 2 else 0):
             raise ValueError(f"keep_last={keep} is not within the output's {tuple(out.shape)} positions")
         return {"output": out[..., -keep:, :] if keep > 0 else out}
-    labels = body.get("labels")
-    labels = None if labels is None else labels.to(device, non_blocking=True)
-    return segment_results(segment, out, body.get("result"), labels,
+    # The labels stay where they are (on the server, on the CPU) until the loss has checked them.
+    return segment_results(segment, out, body.get("result"), body.get("labels"),
                            int(body.get("top_k", 0)), int(body.get("logits_to_keep", 0)))
 
 

@@ -29,6 +29,7 @@ KV_CACHE = "<kv-cache>"
 # the body's ``grad_inputs`` list at this index, and its gradient comes back in ``grad_extra``.
 GRAD_INPUT = "<grad-input:{}>"
 _GRAD_INPUT_PREFIX, _GRAD_INPUT_SUFFIX = GRAD_INPUT.split("{}")
+IGNORE_INDEX = -100  # a label the loss skips (padding, the prompt), as in Hugging Face's losses
 
 
 def grad_input_index(value: Any) -> int | None:
@@ -149,10 +150,10 @@ class ServerSegment(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Hugging Face's loss: next-token cross-entropy for causal LMs, plain otherwise; -100 ignored."""
-        logits, labels = logits.float(), labels.to(logits.device)
+        logits, labels = logits.float(), labels.to(logits.device, non_blocking=True)
         if self.causal_lm:
             logits, labels = logits[..., :-1, :], labels[..., 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
