@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lightning_split.channel import ChannelConfig, RemoteError
+from lightning_split.server.session_memory import tail_bytes
 from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
 from lightning_split.split.surgery import KV_CACHE
@@ -392,13 +393,17 @@ def test_a_node_over_its_memory_budget_is_refused_and_others_go_on(split_server)
     1.4 MiB of saved activations) and her cache of 32 are refused, bob's steps go on exactly."""
     address, tls_for = split_server(GPT2, SPEC, config=NODE_BUDGET)
     server = split_server.servers[-1]
+    # Each trainable tail is charged its copy, gradients and optimizer state when it is made: the
+    # 1 MiB is what is left per node for activations and caches on top of that.
+    tail = tail_bytes(server.handler.segment, TRAIN)
+    server.budget.node_bytes = tail + (1 << 20)
     with _bob_steps_as_alone(split_server, address, tls_for):
         alice = _connect(address, tls_for, "alice")
         try:
             segment = split_server.segment(alice)
             alice.client.request(MessageType.FORWARD, _plain(1))  # two sequences: within the budget
             kept = segment.held_bytes()["graphs"]
-            assert 0 < kept < 1 << 20 and server.budget.account("alice").used >= kept
+            assert 0 < kept < 1 << 20 and server.budget.account("alice").used >= kept + tail
             _refused(S.RESOURCE_EXHAUSTED, lambda: alice.client.request(MessageType.FORWARD, _plain(2, batch=8)),
                      "memory budget")
             _refused(S.RESOURCE_EXHAUSTED, lambda: alice.client.request(MessageType.FORWARD, _fused(batch=8)),
@@ -408,11 +413,41 @@ def test_a_node_over_its_memory_budget_is_refused_and_others_go_on(split_server)
                 _tokens(4, batch=32, length=30), max_new_tokens=2, do_sample=False, pad_token_id=0), "memory budget")
             assert segment.held_bytes()["kv_cache"] == 0
             alice.client.request(MessageType.BACKWARD, {"id": 1, "grads": {}})
-            assert segment.held_bytes() == {"graphs": 0, "kv_cache": 0}
+            assert segment.held_bytes() == {"graphs": 0, "kv_cache": 0, "tail": tail}
             assert torch.isfinite(_train_step(alice, _tokens(5), 0))
         finally:
             alice.close()
     assert wait_for(lambda: not server.budget.usage())  # every session closed: everything charged came back
+
+
+def test_trainable_tails_are_charged_before_they_are_made(split_server) -> None:
+    """A trainable tail copies the segment and keeps gradients and optimizer state: a node whose
+    budget holds two such tails gets a third refused at the handshake, before the copy is made,
+    while another node opens its own."""
+    adam = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": 1e-3}}
+    address, tls_for = split_server(GPT2, SPEC, config=ChannelConfig(memory_bytes=0, node_memory_bytes=1 << 30))
+    server = split_server.servers[-1]
+    tail = tail_bytes(server.handler.segment, adam)
+    params = sum(p.numel() * p.element_size() for p in server.handler.segment.parameters())
+    assert tail >= 5 * params  # the copy, its gradients, fused-call gradients, two AdamW moments
+    server.budget.node_bytes = 2 * tail + (1 << 16)
+    opened = [open_split(address, "alice", tls_for("alice"), source=GPT2, spec=SPEC, tail=adam) for _ in range(2)]
+    try:
+        used = server.budget.account("alice").used  # the tails, and a payload buffer per stream
+        assert 2 * tail <= used < 2 * tail + (1 << 16)
+        with pytest.raises(RemoteError) as err:
+            open_split(address, "alice", tls_for("alice"), source=GPT2, spec=SPEC, tail=adam)
+        assert err.value.code == S.RESOURCE_EXHAUSTED and "trainable tail" in err.value.message
+        assert len(server.sessions) == 2 and server.budget.account("alice").used == used
+        frozen = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=SPEC)  # costs no copy
+        bob = open_split(address, "bob", tls_for("bob"), source=GPT2, spec=SPEC, tail=adam)
+        assert tail <= server.budget.account("bob").used < tail + (1 << 16)
+        frozen.close()
+        bob.close()
+    finally:
+        for remote in opened:
+            remote.close()
+    assert wait_for(lambda: not server.budget.usage())
 
 
 def test_forwards_without_backward_stay_bounded_and_are_freed_at_close(split_server, monkeypatch) -> None:

@@ -253,3 +253,20 @@ def test_malformed_hellos_get_invalid_argument(start_server, pki, hello, caplog)
     refusals = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(refusals) == 1 and "mallory" in refusals[0].getMessage() and not refusals[0].exc_info
     assert len(server.sessions) == 0
+
+
+def test_clients_that_cancel_leave_no_tracebacks(start_server, pki, connect, caplog) -> None:
+    """A client that cancels its call (idle after the handshake, or mid-message) ends its stream
+    quietly: no 'Exception iterating responses' from gRPC, nothing charged left behind."""
+    server = start_server(EchoHandler(), config=ChannelConfig(max_sessions_per_node=16))
+    for i in range(10):
+        raw = open_raw(server.port, pki, "mallory")
+        sid = raw.handshake("mallory")["session_id"]
+        if i % 2:
+            raw.send(partial_message(sid, MIB)[0])
+            assert wait_for(lambda: server.budget.usage().get("mallory", 0) > MIB)
+        raw.close()  # cancels the call
+    assert wait_for(lambda: server.streams.counts() == {} and server.budget.used == 0, timeout=10)
+    assert connect(server.port, "alice").request(FORWARD, 1).body == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]

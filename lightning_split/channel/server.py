@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from .bond import BondTable, outbox_frames
+from .bond import BondAborted, BondTable, outbox_frames
 from .budget import MemoryBudget
 from .certs import TLSFiles
 from .config import ChannelConfig
@@ -78,8 +78,13 @@ class _Servicer:
             stream.admit()
             threading.Thread(target=stream.serve, name="split-stream", daemon=True).start()
             # On ABORT this raises BondAborted: the worker aborted the call, and gRPC sends the
-            # status it was given.
-            yield from outbox_frames(stream.outbox, alive=context.is_active)
+            # status it was given. A call the client already cancelled just ends (raising then
+            # would only make gRPC log a traceback for a call nobody hears).
+            try:
+                yield from outbox_frames(stream.outbox, alive=context.is_active)
+            except BondAborted:
+                if context.is_active():
+                    raise
         finally:
             stream.release()
 

@@ -25,7 +25,13 @@ from lightning_split.server.call_grads import CallGradients
 from lightning_split.server.checks import AUTOCAST_DTYPES, SegmentError, embedding_rows, output_classes
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS, StaticDecoder
 from lightning_split.server.kv_cache import MAX_CACHE_BYTES, SessionCache
-from lightning_split.server.session_memory import SavedBytes, SessionMemory
+from lightning_split.server.session_memory import (
+    SavedBytes,
+    SessionMemory,
+    charge_tail,
+    tail_bytes,
+    trained_bytes,
+)
 from lightning_split.server.tail import make_optimizer, session_weights
 from lightning_split.server.train_graphs import TrainGraphs
 from lightning_split.split.results import check_labels, in_range, segment_reply
@@ -59,7 +65,10 @@ class SessionSegment:
         """``account``: the node's share of the server's memory budget (``budget.NodeAccount``),
         charged under ``session_id`` for what the session holds; None: counted, not charged."""
         self.mode = tail.get("mode", "frozen")
+        charge_tail(account, session_id, tail_bytes(base, tail))  # before the copy is made
         self.module, self.trainable = session_weights(base, tail)
+        if self.mode == "lora":
+            charge_tail(account, session_id, trained_bytes(self.trainable, tail))
         self.optimizer = make_optimizer(self.trainable, tail.get("optimizer")) if self.trainable else None
         self.call_grads = CallGradients(self.trainable)  # loss-only calls backpropagated at once
         # Where requests enter the segment (its first block); a spread segment moves them on itself.

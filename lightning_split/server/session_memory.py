@@ -1,9 +1,11 @@
 """What one session holds between requests, measured by the server and charged to its node.
 
-A session keeps two things alive after a reply has gone: the tensors autograd saved in each
-FORWARD whose BACKWARD has not come yet, and the KV cache of a generation. Both are charged to
+A session keeps three things alive after a reply has gone: its own weights (a trainable tail's copy
+of the segment, or LoRA adapters, with gradients and optimizer state: ``tail_bytes``), the tensors
+autograd saved in each FORWARD whose BACKWARD has not come yet, and the KV cache of a generation.
+All are charged to
 the node's share of the server's memory budget (``channel/budget.py``) under the session's id,
-``(session_id, "graphs")`` and ``(session_id, "kv_cache")``, before they are allocated or as
+``(session_id, "tail")``, ``(session_id, "graphs")`` and ``(session_id, "kv_cache")``, before they are allocated or as
 they grow, so that one tenant's forwards or cache cannot take the memory the others need. The
 amounts are the server's own count (bytes of what autograd saved, ``batch x tokens x layers x 2 x
 kv_heads x head_dim x bytes``), never a number the client sent.
@@ -115,7 +117,8 @@ class SessionMemory:
     # -- the whole session --------------------------------------------------------------------
 
     def held(self) -> dict[str, int]:
-        return {"graphs": sum(self.graphs.values()), "kv_cache": self.cache}
+        tail = self.account.held((self.session_id, "tail")) if self.account is not None else 0
+        return {"graphs": sum(self.graphs.values()), "kv_cache": self.cache, "tail": tail}
 
     def close(self) -> None:
         """Release everything the session was charged for."""
@@ -131,6 +134,42 @@ class SessionMemory:
     def _set(self, key: tuple[str, str], nbytes: int) -> None:
         if self.account is not None:
             self.account.set(key, nbytes)
+
+
+# Tensors per trainable parameter an optimizer keeps (momentum buffers, moment estimates...).
+_OPTIMIZER_STATES = {"SGD": lambda o: 1 if o.get("momentum") else 0,
+                     "Adam": lambda o: 3 if o.get("amsgrad") else 2,
+                     "AdamW": lambda o: 3 if o.get("amsgrad") else 2,
+                     "RMSprop": lambda o: 1 + bool(o.get("momentum")) + bool(o.get("centered")),
+                     "Adagrad": lambda o: 1}
+
+
+def tail_bytes(base: nn.Module, tail: dict[str, Any]) -> int:
+    """What a session's own weights will hold, known before they are made: a trainable tail's copy
+    of the segment, and for each trained parameter its gradient, the gradient of a fused call
+    waiting for its scale, and the optimizer's state. (LoRA adapters are small and shared base
+    weights are the server's own: only the adapters' share is counted, after they are made.)"""
+    if tail.get("mode", "frozen") != "trainable":
+        return 0
+    params = sum(p.numel() * p.element_size() for p in base.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in base.buffers())
+    spec = dict(tail.get("optimizer") or {"name": "SGD"})
+    states = _OPTIMIZER_STATES.get(spec.get("name", "SGD"), lambda o: 2)(spec)
+    return params + buffers + params * (2 + states)
+
+
+def trained_bytes(trainable: list[nn.Parameter], tail: dict[str, Any]) -> int:
+    """The same count for parameters that exist already (LoRA adapters): their values, gradients,
+    fused-call gradients and optimizer state."""
+    params = sum(p.numel() * p.element_size() for p in trainable)
+    spec = dict(tail.get("optimizer") or {"name": "SGD"})
+    return params * (3 + _OPTIMIZER_STATES.get(spec.get("name", "SGD"), lambda o: 2)(spec))
+
+
+def charge_tail(account: Any, session_id: str, nbytes: int) -> None:
+    """Charge the session's own weights (``tail_bytes``) to its node before they are made."""
+    if account is not None:
+        account.set((session_id, "tail"), nbytes, "a trainable tail (weights, gradients, optimizer state)")
 
 
 def kv_bytes_per_token(hf_config: Any, module: nn.Module, width: int) -> int:
