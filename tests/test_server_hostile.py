@@ -353,7 +353,8 @@ def test_kv_cache_over_max_cache_bytes_is_refused_and_holds_nothing(split_server
         assert info["held"]["kv_cache"] <= limit and info["bytes"] <= limit
         alice.client.request(MessageType.CACHE, {"op": "reset"})
         info = alice.client.request(MessageType.CACHE, {"op": "info", "held": True}).body
-        assert info == {"tokens": 0, "bytes": 0, "held": {"graphs": 0, "kv_cache": 0}}
+        tail = tail_bytes(split_server.servers[-1].handler.segment, TRAIN)  # the session's own weights
+        assert info == {"tokens": 0, "bytes": 0, "held": {"graphs": 0, "kv_cache": 0, "tail": tail}}
         _refused(S.RESOURCE_EXHAUSTED, lambda: model.generate(prompt, max_new_tokens=2, **greedy), "max_cache_bytes")
         assert segment.kv.nbytes() == 0 and segment.held_bytes()["kv_cache"] == 0  # nothing was allocated
         if fast_decode:
