@@ -155,8 +155,9 @@ def test_a_payload_over_the_node_budget_is_refused_before_it_is_allocated(start_
     client = connect(server.port, "alice")  # alice's own budget is untouched
     x = torch.randn(MIB // 8)
     torch.testing.assert_close(client.request(FORWARD, x).body, x)
-    # Between messages alice's stream keeps one payload buffer for reuse, charged to her alone.
-    assert 0 < server.budget.usage()["alice"] < MIB and "mallory" not in server.budget.usage()
+    # Between messages alice's stream may keep one payload buffer for reuse (not pinned ones:
+    # PyTorch's caching host allocator recycles those), charged to her alone.
+    assert server.budget.usage().get("alice", 0) < MIB and "mallory" not in server.budget.usage()
 
 
 def test_a_blosc2_chunk_that_expands_past_the_budget_is_refused_before_decompressing(start_server, pki) -> None:
@@ -173,14 +174,15 @@ def test_a_blosc2_chunk_that_expands_past_the_budget_is_refused_before_decompres
     assert server.budget.used == 0
 
 
-def test_the_server_budget_bounds_all_nodes_together(start_server, pki, connect) -> None:
+@pytest.mark.parametrize("connections", [1, 4])  # a bonded stream reports the server's status too
+def test_the_server_budget_bounds_all_nodes_together(start_server, pki, connect, connections) -> None:
     config = ChannelConfig(memory_bytes=3 * MIB // 2, node_memory_bytes=0, stream_stall_timeout_s=30)
     server = start_server(EchoHandler(), config=config)
     raw = open_raw(server.port, pki, "mallory")
     sid = raw.handshake("mallory")["session_id"]
     raw.send(partial_message(sid, MIB)[0])  # mallory holds 1 MiB mid-message
     assert wait_for(lambda: server.budget.usage().get("mallory", 0) > MIB)
-    client = connect(server.port, "alice")
+    client = connect(server.port, "alice", config=ChannelConfig(connections=connections))
     with pytest.raises(RemoteError) as err:
         client.request(FORWARD, torch.zeros(MIB // 4))
     assert err.value.code == S.RESOURCE_EXHAUSTED and "server memory budget" in err.value.message

@@ -14,6 +14,7 @@ cancels the stream (the server answers in order, so later replies would be stuck
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -40,6 +41,8 @@ from .stats import TransportStats
 log = logging.getLogger(__name__)
 
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+# How long the connections of a failed bonded stream are given to receive the server's status.
+BOND_STATUS_GRACE_S = 0.5
 
 
 def status_from_int(value: int) -> grpc.StatusCode:
@@ -87,15 +90,45 @@ class _Stream:
         self.calls.append(call)
         # A message may have fragments on any connection: one that ends ends the whole stream, at
         # once, rather than when the reader next gets to it (the reader then fails what is pending).
-        call.add_done_callback(lambda _: self.shutdown())
+        # When the server ended it, the others get a moment to receive their own status first: the
+        # server ends a failed bonded stream with its error on one connection, plainly on the rest.
+        call.add_done_callback(lambda c: self.shutdown(grace_s=self._grace(c)))
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 0.0) -> None:
         if self.dead.is_set():
             return
         self.dead.set()  # before the reader notices: no new request may pick this stream
         self.dealer.close()
+        if grace_s:
+            timer = threading.Timer(grace_s, self._cancel_all)
+            timer.daemon = True
+            timer.start()
+        else:
+            self._cancel_all()
+
+    def _grace(self, ended: Any) -> float:
+        if len(self.calls) < 2 or ended.code() == grpc.StatusCode.CANCELLED:  # ours, or a lone one
+            return 0.0
+        return BOND_STATUS_GRACE_S
+
+    def _cancel_all(self) -> None:
         for call in list(self.calls):
             call.cancel()
+
+    def failure(self, fallback: RemoteError) -> RemoteError:
+        """Why the stream failed: the status of the connection that carried the server's error.
+
+        On a bonded stream the reader may be on a connection that the server closed plainly, or
+        that our own shutdown cancelled, after another one ended with the real status."""
+        if len(self.calls) > 1:
+            deadline = time.monotonic() + BOND_STATUS_GRACE_S
+            for call in self.calls:
+                while not call.done() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            for call in self.calls:
+                if call.done() and call.code() not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                    return RemoteError(call.code(), call.details() or "stream failed")
+        return fallback
 
 
 class ChannelClient:
@@ -315,6 +348,9 @@ class ChannelClient:
         except Exception as e:  # never leave futures hanging because of a bug in here
             log.exception("reader thread failed")
             err = RemoteError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            with contextlib.suppress(Exception):  # the best account of why, never a hung future
+                err = stream.failure(err)
         stream.shutdown()  # every connection of the stream: a message may have fragments on any
         with self._pending_cv:
             stream.error = err  # from now on _enqueue fails requests for this stream at once
