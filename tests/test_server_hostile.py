@@ -137,6 +137,8 @@ TRAINING_CASES: dict[str, tuple[int, Callable[[], Any], int, S, str]] = {
                          S.INVALID_ARGUMENT, "labels"),
     "labels_very_negative": (MessageType.FORWARD, lambda: _fused(labels=torch.full((2, 8), -(2**62))), 0,
                              S.INVALID_ARGUMENT, "labels"),
+    "string_for_the_cache": (MessageType.FORWARD, lambda: _plain(7, args=("grad_norm",)), 0, S.INVALID_ARGUMENT,
+                             "AttributeError"),  # found by the fuzzer: a string where a block wants its cache
     "labels_float": (MessageType.FORWARD, lambda: _fused(labels=torch.zeros(2, 8)), 0, S.INVALID_ARGUMENT, "int64"),
     "labels_int32": (MessageType.FORWARD, lambda: _fused(labels=torch.zeros(2, 8, dtype=torch.int32)), 0,
                      S.INVALID_ARGUMENT, "int64"),

@@ -272,3 +272,16 @@ def test_clients_that_cancel_leave_no_tracebacks(start_server, pki, connect, cap
     assert connect(server.port, "alice").request(FORWARD, 1).body == 1
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_a_status_quoting_the_peer_stays_deliverable(start_server, pki) -> None:
+    """A refusal that quotes what the peer sent (here a 20,000-character node id) is cut short:
+    status details travel in HTTP/2 trailers, and an oversized one would never arrive."""
+    server = start_server(EchoHandler())
+    raw = open_raw(server.port, pki, "mallory")
+    sid = raw.handshake("mallory")["session_id"]
+    msg = Message(type=FORWARD, body=1, session_id=sid, node_id="x" * 20_000, sequence=2)
+    raw.send(*message_to_frames(msg))
+    code, details = raw.finish()
+    assert code == S.PERMISSION_DENIED and "authenticated as 'mallory'" not in details
+    assert details.startswith("frame header names node 'xxx") and len(details) <= 1000

@@ -49,6 +49,7 @@ SERVER_NODE_ID = "server"
 _NO_COMPRESSION = CompressionConfig()
 # Replies queued on one stream but not yet sent (streams.ReplyWindow): more than a client pipelines.
 REPLY_WINDOW = 32
+MAX_DETAILS = 1000  # characters of an error's text sent to the peer
 
 
 def internal_error(what: str, error: BaseException) -> str:
@@ -60,8 +61,17 @@ def internal_error(what: str, error: BaseException) -> str:
     return ref
 
 
+def shortened(text: str, limit: int = MAX_DETAILS) -> str:
+    """``text`` cut to ``limit`` characters: a message may quote what the peer sent (a node id, a
+    hello's field), and status details travel in HTTP/2 trailers, which gRPC caps at a few KiB."""
+    if len(text) <= limit:
+        return text
+    tail = f"... ({len(text)} chars)"
+    return text[: limit - len(tail)] + tail
+
+
 def error_message(request: Message, code: grpc.StatusCode, text: str) -> Message:
-    return Message(type=pb.ERROR, body=text, code=code.value[0], session_id=request.session_id,
+    return Message(type=pb.ERROR, body=shortened(text), code=code.value[0], session_id=request.session_id,
                    step=request.step, sequence=request.sequence, node_id=SERVER_NODE_ID)
 
 
@@ -133,7 +143,8 @@ class ServerStream:
 
     def _refuse(self, code: grpc.StatusCode, message: str) -> None:
         """Abort the call with ``code``: one log line with the node id, no traceback."""
-        log.warning("refused %s: %s: %s", self.identity or self.context.peer(), code.name, message)
+        message = shortened(message)
+        log.warning("refused %s: %s: %s", shortened(self.identity or self.context.peer(), 80), code.name, message)
         self.context.abort(code, message)
 
     fingerprint = ""  # of the client certificate, set by _certificate_identity (none in plaintext)

@@ -152,7 +152,9 @@ class SplitService:
         except CacheError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "limit" in str(e) else grpc.StatusCode.FAILED_PRECONDITION
             raise HandlerError(code, str(e)) from e
-        except (SegmentError, ValueError, KeyError, TypeError, IndexError) as e:  # the request's fault
+        except (SegmentError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            # The request's fault: a value of the wrong kind where the segment needs another (an
+            # AttributeError: a string where the KV cache goes); no optimizer step follows it.
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {_first_line(e)}") from e
         except torch.OutOfMemoryError as e:
             log.warning("out of device memory for %s of %s", MessageType.Name(request.type), session.node_id)
