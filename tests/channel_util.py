@@ -121,7 +121,10 @@ class RawStream:
         return self._replies.get(timeout=timeout)
 
     def handshake(self, node_id: str = "alice", config: ChannelConfig | None = None) -> dict[str, Any]:
-        hello = build_hello(config or ChannelConfig(), node_id)
+        config = config or ChannelConfig()
+        if config.connections is None:  # one hand-driven call: never ask for a bond by the host's cores
+            config = config.replace(connections=1)
+        hello = build_hello(config, node_id)
         self.send_message(Message(type=pb.HANDSHAKE, body=hello, node_id=node_id, sequence=1))
         welcome = self.reply()
         assert welcome is not None, (self.code, self.details)
