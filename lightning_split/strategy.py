@@ -136,6 +136,15 @@ class SplitStrategy(SingleDeviceStrategy):
             weakref.finalize(self, self.split.close)
         return self.split
 
+    def setup_environment(self) -> None:
+        # The device was guessed at construction (cuda:0 where there is one); a Trainer that asks
+        # for the CPU (``accelerator="cpu"``, as conf/train.yaml does) keeps the client there.
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        if isinstance(self.accelerator, CPUAccelerator) and self.root_device.type != "cpu":
+            self._root_device = torch.device("cpu")
+        super().setup_environment()
+
     def setup(self, trainer: Any) -> None:
         module = self.lightning_module
         current = getattr(module, self.model_attr, None)
