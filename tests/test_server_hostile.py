@@ -255,8 +255,13 @@ def test_labels_are_checked_on_every_training_path(split_server) -> None:
         "target_modules": ["c_attn"], "r": "wide"}}, {"mode": "trainable", "optimizer": "SGD"},
     {"mode": "trainable", "optimizer": {"name": "SGD", "lr": "fast"}},
     {"mode": "trainable", "optimizer": {"name": "SGD", "lr": -1.0}},
+    # found by the fuzzer (were INTERNAL): infinity for an int, a tensor for a number, a dict for a name
+    {"mode": "lora", "lora": {"target_modules": ["c_attn"], "r": float("inf")}},
+    {"mode": "trainable", "optimizer": {"name": "SGD", "lr": torch.zeros(3)}},
+    {"mode": "trainable", "optimizer": {"name": {"a": 1}}},
 ], ids=["not-a-dict", "lora-not-a-dict", "lora-modules-not-names", "lora-modules-not-found", "lora-r-not-a-number",
-        "optimizer-not-a-dict", "lr-not-a-number", "lr-negative"])
+        "optimizer-not-a-dict", "lr-not-a-number", "lr-negative", "lora-r-infinite", "lr-a-tensor",
+        "optimizer-name-a-dict"])
 def test_a_malformed_tail_option_is_refused_at_the_handshake(split_server, tail: Any) -> None:
     address, tls_for = split_server(GPT2, SPEC)
     with pytest.raises(RemoteError) as err:

@@ -244,6 +244,8 @@ def _hello(**changes: object) -> dict:
     _hello(capabilities__chunk_size="big"),
     _hello(capabilities=[1, 2]),
     _hello(compression="zstd"),
+    _hello(compression__client_to_server={"lossless": "blosc2", "level": torch.zeros(3)}),  # fuzzer
+    _hello(capabilities__connections=torch.zeros(2, dtype=torch.int64)),
     "not a dict",
 ])
 def test_malformed_hellos_get_invalid_argument(start_server, pki, hello, caplog) -> None:

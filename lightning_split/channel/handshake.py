@@ -113,7 +113,9 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) 
         raise _bad("the body must be a dict")
     try:
         return _negotiate(hello, identity, config, checksum)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong kind
+    # A field of the wrong kind: a tensor where a number goes is a RuntimeError ("Boolean value of
+    # Tensor ... is ambiguous"), infinity where an int goes an OverflowError.
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError) as e:
         raise _bad(f"{type(e).__name__}: {e}") from None
 
 

@@ -43,6 +43,11 @@ from lightning_split.wire import Message, MessageType
 
 log = logging.getLogger(__name__)
 
+# What Python raises on a peer's value of the wrong kind deep in option parsing: a tensor where a
+# number goes ("Boolean value of Tensor ... is ambiguous" is a RuntimeError), infinity where an
+# int goes (OverflowError), a dict where a name goes (TypeError: unhashable).
+HOSTILE_VALUE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError)
+
 
 class SplitService:
     """Holds the target model's segment and one SessionSegment per client session."""
@@ -110,6 +115,8 @@ class SplitService:
 
     def open_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
         claimed = hello.get("fingerprint")
+        if claimed is not None and not isinstance(claimed, str):
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "bad HANDSHAKE: fingerprint must be a string")
         if claimed and claimed != self.client_fingerprint:
             raise HandlerError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -130,6 +137,11 @@ class SplitService:
             )
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        except torch.OutOfMemoryError as e:
+            raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no device memory for this session's tail") from e
+        except HOSTILE_VALUE_ERRORS as e:  # tail options of the wrong kind (found by the fuzzer)
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"bad HANDSHAKE: tail options: {type(e).__name__}: {_first_line(e)}") from e
         return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
 
     def resume_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
