@@ -87,7 +87,9 @@ def serve(config: dict[str, Any]) -> None:
         gc.collect()
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        log.info("released memory on request")
+        # Live Python objects by type: two of these lines, diffed, show what a leak is made of.
+        counts = Counter(type(o).__name__ for o in gc.get_objects())
+        log.info("OBJECTS %s", json.dumps(dict(counts.most_common(300))))
 
     signal.signal(signal.SIGUSR2, release_memory)
     servers = {kind: fc.make_server(kind, config["pki"], config["state_dir"]) for kind in config["kinds"]}
@@ -130,10 +132,20 @@ class ServerProcess:
             return 0
         return 0
 
-    def release_memory(self) -> None:
-        """Ask the server to collect garbage and trim its heap (see ``serve``)."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGUSR2)
+    def objects(self, log: Path, timeout: float = 20.0) -> dict[str, int]:
+        """Ask the server to collect garbage, trim its heap and log its live objects by type (see
+        ``serve``); returns those counts (empty if they did not come)."""
+        if not self.alive():
+            return {}
+        before = log.read_text(errors="replace").count(" OBJECTS ") if log.exists() else 0
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = [line for line in log.read_text(errors="replace").splitlines() if " OBJECTS " in line]
+            if len(lines) > before:
+                return json.loads(lines[-1].split(" OBJECTS ", 1)[1])
+            time.sleep(0.2)
+        return {}
 
     def stop(self) -> int | None:
         if self.alive():
@@ -191,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = warm.stats.statuses.get("reply:OK", 0)
     time.sleep(1.0)
     rss["start"] = server.rss()
+    objects_start = server.objects(log_path)
     print(f"warm-up: {args.warmup} valid cases ({requests} OK replies); RSS {mib(rss['start'])} MiB", flush=True)
 
     refs = fc.LogRefs().follow(log_path)  # short INTERNAL replies -> what the server logged
@@ -244,9 +257,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rss["after_run"] = server.rss()
     time.sleep(args.idle)
     rss["end"] = server.rss()
-    server.release_memory()  # diagnostic only: what a gc.collect() + malloc_trim(0) gives back
-    time.sleep(1.0)
+    objects_end = server.objects(log_path)  # diagnostic: gc.collect() + malloc_trim(0) + object counts
     rss["end_after_gc_trim"] = server.rss()
+    grown = {k: objects_end.get(k, 0) - objects_start.get(k, 0) for k in set(objects_start) | set(objects_end)}
+    object_growth = dict(sorted(((k, v) for k, v in grown.items() if v), key=lambda kv: -abs(kv[1]))[:25])
     alive_at_end = server.alive()
     exit_code = server.stop()
     log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -276,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "traceback_sites": dict(tb_summary.most_common()),
         "error_lines": sum(errors.values()),
         "errors_logged": dict(errors.most_common(100)),
+        "live_objects_growth": object_growth,  # after gc, end minus after warm-up, by type
         "rss_mib": {k: mib(v) for k, v in rss.items()} | {
             "after_10pct_of_cases": mid, "growth_pct": round(growth, 1),
             "samples": samples[:: max(1, len(samples) // 50)]},
@@ -323,6 +338,8 @@ def print_table(r: dict[str, Any]) -> None:
         ("RSS start/end", f"{rss['start']} -> {rss['end']} MiB ({rss['growth_pct']:+.1f} %); after 10 % of "
                           f"cases {rss['after_10pct_of_cases']} MiB, at boot {rss['boot']} MiB; end after "
                           f"gc + malloc_trim {rss.get('end_after_gc_trim')} MiB"),
+        ("live objects", "growth after gc (end - after warm-up): " + (", ".join(
+            f"{k} {v:+d}" for k, v in list(r["live_objects_growth"].items())[:8]) or "none")),
     ]
     width = max(len(k) for k, _ in rows)
     print()

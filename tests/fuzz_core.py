@@ -1532,15 +1532,36 @@ class _Worker:
         self.fz.record_finding("hang", "-", what, case)
         stream.cancel()
 
-    def _drain_to_end(self, case: dict[str, Any], stream: FuzzStream, deadline: float) -> bool:
-        """Count events until the stream ends; False (a hang) if it does not end in time."""
+    def _drain_to_end(self, case: dict[str, Any], stream: FuzzStream, deadline: float,
+                      seen: list[Message] | None = None) -> bool:
+        """Count events until the stream ends; False (a hang) if it does not end in time. The
+        replies are appended to ``seen``."""
         while True:
             ev = stream.next_event(deadline - time.monotonic())
             if ev is None:
                 return False
             self._count(case, ev)
+            if ev[0] == "reply" and seen is not None:
+                seen.append(ev[1])
             if ev[0] == "end":
                 return True
+
+    def _close_leftovers(self, replies: list[Message]) -> None:
+        """Sessions a hello case opened but could not close on its own stream (it was aborted
+        after the welcome): close them now, each by a CLOSE that opens a stream naming it, so that
+        they neither count against the node's session cap nor hold memory until their TTL."""
+        opened = {m.body["session_id"] for m in replies if isinstance(m.body, dict)
+                  and isinstance(m.body.get("session_id"), str) and not m.body.get("resumed")}
+        closed = {m.session_id for m in replies if isinstance(m.body, dict) and m.body.get("closed")}
+        for sid in opened - closed - {self.ctx.sid, ""}:
+            stream = FuzzStream(self.channel)
+            close = Message(type=pb.CLOSE, session_id=sid, node_id=self.node, sequence=self._next_seq())
+            stream.send([f.SerializeToString() for f in encode_frames_of(close, None, 1 << 20)])
+            stream.half_close()
+            if not stream.ended.wait(self.fz.deadline_s):
+                stream.cancel()
+            with self.fz.stats.lock:
+                self.fz.stats.outcomes["leftover_session_closed"] += 1
 
     def _run_on_session(self, case: dict[str, Any], rng: random.Random) -> None:
         stream = self._session_stream()
@@ -1620,6 +1641,7 @@ class _Worker:
                     if ev[0] == "end":
                         self._outcome("ended")
                         return
+            replies: list[Message] = []
             if case["where"] == "hello" and complete and not partial:
                 case["mode"] = "hello"
                 ev = stream.next_event(deadline - time.monotonic())
@@ -1630,6 +1652,8 @@ class _Worker:
                 if ev[0] == "end":
                     self._outcome("ended")
                     return
+                if ev[0] == "reply":
+                    replies.append(ev[1])
                 if ev[0] == "reply" and isinstance(ev[1].body, dict) and ev[1].body.get("session_id"):
                     self._outcome("welcome")
                     sid = ev[1].body["session_id"]
@@ -1639,10 +1663,11 @@ class _Worker:
             else:
                 case["mode"] = "half-close"
             stream.half_close()
-            if not self._drain_to_end(case, stream, deadline):
+            if not self._drain_to_end(case, stream, deadline, replies):
                 self._hang(case, stream, f"a new stream did not end after a half-close ({case['mode']})")
                 return
             self._outcome("ended")
+            self._close_leftovers(replies)
         finally:
             if not stream.ended.is_set():
                 stream.cancel()
