@@ -259,9 +259,13 @@ def test_labels_are_checked_on_every_training_path(split_server) -> None:
     {"mode": "lora", "lora": {"target_modules": ["c_attn"], "r": float("inf")}},
     {"mode": "trainable", "optimizer": {"name": "SGD", "lr": torch.zeros(3)}},
     {"mode": "trainable", "optimizer": {"name": {"a": 1}}},
+    # a rank that would take seconds and gigabytes to build before the budget could refuse it
+    {"mode": "lora", "lora": {"target_modules": ["c_attn"], "r": 1_000_000}},
+    {"mode": "lora", "lora": {"target_modules": ["c_attn"], "r": 0}},
+    {"mode": "lora", "lora": {"target_modules": ["c_attn"], "dropout": 1.5}},
 ], ids=["not-a-dict", "lora-not-a-dict", "lora-modules-not-names", "lora-modules-not-found", "lora-r-not-a-number",
         "optimizer-not-a-dict", "lr-not-a-number", "lr-negative", "lora-r-infinite", "lr-a-tensor",
-        "optimizer-name-a-dict"])
+        "optimizer-name-a-dict", "lora-r-huge", "lora-r-zero", "lora-dropout-out-of-range"])
 def test_a_malformed_tail_option_is_refused_at_the_handshake(split_server, tail: Any) -> None:
     address, tls_for = split_server(GPT2, SPEC)
     with pytest.raises(RemoteError) as err:
@@ -455,6 +459,31 @@ def test_trainable_tails_are_charged_before_they_are_made(split_server) -> None:
     finally:
         for remote in opened:
             remote.close()
+    assert wait_for(lambda: not server.budget.usage())
+
+
+def test_lora_adapters_are_charged_before_they_are_made(split_server) -> None:
+    """LoRA adapters are counted from the target modules' shapes before peft builds them: the count
+    equals what was built, and a rank over the node's budget is refused before anything is made."""
+    lora = {"mode": "lora", "lora": {"target_modules": ["c_attn", "c_proj"], "r": 4},
+            "optimizer": {"name": "Adam", "lr": 1e-3}}
+    address, tls_for = split_server(GPT2, SPEC, config=ChannelConfig(memory_bytes=0, node_memory_bytes=1 << 30))
+    server = split_server.servers[-1]
+    counted = tail_bytes(server.handler.segment, lora)
+    alice = open_split(address, "alice", tls_for("alice"), source=GPT2, spec=SPEC, tail=lora)
+    try:
+        adapters = split_server.segment(alice).trainable
+        built = sum(p.numel() * p.element_size() for p in adapters)
+        assert adapters and counted == built * 5  # values, gradients, fused-call gradients, two Adam moments
+        wide = {**lora, "lora": {**lora["lora"], "r": 1024}}
+        server.budget.node_bytes = tail_bytes(server.handler.segment, wide) - 1
+        with pytest.raises(RemoteError) as err:
+            open_split(address, "alice", tls_for("alice"), source=GPT2, spec=SPEC, tail=wide)
+        assert err.value.code == S.RESOURCE_EXHAUSTED and "trainable tail" in err.value.message
+        assert len(server.sessions) == 1
+        assert torch.isfinite(_train_step(alice, _tokens(5), 0))
+    finally:
+        alice.close()
     assert wait_for(lambda: not server.budget.usage())
 
 

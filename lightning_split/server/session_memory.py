@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_split.server.checks import CacheError
+from lightning_split.server.checks import CacheError, SegmentError
+from lightning_split.server.tail import lora_config, lora_targets
 
 
 class SavedBytes:
@@ -146,24 +147,36 @@ _OPTIMIZER_STATES = {"SGD": lambda o: 1 if o.get("momentum") else 0,
 
 def tail_bytes(base: nn.Module, tail: dict[str, Any]) -> int:
     """What a session's own weights will hold, known before they are made: a trainable tail's copy
-    of the segment, and for each trained parameter its gradient, the gradient of a fused call
-    waiting for its scale, and the optimizer's state. (LoRA adapters are small and shared base
-    weights are the server's own: only the adapters' share is counted, after they are made.)"""
-    if tail.get("mode", "frozen") != "trainable":
-        return 0
-    params = sum(p.numel() * p.element_size() for p in base.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in base.buffers())
-    spec = dict(tail.get("optimizer") or {"name": "SGD"})
-    states = _OPTIMIZER_STATES.get(spec.get("name", "SGD"), lambda o: 2)(spec)
-    return params + buffers + params * (2 + states)
+    of the segment, or the LoRA adapters on their target modules, and for each trained parameter
+    its gradient, the gradient of a fused call waiting for its scale, and the optimizer's state.
+    (A LoRA tail shares the base weights, which are the server's own.)"""
+    mode = tail.get("mode", "frozen")
+    if mode == "trainable":
+        params = sum(p.numel() * p.element_size() for p in base.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in base.buffers())
+        return buffers + params * (1 + _states_per_parameter(tail))
+    if mode == "lora":
+        config = lora_config(base, tail.get("lora") or {})
+        targets = [m.weight for m in lora_targets(base, config) if isinstance(getattr(m, "weight", None), torch.Tensor)]
+        if not targets:
+            raise SegmentError("lora.target_modules matches no module of the segment")
+        # A (r x fan-in) and B (fan-out x r) per target; fan-in of a Conv1D or Embedding weight is its
+        # first dimension and of a Linear its second, so the sum of both is what counts.
+        params = sum(config.r * (w.shape[0] + w[0].numel()) * w.element_size() for w in targets)
+        return params * (1 + _states_per_parameter(tail))
+    return 0
 
 
 def trained_bytes(trainable: list[nn.Parameter], tail: dict[str, Any]) -> int:
-    """The same count for parameters that exist already (LoRA adapters): their values, gradients,
-    fused-call gradients and optimizer state."""
-    params = sum(p.numel() * p.element_size() for p in trainable)
+    """The same count for parameters that exist already (LoRA adapters once made)."""
+    return sum(p.numel() * p.element_size() for p in trainable) * (1 + _states_per_parameter(tail))
+
+
+def _states_per_parameter(tail: dict[str, Any]) -> int:
+    """Tensors of a parameter's size kept besides it: its gradient, a fused call's gradient waiting
+    for its scale, and the optimizer's state."""
     spec = dict(tail.get("optimizer") or {"name": "SGD"})
-    return params * (3 + _OPTIMIZER_STATES.get(spec.get("name", "SGD"), lambda o: 2)(spec))
+    return 2 + _OPTIMIZER_STATES.get(spec.get("name", "SGD"), lambda o: 2)(spec)
 
 
 def charge_tail(account: Any, session_id: str, nbytes: int) -> None:

@@ -10,6 +10,7 @@ Tail modes:
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -53,24 +54,43 @@ def make_optimizer(params: list[nn.Parameter], spec: dict[str, Any]) -> torch.op
         raise SegmentError(f"optimizer {name}: {e}") from None
 
 
-def _lora_segment(base: ServerSegment, lora: dict[str, Any]) -> ServerSegment:
+MAX_LORA_RANK = 1024  # far above any useful rank; bounds what one hello can ask the server to build
+
+
+def lora_config(base: nn.Module, lora: dict[str, Any]) -> Any:
+    """The client's LoRA options as a ``peft.LoraConfig``, each checked for type and range."""
+    from peft import LoraConfig
+
+    modules = lora.get("target_modules")
+    if not modules or not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
+        raise SegmentError("lora.target_modules must be a non-empty list of module names")
+    r, alpha, dropout = lora.get("r", 8), lora.get("alpha", 16), lora.get("dropout", 0.0)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_LORA_RANK:
+        raise SegmentError(f"lora.r must be an integer from 1 to {MAX_LORA_RANK}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise SegmentError("lora.alpha must be a positive number")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise SegmentError("lora.dropout must be a number in [0, 1)")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=list(modules))
+
+
+def lora_targets(base: nn.Module, config: Any) -> list[nn.Module]:
+    """The segment's modules that ``config`` puts adapters on, found the way ``peft`` finds them."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return [m for name, m in base.named_modules() if name and check_target_module_exists(config, name)]
+
+
+def _lora_segment(base: ServerSegment, config: Any) -> ServerSegment:
     """A copy of the segment that shares the base weights, with LoRA adapters injected."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     shared = {id(p): p for p in base.parameters()}
     shared.update({id(b): b for b in base.buffers()})
-    modules = lora["target_modules"]
-    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
-        raise SegmentError("lora.target_modules must be a list of module names")
-    try:
-        config = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
-                            lora_dropout=float(lora.get("dropout", 0.0)), target_modules=list(modules))
-    except (TypeError, ValueError) as e:
-        raise SegmentError(f"lora options: {e}") from None
     segment = copy.deepcopy(base, memo=shared)
     try:
         return inject_adapter_in_model(config, segment)
-    except ValueError as e:  # no module of the segment matches target_modules
+    except ValueError as e:  # a matched module peft cannot adapt
         raise SegmentError(f"lora: {e}") from None
 
 
@@ -85,9 +105,7 @@ def session_weights(base: ServerSegment, tail: dict[str, Any]) -> tuple[ServerSe
         module = copy.deepcopy(base)
         trainable = list(module.parameters())
     else:
-        if not tail.get("lora", {}).get("target_modules"):
-            raise SegmentError("tail mode 'lora' needs lora.target_modules")
-        module = _lora_segment(base, tail["lora"])
+        module = _lora_segment(base, lora_config(base, tail.get("lora") or {}))
         trainable = [p for n, p in module.named_parameters() if "lora_" in n]
     for p in trainable:
         p.requires_grad_(True)
