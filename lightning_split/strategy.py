@@ -7,7 +7,9 @@ extends):
   part of the model where the LightningModule expects its model (``model_attr``), *before* the
   optimizers are made, so they only see the client's parameters. A trainable or LoRA tail gets an
   optimizer of the same class and hyper-parameters on the server.
-* ``training_step``: stamp the step number on every message; log transport metrics.
+* ``training_step``: stamp the step number on every message; log transport metrics. Step numbers
+  are the session's, not the Trainer's: they never restart within a session (a second ``fit`` with
+  the same strategy goes on counting), and a checkpoint restore rolls both sides back together.
 * ``optimizer_step``: the server's optimizer steps with the client's, once per step number (a
   retried step is never applied twice); without clipping the step rides on the step's last
   backward. Gradient clipping by norm is global: the server's squared gradient norm joins the
@@ -98,6 +100,8 @@ class SplitStrategy(SingleDeviceStrategy):
             device = "cuda:0" if torch.cuda.is_available() else "cpu"
         super().__init__(device=device, accelerator=accelerator, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin)
+        self._given_plugins = (accelerator, checkpoint_io, precision_plugin)
+        self._trainer_plugins: tuple[Any, Any, Any] | None = None
         self.address = address or os.environ.get("LIGHTNING_SPLIT_ADDRESS", "127.0.0.1:50051")
         self.node_id = node_id or os.environ.get("LIGHTNING_SPLIT_NODE_ID", "client")
         self.certs = Path(certs or os.environ.get("LIGHTNING_SPLIT_CERTS", "certs"))
@@ -116,6 +120,10 @@ class SplitStrategy(SingleDeviceStrategy):
         self._clip_coef: float | None = None
         self._tags: dict[str, str] = {}  # checkpoint path -> the server-state tag saved with it
         self._stats_before: Any = None
+        # The session's step number of the Trainer's global step 0 in this fit, and the next step
+        # number never used in the session (the server answers a used one as a repeat).
+        self._step_base = 0
+        self._next_step = 0
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -157,6 +165,9 @@ class SplitStrategy(SingleDeviceStrategy):
                 )
             setattr(module, self.model_attr, split.model)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+        # A new fit counts its steps from 0; the session's numbers go on (a restore from a
+        # checkpoint sets them back, in load_model_state_dict, after this).
+        self._step_base = self._next_step - trainer.global_step
         super().setup(trainer)
         if self.tail.get("mode", "frozen") != "frozen" and "optimizer" not in self.tail and self.optimizers:
             self._request(MessageType.OPTIMIZER_STEP,
@@ -166,6 +177,21 @@ class SplitStrategy(SingleDeviceStrategy):
         if self.split is not None:
             self.split.runner.confirm()  # the last step's fused backward, too, reached the server
         super().on_train_end()
+
+    def teardown(self) -> None:
+        super().teardown()
+        # Put back the plugins we were given, so that the strategy (and its session) can run under
+        # another Trainer: Lightning refuses a strategy that arrives with an accelerator already
+        # set. The same Trainer's next run gets its own back in ``connect``.
+        self._trainer_plugins = (self._accelerator, self._checkpoint_io, self._precision_plugin)
+        self._accelerator, self._checkpoint_io, self._precision_plugin = self._given_plugins
+
+    def connect(self, model: Any) -> None:
+        if self._trainer_plugins is not None:
+            if self._accelerator is self._given_plugins[0]:  # no new Trainer set its own since
+                self._accelerator, self._checkpoint_io, self._precision_plugin = self._trainer_plugins
+            self._trainer_plugins = None
+        super().connect(model)
 
     def close(self) -> None:
         """End the server session (its state is freed; saved checkpoints stay on the server)."""
@@ -181,16 +207,17 @@ class SplitStrategy(SingleDeviceStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         assert self.split is not None
-        self.split.runner.step = self.lightning_module.trainer.global_step
+        self.split.runner.step = self._session_step()
         output = super().training_step(*args, **kwargs)
         self._log_transport()
         return output
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         assert self.split is not None
+        step = self._session_step()
+        self._next_step = step + 1
         if self.tail.get("mode", "frozen") == "frozen":  # nothing to step on the server
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        step = self.lightning_module.trainer.global_step
         body: dict[str, Any] = {"lr": float(optimizer.param_groups[0]["lr"])}
         runner = self.split.runner
         fused = self._server_may_step_with_backward()
@@ -213,6 +240,10 @@ class SplitStrategy(SingleDeviceStrategy):
                 body["clip_coef"] = self._clip_coef
             self._request(MessageType.OPTIMIZER_STEP, body, step=step)
         return output
+
+    def _session_step(self) -> int:
+        """The session's number for the Trainer's current step."""
+        return self._step_base + self.lightning_module.trainer.global_step
 
     def _server_may_step_with_backward(self) -> bool:
         """Only when nothing can come between the backward and the step: no gradient clipping."""
@@ -257,9 +288,14 @@ class SplitStrategy(SingleDeviceStrategy):
         step = self.lightning_module.trainer.global_step
         tag = f"step{step}-{uuid.uuid4().hex[:12]}"
         saved = self._request(MessageType.STATE, {"op": "save", "tag": tag})
-        checkpoint["lightning_split"] = {"tag": tag, "last_step": saved["last_step"], "node_id": self.node_id}
+        checkpoint["lightning_split"] = {"tag": tag, "last_step": saved["last_step"], "node_id": self.node_id,
+                                         "step_base": self._step_base}
         super().save_checkpoint(checkpoint, filepath, storage_options)
+        # A checkpoint written over another (``last.ckpt``) no longer refers to the old state.
+        replaced = self._tags.get(str(filepath))
         self._tags[str(filepath)] = tag
+        if replaced is not None and replaced not in self._tags.values():
+            self._request(MessageType.STATE, {"op": "delete", "tag": replaced})
 
     def remove_checkpoint(self, filepath: Any) -> None:
         """ModelCheckpoint dropped a checkpoint (``save_top_k``): the server forgets its state too."""
@@ -272,7 +308,14 @@ class SplitStrategy(SingleDeviceStrategy):
         super().load_model_state_dict(checkpoint, strict=strict)
         record = checkpoint.get("lightning_split")
         if record is not None:
-            self._request(MessageType.STATE, {"op": "load", "tag": record["tag"]})
+            loaded = self._request(MessageType.STATE, {"op": "load", "tag": record["tag"]})
+            # Both sides roll back to the checkpoint: the server's step counter is the saved one,
+            # and this fit's steps continue from the checkpoint's global step with the same numbers.
+            base = record.get("step_base")
+            if base is None:  # a checkpoint from before step_base was recorded
+                base = int(loaded["last_step"]) + 1 - int(checkpoint.get("global_step", 0))
+            self._step_base = int(base)
+            self._next_step = int(loaded["last_step"]) + 1
 
 
 def register() -> None:

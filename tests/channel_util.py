@@ -120,11 +120,13 @@ class RawStream:
     def reply(self, timeout: float = 10.0) -> Message | None:
         return self._replies.get(timeout=timeout)
 
-    def handshake(self, node_id: str = "alice", config: ChannelConfig | None = None) -> dict[str, Any]:
+    def handshake(self, node_id: str = "alice", config: ChannelConfig | None = None,
+                  session_id: str = "") -> dict[str, Any]:
+        """Open a session, or resume ``session_id``; the welcome."""
         config = config or ChannelConfig()
         if config.connections is None:  # one hand-driven call: never ask for a bond by the host's cores
             config = config.replace(connections=1)
-        hello = build_hello(config, node_id)
+        hello = build_hello(config, node_id) | ({"session_id": session_id} if session_id else {})
         self.send_message(Message(type=pb.HANDSHAKE, body=hello, node_id=node_id, sequence=1))
         welcome = self.reply()
         assert welcome is not None, (self.code, self.details)

@@ -220,6 +220,29 @@ def test_idle_sessions_expire(start_server, connect) -> None:
     assert e.value.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_session_whose_streams_ended_without_close_is_freed_after_its_grace(start_server, pki) -> None:
+    """A crashed client (its stream cut, no CLOSE) holds its session only for the grace period, not
+    the TTL: then the handler frees it and its node's budget is given back; a stream that resumes
+    it within the grace keeps it."""
+    handler = EchoHandler()
+    server = start_server(handler, config=ChannelConfig(session_ttl_s=600, session_orphan_grace_s=0.5))
+    kept = open_raw(server.port, pki, "alice")
+    sid = kept.handshake("alice")["session_id"]
+    kept.close()  # the stream is cut; a new one resumes the session within the grace
+    time.sleep(0.2)
+    resumed = open_raw(server.port, pki, "alice")
+    assert resumed.handshake("alice", session_id=sid)["resumed"]
+    time.sleep(1.0)
+    assert sid in server.sessions  # a stream carries it: no orphan
+    crashed = open_raw(server.port, pki, "bob")
+    lost = crashed.handshake("bob")["session_id"]
+    crashed.close()
+    assert wait_for(lambda: lost in handler.closed, timeout=5)
+    assert lost not in server.sessions and sid in server.sessions
+    assert "bob" not in server.budget.usage()
+    resumed.close()
+
+
 def test_handler_errors_become_error_replies(start_server, connect, caplog) -> None:
     server = start_server(EchoHandler())
     client = connect(server.port)

@@ -32,7 +32,8 @@ def _trainer(strategy=None, steps: int = 6, **kw) -> tuple[L.Trainer, LossRecord
     kw.setdefault("accumulate_grad_batches", 2)
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, strategy=strategy or "auto", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False), enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=0, callbacks=[rec] + kw.pop("callbacks", []), **kw,
     )
     return trainer, rec

@@ -269,17 +269,21 @@ def test_server_step_rides_on_the_last_backward(module_cls, split_server):
 
 
 def test_removed_checkpoints_free_their_server_state(split_server, tmp_path):
-    """save_top_k drops old checkpoints; the server's saved states for them go too."""
+    """save_top_k drops old checkpoints, and ``last.ckpt`` is written over at every save; the
+    server keeps exactly the states the client's checkpoints refer to."""
     address, tls_for = split_server(DIGITS_MLP, SPEC)
     strategy = _strategy(address, tls_for("alice"), tail="trainable")
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, monitor="step", mode="max")
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", strategy=strategy, logger=False, enable_progress_bar=False,
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, monitor="step", mode="max",
+                           save_last=True)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", strategy=strategy, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[ckpt])
     trainer.fit(Classifier(lr=0.1), digits_loaders(32)[0])
-    (kept,) = list((tmp_path / "ckpt").iterdir())
-    tag = torch.load(kept, weights_only=False)["lightning_split"]["tag"]  # our own file, not a peer's bytes
+    kept = sorted((tmp_path / "ckpt").iterdir())
+    assert [p.name for p in kept] == ["epoch=0-step=6.ckpt", "last.ckpt"]
+    # our own files, not a peer's bytes
+    tags = sorted(torch.load(p, weights_only=False)["lightning_split"]["tag"] for p in kept)
     saved = sorted(p.stem for p in (tmp_path / "server-state" / "alice").glob("*.json"))
-    assert saved == [tag]
+    assert saved == tags
     strategy.close()
 
 

@@ -58,6 +58,10 @@ class ChannelConfig:
     limits: WireLimits = field(default_factory=WireLimits)
     max_sessions: int = 64
     session_ttl_s: float = 600.0
+    # A session whose streams have all ended without a CLOSE (a crashed client, a cut link) is
+    # closed this long after its last stream ended, and its memory given back, instead of holding
+    # its slot for the whole TTL. A reconnecting client resumes it within this time.
+    session_orphan_grace_s: float = 60.0
     # Fair admission among tenants (a node is one client certificate): one node's excess is
     # refused with RESOURCE_EXHAUSTED while every other node is served as before. A stream is one
     # Exchange call (a bonded session uses one per connection), and each holds a server thread.
@@ -107,8 +111,8 @@ class ChannelConfig:
         for name in ("memory_bytes", "node_memory_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: unlimited) or None (auto)")
-        for name in ("session_ttl_s", "handshake_timeout_s", "request_deadline_s", "stream_idle_timeout_s",
-                     "stream_stall_timeout_s"):
+        for name in ("session_ttl_s", "session_orphan_grace_s", "handshake_timeout_s", "request_deadline_s",
+                     "stream_idle_timeout_s", "stream_stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         for d in (self.client_to_server, self.server_to_client):

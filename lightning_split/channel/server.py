@@ -9,13 +9,16 @@ per node: sessions (session.py), streams (streams.py) and memory (budget.py).
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -36,6 +39,23 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "lightning_split.v1.Split"
 EXCHANGE_METHOD = f"/{SERVICE_NAME}/Exchange"
+
+
+def release_freed_heap() -> None:
+    """Return freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+TRIM_INTERVAL_S = 5.0
 
 
 def is_loopback_address(address: str) -> bool:
@@ -124,7 +144,9 @@ class ChannelServer:
         # What peers make the server hold, charged per node before it is allocated (budget.py).
         self.budget = MemoryBudget(*cfg.memory_budgets())
         self.sessions = SessionTable(handler, cfg.max_sessions, cfg.session_ttl_s,
-                                     max_per_node=cfg.max_sessions_per_node, budget=self.budget)
+                                     max_per_node=cfg.max_sessions_per_node, budget=self.budget,
+                                     orphan_grace_s=cfg.session_orphan_grace_s)
+        self._trimmed = (0, 0.0)  # sessions.closed_count and time.monotonic() at the last heap trim
         self.streams = StreamTable(cfg.max_streams_per_node, cfg.handshake_timeout_s,
                                    cfg.stream_idle_timeout_s, cfg.stream_stall_timeout_s)
         self.port: int | None = None
@@ -162,16 +184,29 @@ class ChannelServer:
     def _reap(self) -> None:
         """Expire idle sessions, and end streams that idle, stall or never shake hands (streams.py)."""
         cfg = self.config
-        interval = min(max(min(cfg.session_ttl_s, cfg.stream_idle_timeout_s, cfg.stream_stall_timeout_s,
-                               cfg.handshake_timeout_s) / 4, 0.05), 1.0)
+        deadlines = (cfg.session_ttl_s, cfg.session_orphan_grace_s, cfg.stream_idle_timeout_s,
+                     cfg.stream_stall_timeout_s, cfg.handshake_timeout_s)
+        interval = min(max(min(deadlines) / 4, 0.05), 1.0)
         while not self._stop_reaper.wait(interval):
             for what, chore in (("session expiry", self.sessions.expire),
                                 ("stream watchdog", self.streams.expire_overdue),
-                                ("revocation check", self._close_revoked)):
+                                ("revocation check", self._close_revoked),
+                                ("heap trim", self._trim_after_closes)):
                 try:
                     chore()
                 except Exception as e:
                     internal_error(what, e)
+
+    def _trim_after_closes(self) -> None:
+        """Once sessions have ended, hand the heap they freed back to the OS: glibc keeps freed
+        memory in its per-thread arenas, so without this a server's RSS stays at its high-water
+        mark after its tenants leave (466 -> 1,212 MB with 16 wide sessions, 886 MB after all
+        closed). Not on a request's path: the reaper does it, at most every few seconds (a trim
+        of a large heap takes milliseconds and holds the allocator's locks)."""
+        closed, now = self.sessions.closed_count, time.monotonic()
+        if closed != self._trimmed[0] and now - self._trimmed[1] >= TRIM_INTERVAL_S:
+            self._trimmed = (closed, now)
+            release_freed_heap()
 
     def _close_revoked(self) -> None:
         """Re-read the CRL if it changed; close the live sessions of certificates it revokes."""

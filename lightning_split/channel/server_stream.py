@@ -166,6 +166,8 @@ class ServerStream:
         self.srv.streams.leave(self)
         self.srv.budget.account(self.identity or "").release(self.payload_key)
         self.reassembler.close()
+        if self.session is not None:  # the session's grace period starts if no other stream carries it
+            self.srv.sessions.detach(self.session)
         self.session = None
 
     def serve(self) -> None:
@@ -307,6 +309,9 @@ class ServerStream:
         return f"{self.identity or ''}#{self.fingerprint}"
 
     def _bind(self, session: Session) -> None:
+        if self.session is not None:
+            self.srv.sessions.detach(self.session)
+        self.srv.sessions.attach(session)
         self.session = session
         # From now on the client may only use the compression the handshake granted it.
         self.reassembler.close()

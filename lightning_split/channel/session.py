@@ -3,8 +3,9 @@
 A session belongs to one node id (the CN of the client's certificate). Its ``state`` dict is the
 handler's: the model segment's autograd state, an optimizer, a KV cache... A broken stream leaves
 the session alone; a reconnecting stream of the same node resumes it. Sessions end on CLOSE, on
-idle-TTL expiry, when the server stops, or when the CRL revokes the owner's certificate; each end
-goes through ``handler.close_session``.
+idle-TTL expiry, a grace period after their last stream ended without a CLOSE (an orphan: its
+client crashed or lost its link), when the server stops, or when the CRL revokes the owner's
+certificate; each end goes through ``handler.close_session``.
 
 Under mutual TLS a session is also bound to the SHA-256 fingerprint of the certificate that opened
 it: only a stream presenting that very certificate resumes it. A renewed certificate (same CN, new
@@ -64,6 +65,8 @@ class Session:
     # start with the session id, and released when the session ends. None: not accounted.
     account: Any = field(default=None, repr=False)
     _busy: int = field(default=0, repr=False)
+    _streams: int = field(default=0, repr=False)  # live streams bound to it
+    _orphaned: float | None = field(default=None, repr=False)  # when its last stream ended
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -93,11 +96,13 @@ class SessionTable:
     """Live sessions, bounded in number, expired when idle for ``ttl_s``."""
 
     def __init__(self, handler: SessionHandler, max_sessions: int, ttl_s: float,
-                 max_per_node: int | None = None, budget: Any = None) -> None:
+                 max_per_node: int | None = None, budget: Any = None, orphan_grace_s: float | None = None) -> None:
         self._handler = handler
         self._max = max_sessions
         self._max_per_node = max_per_node or max_sessions
         self._ttl = ttl_s
+        self._orphan_grace = ttl_s if orphan_grace_s is None else orphan_grace_s
+        self.closed_count = 0  # sessions ended so far (the server trims its heap after some end)
         self._budget = budget  # a budget.MemoryBudget: each session is charged to its node's account
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
@@ -175,6 +180,19 @@ class SessionTable:
             session._busy -= 1
         session.touch()
 
+    def attach(self, session: Session) -> None:
+        """A stream now carries the session: it is no orphan."""
+        with self._lock:
+            session._streams += 1
+            session._orphaned = None
+
+    def detach(self, session: Session) -> None:
+        """A stream that carried the session ended; with no stream left, its grace period starts."""
+        with self._lock:
+            session._streams -= 1
+            if session._streams <= 0:
+                session._streams, session._orphaned = 0, time.monotonic()
+
     def close(self, session_id: str) -> bool:
         """Remove the session and let the handler free it; False if it was already gone."""
         with self._lock:
@@ -185,16 +203,24 @@ class SessionTable:
         return True
 
     def expire(self) -> list[str]:
-        """Close sessions idle for longer than the TTL; returns their ids."""
+        """Close sessions idle for longer than the TTL, and orphans past their grace; their ids."""
         now = time.monotonic()
+
+        def why(s: Session) -> str | None:
+            if s._busy:
+                return None
+            if s._orphaned is not None and now - s._orphaned > self._orphan_grace:
+                return f"its last stream ended {now - s._orphaned:.0f} s ago without a CLOSE"
+            return f"{now - s.last_seen:.0f} s idle" if now - s.last_seen > self._ttl else None
+
         with self._lock:
-            dead = [s for s in self._sessions.values() if s._busy == 0 and now - s.last_seen > self._ttl]
-            for s in dead:
+            dead = [(s, reason) for s in self._sessions.values() if (reason := why(s))]
+            for s, _ in dead:
                 del self._sessions[s.id]
-        for s in dead:
-            log.info("session %s of %s expired after %.0f s idle", s.id[:8], s.node_id, now - s.last_seen)
+        for s, reason in dead:
+            log.info("session %s of %s expired: %s", s.id[:8], s.node_id, reason)
             self._finish(s)
-        return [s.id for s in dead]
+        return [s.id for s, _ in dead]
 
     def close_where(self, predicate: Callable[[Session], bool]) -> list[str]:
         """Close the sessions ``predicate`` picks (e.g. those of a revoked certificate); their ids."""
@@ -219,6 +245,7 @@ class SessionTable:
             if session.closed:
                 return
             session.closed = True
+            self.closed_count += 1
             try:
                 self._handler.close_session(session)
             except Exception as e:  # a handler bug must not take the server down

@@ -343,6 +343,10 @@ class SessionSegment:
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.last_step = int(state["last_step"])
+        # Nothing of the steps after the saved one survives a restore: an interrupted step's
+        # gradients would otherwise be added into the first step after it.
+        for p in self.trainable:
+            p.grad = None
         self.graphs.clear()
         self.memory.clear_graphs()
         self.call_grads.clear()

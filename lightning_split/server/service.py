@@ -33,7 +33,7 @@ from lightning_split.server.checks import CacheError, SegmentError, check_reques
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
 from lightning_split.server.kv_cache import MAX_CACHE_BYTES
 from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
-from lightning_split.server.state_store import StateStore
+from lightning_split.server.state_store import StateDamaged, StateStore
 from lightning_split.server.tail import TAIL_MODES, check_tail
 from lightning_split.split.build import ModelSource, build_model, describe_config
 from lightning_split.split.shipping import fingerprint, pack_part
@@ -225,6 +225,9 @@ class SplitService:
                 return {"tag": tag, "deleted": self.store.delete(session.node_id, tag)}
         except FileNotFoundError as e:
             raise HandlerError(grpc.StatusCode.NOT_FOUND, str(e)) from e
+        except StateDamaged as e:  # the server's disk lost it, not the request's fault
+            log.warning("%s (node %s)", e, session.node_id)
+            raise HandlerError(grpc.StatusCode.DATA_LOSS, str(e)) from e
         except ValueError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "STATE op must be 'save', 'load' or 'delete'")
