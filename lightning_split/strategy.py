@@ -281,6 +281,10 @@ class SplitStrategy(SingleDeviceStrategy):
         module.log("split/sent_MB", now.bytes_sent / 1e6, prog_bar=True, on_step=True, on_epoch=False)
         module.log("split/recv_MB", now.bytes_received / 1e6, prog_bar=True, on_step=True, on_epoch=False)
         module.log("split/compression", now.compression_ratio_sent, on_step=True, on_epoch=False)
+        # Faults survived: connections resumed, and requests sent again (each ran once on the server).
+        module.log("split/reconnects", float(now.reconnects), prog_bar=True, on_step=True,
+                   on_epoch=False)
+        module.log("split/resent", float(now.resent), on_step=True, on_epoch=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -243,6 +243,29 @@ def test_a_session_whose_streams_ended_without_close_is_freed_after_its_grace(st
     resumed.close()
 
 
+def test_a_client_back_after_a_crash_gets_the_slot_of_its_orphan(start_server, pki, connect) -> None:
+    """At its cap, a node whose old session lost all its streams (the client process died) opens a
+    new one at once: the orphan of the same certificate is closed for it. Live sessions, and other
+    nodes' orphans, are never taken."""
+    handler = EchoHandler()
+    server = start_server(handler, config=ChannelConfig(max_sessions=3, max_sessions_per_node=2))
+    live = connect(server.port, "alice")
+    crashed = open_raw(server.port, pki, "alice")
+    orphan = crashed.handshake("alice")["session_id"]
+    bobs = open_raw(server.port, pki, "bob")
+    bobs_orphan = bobs.handshake("bob")["session_id"]
+    crashed.close()
+    bobs.close()
+    assert wait_for(lambda: server.sessions.snapshot()[orphan]._orphaned is not None)
+    back = connect(server.port, "alice")  # alice at her cap of 2: her orphan makes room
+    assert orphan in handler.closed and orphan not in server.sessions
+    assert {live.session_id, back.session_id, bobs_orphan} == set(server.sessions.snapshot())
+    with pytest.raises(RemoteError) as e:  # no orphan of hers left; the server is full too
+        connect(server.port, "alice")
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert back.request(FORWARD, 1).body == 1 and live.request(FORWARD, 2).body == 2
+
+
 def test_handler_errors_become_error_replies(start_server, connect, caplog) -> None:
     server = start_server(EchoHandler())
     client = connect(server.port)

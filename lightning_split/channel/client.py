@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
@@ -64,6 +65,9 @@ class _Pending:
     stream: _Stream
     sent_at: float
     deadline: float
+    # The request, to send again on a new stream after a reconnect (None: not to be re-sent, like
+    # the hello of the stream that broke).
+    request: Message | None = None
 
 
 class _Stream:
@@ -81,6 +85,10 @@ class _Stream:
         self.reader: threading.Thread | None = None
         self.dead = threading.Event()
         self.error: RemoteError | None = None  # set (under the client's pending lock) once it failed
+        # Liveness: when a reply last arrived, the health check in flight, and why we gave up on it.
+        self.last_rx = time.monotonic()
+        self.probe: Any = None
+        self.stalled: RemoteError | None = None
 
     def start(self, call: Any) -> None:
         self.rr = RoundRobinReader(call, self.join_timeout_s)
@@ -164,6 +172,8 @@ class ChannelClient:
         self._channels: list[grpc.Channel] = []  # one per connection of a bonded stream
         self._stream: _Stream | None = None
         self._closed = False
+        self._reconnecting = False  # a broken stream's requests wait for a new one
+        self._closing = False  # close() was called: a reconnect in progress gives up
         self._watchdog = threading.Thread(target=_watch_deadlines, args=(weakref.ref(self), self._pending_cv),
                                           name="split-deadlines", daemon=True)
         self._watchdog.start()
@@ -242,13 +252,13 @@ class ChannelClient:
     def _live_stream(self) -> _Stream:
         stream = self._stream
         if stream is None or stream.dead.is_set():
-            if not self.session_id or self.config.wanted_connections() > 1:
-                # A bond is set up by a handshake (resuming our session if we have one).
+            # A handshake (resuming our session if we have one) agrees the compression and bond again.
+            if self.session_id and stream is not None and not self._closing:
+                self._connect_retrying(stream.error or RemoteError(grpc.StatusCode.UNAVAILABLE, "the stream ended"))
+            else:  # a first connection, or the CLOSE of a closing client: one attempt
                 self.connect()
-                assert self._stream is not None
-                return self._stream
-            # A reconnect: the first message of the new stream names our session.
-            stream = self._open_stream()
+            assert self._stream is not None
+            return self._stream
         return stream
 
     def connect(self) -> dict[str, Any]:
@@ -276,6 +286,10 @@ class ChannelClient:
             except BaseException:
                 stream.shutdown()
                 raise
+            if body.get("resumed"):
+                self.stats.reconnects += 1
+            # Requests a broken stream left unanswered go first, before any new one can.
+            self._resend(stream)
         return body
 
     # -- requests ------------------------------------------------------------------------------
@@ -283,7 +297,7 @@ class ChannelClient:
                  compression: CompressionConfig, chunk_size: int) -> Future:
         seq = next(self._seq)
         msg = Message(type=type_, body=body, session_id=self.session_id, step=step, sequence=seq,
-                      node_id=self.node_id)
+                      node_id=self.node_id, acked=self._acked(seq))
         # Encode here, in the caller's thread: an unencodable body raises to the caller. The frames
         # themselves are cut lazily by the sending thread.
         # The hello always carries CRCs: the server may want them, and we don't know yet.
@@ -292,16 +306,27 @@ class ChannelClient:
         fut: Future = Future()
         now = time.monotonic()
         limit = self.config.request_deadline_s if timeout is None else timeout
+        resend = msg if type_ not in (pb.HANDSHAKE, pb.CLOSE) else None
         with self._pending_cv:
-            if stream.error is not None:  # the stream died while we encoded
+            died = stream.error is not None  # the stream died while we encoded
+            if died and (resend is None or not self._may_resume(stream.error)):
                 fut.set_exception(RemoteError(stream.error.code, stream.error.message))
                 return fut
-            self._pending[seq] = _Pending(fut, stream, now, now + limit)
+            # Died, to be resumed: a reconnect sends it (it waits for the lock we hold).
+            self._pending[seq] = _Pending(fut, stream, now, now + limit, resend)
             self._generation += 1
             self._pending_cv.notify()
-        self.stats.record_sent(frames.wire_bytes, frames.raw_bytes)
-        stream.dealer.put(frames)
+            if died:
+                self._start_reconnect(stream.error)
+        if not died:
+            self.stats.record_sent(frames.wire_bytes, frames.raw_bytes)
+            stream.dealer.put(frames)
         return fut
+
+    def _acked(self, seq: int) -> int:
+        """Every reply before the oldest one still awaited has arrived (the server may forget them)."""
+        with self._pending_cv:
+            return min(self._pending, default=seq) - 1
 
     def submit(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Future:
         """Send a request without waiting; the Future resolves to the reply Message.
@@ -311,11 +336,19 @@ class ChannelClient:
         so do not modify them in place until the future is done. CUDA tensors are copied to the
         host by a copy queued on the current stream: later work on that stream may change them.
         """
+        self._await_reconnect()
         with self._lock:
             if self._closed:
                 raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closed")
             stream = self._live_stream()
             return self._enqueue(stream, type, body, step, timeout, self._c2s, self._chunk_size)
+
+    def _await_reconnect(self) -> None:
+        """A reconnect in progress: a new request goes on the stream it makes."""
+        limit = time.monotonic() + self.config.reconnect_deadline_s + self.config.handshake_timeout_s
+        with self._pending_cv:
+            while self._reconnecting and time.monotonic() < limit:
+                self._pending_cv.wait(0.1)
 
     def request(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply (a RESULT Message); RemoteError otherwise."""
@@ -335,6 +368,7 @@ class ChannelClient:
         assert stream.rr is not None
         try:
             for raw in stream.rr:
+                stream.last_rx = time.monotonic()
                 msg = reassembler.add(*split_frame(raw))
                 if msg is not None:
                     self._resolve(msg)
@@ -348,14 +382,138 @@ class ChannelClient:
         except Exception as e:  # never leave futures hanging because of a bug in here
             log.exception("reader thread failed")
             err = RemoteError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-        if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        if stream.stalled is not None:  # we ended it: the server stopped answering
+            err = stream.stalled
+        elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             with contextlib.suppress(Exception):  # the best account of why, never a hung future
                 err = stream.failure(err)
         stream.shutdown()  # every connection of the stream: a message may have fragments on any
         with self._pending_cv:
             stream.error = err  # from now on _enqueue fails requests for this stream at once
-            doomed = self._take_pending(lambda p: p.stream is stream)
+            keep = self._may_resume(err)
+            doomed = self._take_pending(lambda p: p.stream is stream and (not keep or p.request is None))
+            if keep and any(p.stream is stream for p in self._pending.values()):
+                self._start_reconnect(err)
         _fail(doomed, err)
+
+    # -- liveness -------------------------------------------------------------------------------------
+    def _check_liveness(self, now: float) -> None:
+        """Waiting for a reply and nothing heard for ``keepalive_time_s``: ask the server's health
+        service, on the same connection, to answer within ``keepalive_timeout_s``. A server that
+        is merely busy answers (another thread); a stalled link or a frozen server does not, and
+        the stream is then handled as broken (reconnected, its requests sent again). HTTP/2
+        keepalive pings alone do not find these while the client has data in flight."""
+        stream, interval = self._stream, self.config.keepalive_time_s
+        if stream is None or stream.dead.is_set() or stream.probe is not None or not self._channels:
+            return
+        with self._pending_cv:
+            waiting = any(p.stream is stream for p in self._pending.values())
+        if not waiting or now - stream.last_rx < interval:
+            return
+        check = health_pb2_grpc.HealthStub(self._channels[0]).Check
+        stream.probe = check.future(health_pb2.HealthCheckRequest(), timeout=self.config.keepalive_timeout_s)
+        stream.probe.add_done_callback(lambda f: self._probed(stream, f))
+
+    def _probed(self, stream: _Stream, probe: Any) -> None:
+        code = probe.code()
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) and not stream.dead.is_set():
+            stream.stalled = RemoteError(
+                grpc.StatusCode.UNAVAILABLE, f"the server did not answer for {time.monotonic() - stream.last_rx:.1f} s "
+                f"(a stalled link or a frozen server)")
+            log.warning("%s: %s", self.address, stream.stalled.message)
+            stream.shutdown()
+        else:  # alive (or a server without the health service): look again after another interval
+            stream.last_rx = time.monotonic()
+        stream.probe = None
+
+    # -- reconnecting -----------------------------------------------------------------------------
+    def _may_resume(self, err: RemoteError) -> bool:
+        """A broken connection (not a stream we ended ourselves, nor a server that refused us) is
+        reconnected, if we have a session to resume."""
+        return (err.code == grpc.StatusCode.UNAVAILABLE and bool(self.session_id) and not self._closed
+                and self.config.reconnect_deadline_s > 0)
+
+    def _start_reconnect(self, cause: RemoteError) -> None:
+        """Requests wait on a broken stream: reconnect, unless a reconnect is under way (it looks
+        for them again before it ends). Under _pending_cv."""
+        if not self._reconnecting:
+            self._reconnecting = True
+            threading.Thread(target=self._reconnect, args=(cause,), name=f"split-reconnect-{self.node_id}",
+                             daemon=True).start()
+
+    def _orphans(self) -> list[tuple[int, _Pending]]:
+        """Requests of broken streams that wait to be sent again, oldest first (under _pending_cv)."""
+        return sorted((seq, p) for seq, p in self._pending.items()
+                      if p.stream.dead.is_set() and p.request is not None)
+
+    def _reconnect(self, cause: RemoteError) -> None:
+        """The reconnect thread: new requests wait for the stream it makes."""
+        with self._lock:
+            with contextlib.suppress(RemoteError):  # _give_up failed what waited, with the reason
+                self._connect_retrying(cause)
+
+    def _connect_retrying(self, cause: RemoteError) -> None:
+        """Reconnect with bounded exponential backoff, resume the session, send again what was in
+        flight (with its sequence numbers: the server runs each request once, replies.py).
+        Under self._lock. Raises the last error if it gives up, after failing what waited."""
+        if not self.config.reconnect_deadline_s > 0:
+            self.connect()
+            return
+        started = time.monotonic()
+        deadline, delay = started + self.config.reconnect_deadline_s, 0.05
+        log.warning("connection to %s lost (%s); reconnecting for up to %.0f s", self.address, cause.message,
+                    self.config.reconnect_deadline_s)
+        while True:
+            try:
+                if self._closed or self._closing:
+                    raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closing")
+                if self._stream is None or self._stream.dead.is_set():
+                    self.connect()  # resends what is in flight
+                else:
+                    self._resend(self._stream)  # someone else reconnected first
+            except RemoteError as e:
+                gone = e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if gone or time.monotonic() + delay > deadline:
+                    raise self._give_up(cause, e, time.monotonic() - started) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            with self._pending_cv:
+                if not self._orphans():  # a stream that broke meanwhile left none behind
+                    self._reconnecting = False
+                    self._pending_cv.notify_all()
+                    break
+        log.warning("reconnected to %s after %.2f s: session %s resumed", self.address, time.monotonic() - started,
+                    self.session_id[:8])
+
+    def _resend(self, stream: _Stream) -> None:
+        """Send the unanswered requests of broken streams on ``stream``, oldest first, with their
+        own sequence numbers: the server answers those it ran already from its record."""
+        with self._pending_cv:
+            todo = self._orphans()
+            for _, p in todo:
+                p.stream = stream
+        for seq, p in todo:
+            assert p.request is not None
+            p.request.acked = self._acked(seq)
+            stream.dealer.put(encode_frames(p.request, self._c2s, self._chunk_size, self._send_crc))
+        if todo:
+            self.stats.resent += len(todo)
+            log.warning("session %s resumed: %d requests in flight sent again", self.session_id[:8], len(todo))
+
+    def _give_up(self, cause: RemoteError, last: RemoteError, spent_s: float) -> RemoteError:
+        code = grpc.StatusCode.UNAVAILABLE if last.code == grpc.StatusCode.DEADLINE_EXCEEDED else last.code
+        err = RemoteError(code, f"lost the connection to {self.address} ({cause.message}) and could not resume "
+                                f"session {self.session_id[:8]} in {spent_s:.1f} s: {last.message}")
+        log.warning("%s", err.message)
+        with self._pending_cv:
+            self._reconnecting = False
+            self._pending_cv.notify_all()
+            lost = [p for _, p in self._orphans()]
+            for seq in [seq for seq, p in self._pending.items() if p in lost]:
+                del self._pending[seq]
+        _fail(lost, err)
+        return err
 
     def _resolve(self, msg: Message) -> None:
         with self._pending_cv:
@@ -392,6 +550,7 @@ class ChannelClient:
         If the stream had broken, a new one carries the CLOSE, so the server frees the session's
         state now rather than at its idle TTL (which does it if the server is unreachable).
         """
+        self._closing = True  # a reconnect holding the lock stops at its next attempt
         with self._lock:
             if self._closed:
                 return
@@ -444,6 +603,7 @@ def _watch_deadlines(ref: weakref.ref[ChannelClient], cv: threading.Condition) -
                 return
             generation = client._generation
         wait_s = client._expire(time.monotonic())  # fails futures: not under the lock
+        client._check_liveness(time.monotonic())
         with cv:
             # A request queued meanwhile may have an earlier deadline: then look again at once.
             if client._generation == generation:

@@ -80,10 +80,15 @@ class ChannelConfig:
     node_memory_bytes: int | None = None
     handshake_timeout_s: float = 30.0
     request_deadline_s: float = 300.0
-    # HTTP/2 keepalive pings find a dead peer (a pulled cable, a killed VM) that TCP alone would
-    # only notice after many minutes; the server tolerates pings as often as the client sends them.
-    keepalive_time_s: float = 30.0
-    keepalive_timeout_s: float = 20.0
+    # HTTP/2 keepalive pings find a dead or frozen peer (a pulled cable, a killed VM, a stopped
+    # process) that TCP alone would only notice after many minutes: within about
+    # keepalive_time_s + keepalive_timeout_s (10 s by default; a ping costs a few dozen bytes).
+    keepalive_time_s: float = 5.0
+    keepalive_timeout_s: float = 5.0
+    # A client whose connection breaks reconnects (bounded exponential backoff) for this long,
+    # resumes its session and sends the requests in flight again; the server answers those it ran
+    # already from its record (replies.py), so each runs exactly once. 0: fail them instead.
+    reconnect_deadline_s: float = 30.0
     # HTTP/2 tuning; zero keeps gRPC's default. See benchmarks/transport.py for measurements.
     http2_max_frame_bytes: int = 0
     http2_lookahead_bytes: int = 0
@@ -191,14 +196,20 @@ class ChannelConfig:
     def client_options(self) -> list[tuple[str, Any]]:
         # A long-lived stream must not be multiplexed with other channels' streams by accident:
         # a local subchannel pool keeps each ChannelClient on its own TCP/TLS connection.
-        return [*self._common_options(), ("grpc.use_local_subchannel_pool", 1)]
+        # After a dropped connection gRPC waits before it dials again (1 s, doubling to 2 min by
+        # default): a reconnecting client would spend its deadline waiting on that.
+        return [*self._common_options(), ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
 
     def server_options(self) -> list[tuple[str, Any]]:
         return [
             *self._common_options(),
             # Without this a second server could silently share a fixed port with the first.
             ("grpc.so_reuseport", 0),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
+            # Clients choose their keepalive: pings up to one a second are welcome (a client pinging
+            # faster than the server allows would be cut off with "too many pings").
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
             ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
             # A peer that opens TCP and never finishes the TLS handshake is dropped after this.
             ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),

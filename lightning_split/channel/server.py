@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .bond import BondAborted, BondTable, outbox_frames
 from .budget import MemoryBudget
@@ -153,6 +154,9 @@ class ChannelServer:
         self._server: grpc.Server | None = None
         self._stop_reaper = threading.Event()
         self._reaper: threading.Thread | None = None
+        self.health = health.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
@@ -165,6 +169,9 @@ class ChannelServer:
             maximum_concurrent_rpcs=self.max_workers,
         )
         server.add_generic_rpc_handlers((_Servicer(self).handler(),))
+        # The standard gRPC health service: operators' probes, and the clients' liveness checks
+        # while they wait for a reply (client.py), answered by another thread than the stream's.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.insecure:
             port = server.add_insecure_port(self.address)
         else:
@@ -222,6 +229,7 @@ class ChannelServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self.health.enter_graceful_shutdown()
         server.stop(grace).wait()
         self._stop_reaper.set()
         if self._reaper is not None:

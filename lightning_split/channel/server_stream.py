@@ -37,6 +37,7 @@ from . import handshake
 from .bond import ABORT, CLOSE, Bond, FrameDealer, RoundRobinReader, send_whole
 from .framing import EncodedFrames, encode_frames, split_frame
 from .identity import peer_from_auth_context
+from .replies import ReplyRecord
 from .session import HandlerError, Session
 from .streams import ReplyWindow
 
@@ -328,21 +329,41 @@ class ServerStream:
         return reply
 
     def _dispatch(self, session: Session, msg: Message) -> Message:
+        """Run the request, exactly once: one the session already answered (sent again after a
+        reconnect) gets the reply it got then (replies.py)."""
         table = self.srv.sessions
         table.begin(session)
         try:
             with session.lock:
                 if session.closed:
-                    raise HandlerError(grpc.StatusCode.NOT_FOUND, "the session was closed")
-                return self._reply(msg, self.srv.handler.handle(session, msg))
+                    return error_message(msg, grpc.StatusCode.NOT_FOUND, "the session was closed")
+                if session.replies is None:
+                    session.replies = ReplyRecord(session.account, (session.id, "replies"))
+                record: ReplyRecord = session.replies
+                try:
+                    record.acknowledge(msg.acked)
+                    kept = record.replay(msg.sequence, msg.type)
+                except HandlerError as e:
+                    return error_message(msg, e.code, e.message)
+                if kept is not None:
+                    log.info("answered request %d (%s) of %s from the record: it ran before the reconnect",
+                             msg.sequence, pb.MessageType.Name(msg.type), session.node_id)
+                    return kept
+                reply = self._run(session, msg)
+                record.keep(msg.sequence, msg.type, reply)
+                return reply
+        finally:
+            table.end(session)
+
+    def _run(self, session: Session, msg: Message) -> Message:
+        try:
+            return self._reply(msg, self.srv.handler.handle(session, msg))
         except HandlerError as e:
             return error_message(msg, e.code, e.message)
         except Exception as e:  # a bug of ours: the peer gets a reference to quote, the log the details
             ref = internal_error(f"{pb.MessageType.Name(msg.type)} of {session.node_id} (session "
                                  f"{session.id[:8]}, step {msg.step})", e)
             return error_message(msg, grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})")
-        finally:
-            table.end(session)
 
     def _handshake(self, msg: Message) -> Message:
         assert self.identity is not None

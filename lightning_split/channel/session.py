@@ -64,6 +64,9 @@ class Session:
     # holds between requests (saved activations, KV cache) is charged to it under keys that
     # start with the session id, and released when the session ends. None: not accounted.
     account: Any = field(default=None, repr=False)
+    # Replies kept until the client acknowledges them (replies.ReplyRecord): exactly-once over
+    # reconnects. Made by the first request.
+    replies: Any = field(default=None, repr=False)
     _busy: int = field(default=0, repr=False)
     _streams: int = field(default=0, repr=False)  # live streams bound to it
     _orphaned: float | None = field(default=None, repr=False)  # when its last stream ended
@@ -121,6 +124,7 @@ class SessionTable:
 
     def create(self, node_id: str, **kwargs: Any) -> Session:
         self.expire()
+        self._make_room(node_id, kwargs.get("fingerprint", ""))
         with self._lock:
             # The node's own cap first: one tenant's excess must not use up the slots of others.
             held = sum(1 for s in self._sessions.values() if s.node_id == node_id)
@@ -142,6 +146,21 @@ class SessionTable:
                 session.account = self._budget.account(node_id)
             self._sessions[sid] = session
             return session
+
+    def _make_room(self, node_id: str, fingerprint: str) -> None:
+        """A node at a cap that still holds an orphan of the same certificate (its client crashed
+        and came back as a new process) gets that slot back now, not after the grace period."""
+        with self._lock:
+            held = [s for s in self._sessions.values() if s.node_id == node_id]
+            full = len(held) >= self._max_per_node or len(self._sessions) >= self._max
+            orphans = sorted((s for s in held if s._orphaned is not None and s._busy == 0
+                              and s.fingerprint == fingerprint), key=lambda s: s._orphaned or 0.0)
+            if not full or not orphans:
+                return
+            taken = orphans[0]
+            del self._sessions[taken.id]
+        log.info("session %s of %s closed: its client came back with a new session", taken.id[:8], node_id)
+        self._finish(taken)
 
     def get(self, session_id: str, node_id: str, fingerprint: str = "") -> Session:
         """The live session ``session_id`` if ``node_id`` owns it, with the same certificate.
@@ -254,5 +273,6 @@ class SessionTable:
                 log.debug("close_session failure", exc_info=True)
             finally:
                 session.state.clear()
+                session.replies = None
                 if session.account is not None:  # whatever the handler still had charged goes back
                     session.account.release_prefix(session.id)

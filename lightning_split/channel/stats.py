@@ -22,6 +22,8 @@ class TransportStats:
     raw_bytes_received: int = 0
     last_rtt_s: float = 0.0
     total_rtt_s: float = 0.0
+    reconnects: int = 0  # broken connections resumed
+    resent: int = 0  # requests sent again after a reconnect (each runs once on the server)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property

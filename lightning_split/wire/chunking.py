@@ -55,7 +55,8 @@ def message_header(msg: Message) -> pb.Header:
         raise invalid(f"Header.type: unknown or unspecified value {msg.type}")
     try:
         return pb.Header(protocol_version=msg.protocol_version, type=msg.type, node_id=msg.node_id,
-                         code=int(msg.code), session_id=msg.session_id, step=msg.step, sequence=msg.sequence)
+                         code=int(msg.code), session_id=msg.session_id, step=msg.step, sequence=msg.sequence,
+                         acked=msg.acked)
     except (ValueError, TypeError) as e:
         raise invalid(f"Header field out of range: {e}") from e
 
@@ -346,6 +347,6 @@ class Reassembler:
                             charge)
         h = first.header
         return Message(type=h.type, body=body, session_id=h.session_id, step=h.step, sequence=h.sequence,
-                       code=h.code, node_id=h.node_id, protocol_version=h.protocol_version,
+                       acked=h.acked, code=h.code, node_id=h.node_id, protocol_version=h.protocol_version,
                        wire_bytes=first.payload_bytes, raw_bytes=raw)
 

@@ -17,6 +17,7 @@ class Message:
     session_id: str = ""
     step: int = 0
     sequence: int = 0
+    acked: int = 0  # client: every reply up to this sequence arrived (the server may forget them)
     code: int = 0  # 0 = OK; in ERROR replies a grpc.StatusCode value[0]
     node_id: str = ""
     protocol_version: int = PROTOCOL_VERSION
