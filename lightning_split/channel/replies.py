@@ -49,6 +49,18 @@ def body_bytes(body: Any) -> int:
     return len(body) if isinstance(body, (bytes, str)) else 0
 
 
+def _owned(body: Any) -> Any:
+    """The body with its device tensors copied: a reply may view a CUDA graph's static output, which
+    the next replay overwrites, and a replay of this reply must send what was sent the first time."""
+    if isinstance(body, torch.Tensor):
+        return body.clone() if body.device.type != "cpu" else body
+    if isinstance(body, dict):
+        return {k: _owned(v) for k, v in body.items()}
+    if isinstance(body, (list, tuple)):
+        return type(body)(_owned(v) for v in body)
+    return body
+
+
 class ReplyRecord:
     """One session's replies not yet acknowledged, by request sequence number."""
 
@@ -84,7 +96,9 @@ class ReplyRecord:
         if sequence == 0 or type_ in RERUNNABLE:
             return
         nbytes = body_bytes(reply.body)
-        self._kept[sequence] = (reply, nbytes)
+        kept = Message(type=reply.type, body=_owned(reply.body), session_id=reply.session_id, step=reply.step,
+                       sequence=reply.sequence, code=reply.code, node_id=reply.node_id)
+        self._kept[sequence] = (kept, nbytes)
         self._bytes += nbytes
         while len(self._kept) > MAX_KEPT:
             _, (_, dropped) = self._kept.popitem(last=False)
