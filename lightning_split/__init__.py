@@ -7,9 +7,9 @@ Importing the package registers the strategy, so that ``Trainer(strategy="split"
 
 from lightning_split.split.build import ModelSource
 from lightning_split.split.spec import SplitSpec
-from lightning_split.strategy import SplitStrategy, register
+from lightning_split.strategy import SessionLost, SplitStrategy, register
 
 __version__ = "0.1.0"
-__all__ = ["SplitStrategy", "SplitSpec", "ModelSource", "__version__"]
+__all__ = ["SessionLost", "SplitStrategy", "SplitSpec", "ModelSource", "__version__"]
 
 register()

@@ -20,6 +20,7 @@ extends):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -27,11 +28,12 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from lightning_split.channel import ChannelConfig, TLSFiles, client_tls
+from lightning_split.channel import ChannelConfig, RemoteError, TLSFiles, client_tls
 from lightning_split.split.build import ModelSource
 from lightning_split.split.connect import SplitModel, open_split
 from lightning_split.split.spec import SplitSpec
@@ -39,6 +41,11 @@ from lightning_split.split.surgery import SegmentProxy, squared_grad_norm
 from lightning_split.wire import MessageType
 
 OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "dampening", "alpha", "amsgrad")
+
+
+class SessionLost(RuntimeError):
+    """The server no longer holds this client's session (it restarted, or closed it): what it had
+    trained since the last checkpoint is gone, and only a resume from a checkpoint continues."""
 
 
 def _optimizer_spec(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -208,16 +215,38 @@ class SplitStrategy(SingleDeviceStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         assert self.split is not None
         self.split.runner.step = self._session_step()
-        output = super().training_step(*args, **kwargs)
+        with self._session_kept():
+            output = super().training_step(*args, **kwargs)
         self._log_transport()
         return output
+
+    @contextlib.contextmanager
+    def _session_kept(self) -> Any:
+        """A lost session is one clear error that names the checkpoint to resume from."""
+        try:
+            yield
+        except RemoteError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND or "session" not in e.message:
+                raise
+            raise self._session_lost(e) from e
+
+    def _session_lost(self, error: RemoteError) -> SessionLost:
+        trainer = self.lightning_module.trainer
+        saved = [cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks]
+        path = next((p for p in saved if p), None)
+        sid = self.split.client.session_id[:8] if self.split is not None else "?"
+        hint = (f"resume with trainer.fit(..., ckpt_path={path!r}) and a new SplitStrategy" if path else
+                "no checkpoint was saved in this run (add a ModelCheckpoint to be able to resume)")
+        return SessionLost(f"the server no longer holds session {sid} (it restarted or closed it), so its "
+                           f"training state since the last checkpoint is gone: {hint}. ({error.message})")
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         assert self.split is not None
         step = self._session_step()
         self._next_step = step + 1
         if self.tail.get("mode", "frozen") == "frozen":  # nothing to step on the server
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
+            with self._session_kept():
+                return super().optimizer_step(optimizer, closure, model, **kwargs)
         body: dict[str, Any] = {"lr": float(optimizer.param_groups[0]["lr"])}
         runner = self.split.runner
         fused = self._server_may_step_with_backward()
@@ -227,7 +256,8 @@ class SplitStrategy(SingleDeviceStrategy):
             runner.pending_step = dict(body, step=step)
         self._clip_coef = None
         try:
-            output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            with self._session_kept():
+                output = super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
             unsent, runner.pending_step = runner.pending_step, None
             runner.outstanding.clear()  # a graph not backpropagated by now never will be
@@ -238,7 +268,8 @@ class SplitStrategy(SingleDeviceStrategy):
             # optimization, a closure that skipped its backward): ask for it now.
             if self._clip_coef is not None:
                 body["clip_coef"] = self._clip_coef
-            self._request(MessageType.OPTIMIZER_STEP, body, step=step)
+            with self._session_kept():
+                self._request(MessageType.OPTIMIZER_STEP, body, step=step)
         return output
 
     def _session_step(self) -> int:

@@ -265,3 +265,49 @@ def test_generation_through_a_cut_at_token_5_of_20_equals_uninterrupted(split_se
         remote.close()
     finally:
         proxy.close()
+
+
+def test_a_session_the_server_lost_mid_fit_names_the_checkpoint_to_resume_from(split_server, tmp_path) -> None:
+    """The server loses the session mid-fit (a restart, or it closed it): fit ends with one
+    SessionLost naming the last checkpoint, and a new strategy resumed from it finishes the run
+    with the weights of an uninterrupted one (the loss falls at an epoch's start: a plain
+    DataLoader resumed mid-epoch starts the epoch again, as Lightning does locally)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_split import SessionLost
+    from tests.test_strategy import CASES, _strategy, _trainer
+
+    source, spec, make_module, batches = CASES["gpt2_two_part"]
+    address, tls_for = split_server(source, spec)
+    server = split_server.servers[-1]
+
+    def fit(module: Any, steps: int, callbacks: list, ckpt_path: str | None = None) -> Any:
+        strategy = _strategy(address, tls_for("alice"), tail="trainable")
+        trainer, _ = _trainer(strategy, steps=steps, accumulate_grad_batches=1, enable_checkpointing=True,
+                              callbacks=callbacks)
+        try:
+            trainer.fit(module, batches(), ckpt_path=ckpt_path)
+            return split_server.segment(strategy.split).module
+        finally:
+            strategy.close()
+
+    class LoseSessionAt(Callback):
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, index: int) -> None:
+            if trainer.global_step == 8:  # the first step of the second epoch (an exact resume point)
+                server.sessions.close_all()
+
+    whole = make_module()
+    expected = fit(whole, 10, [ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=1, save_top_k=0,
+                                              save_last=True)])
+    cut = make_module()
+    with pytest.raises(SessionLost, match="last.ckpt") as err:
+        fit(cut, 10, [ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=1, save_top_k=0, save_last=True),
+                     LoseSessionAt()])
+    assert "no longer holds session" in str(err.value)
+    resumed = make_module()
+    got = fit(resumed, 10, [ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=1, save_top_k=0,
+                                           save_last=True)], ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    for (n, p), (_, q) in zip(resumed.named_parameters(), whole.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    for (n, p), (_, q) in zip(got.named_parameters(), expected.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server {n}")
