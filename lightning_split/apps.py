@@ -53,6 +53,7 @@ def build_server(cfg: DictConfig) -> Any:
         fast_decode=s.get("fast_decode"),
         prompt_graph_tokens=s.get("prompt_graph_tokens", 4096),
         train_graphs=s.get("train_graphs", True),
+        persist_sessions_s=s.get("persist_sessions_s"),
     )
     tls = None if s.insecure else server_tls(s.certs)
     server = ChannelServer(service, s.address, tls=tls, insecure=s.insecure,

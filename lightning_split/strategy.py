@@ -21,6 +21,7 @@ extends):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import uuid
@@ -39,6 +40,8 @@ from lightning_split.split.connect import SplitModel, open_split
 from lightning_split.split.spec import SplitSpec
 from lightning_split.split.surgery import SegmentProxy, squared_grad_norm
 from lightning_split.wire import MessageType
+
+log = logging.getLogger(__name__)
 
 OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "dampening", "alpha", "amsgrad")
 
@@ -131,6 +134,8 @@ class SplitStrategy(SingleDeviceStrategy):
         # number never used in the session (the server answers a used one as a repeat).
         self._step_base = 0
         self._next_step = 0
+        self._restart_seen: dict[str, Any] | None = None  # the welcome of a restart already checked
+        self._committed_step = -1  # the last step this client completed (its server step sent)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -217,8 +222,24 @@ class SplitStrategy(SingleDeviceStrategy):
         self.split.runner.step = self._session_step()
         with self._session_kept():
             output = super().training_step(*args, **kwargs)
+        self._check_restart()
         self._log_transport()
         return output
+
+    def _check_restart(self) -> None:
+        """A server that restarted resumed our session from its saved state: training goes on
+        only if that state is the one this client's next step follows."""
+        assert self.split is not None
+        welcome = self.split.client.welcome
+        if not welcome.get("restored") or welcome is self._restart_seen:
+            return
+        self._restart_seen = welcome
+        server_step, client_step = welcome.get("last_step"), self._committed_step
+        if server_step != client_step:
+            raise self._session_lost(RemoteError(grpc.StatusCode.ABORTED, (
+                f"the server restarted from its state at step {server_step}, this client is at step {client_step}")))
+        log.warning("the server restarted and resumed session %s at step %s, where this client is: training "
+                    "goes on", self.split.client.session_id[:8], server_step)
 
     @contextlib.contextmanager
     def _session_kept(self) -> Any:
@@ -226,7 +247,9 @@ class SplitStrategy(SingleDeviceStrategy):
         try:
             yield
         except RemoteError as e:
-            if e.code != grpc.StatusCode.NOT_FOUND or "session" not in e.message:
+            lost = e.code == grpc.StatusCode.NOT_FOUND and "session" in e.message
+            restarted = e.code == grpc.StatusCode.ABORTED and "server restarted" in e.message
+            if not (lost or restarted):
                 raise
             raise self._session_lost(e) from e
 
@@ -237,16 +260,20 @@ class SplitStrategy(SingleDeviceStrategy):
         sid = self.split.client.session_id[:8] if self.split is not None else "?"
         hint = (f"resume with trainer.fit(..., ckpt_path={path!r}) and a new SplitStrategy" if path else
                 "no checkpoint was saved in this run (add a ModelCheckpoint to be able to resume)")
-        return SessionLost(f"the server no longer holds session {sid} (it restarted or closed it), so its "
-                           f"training state since the last checkpoint is gone: {hint}. ({error.message})")
+        return SessionLost(f"the server no longer holds session {sid} as this client left it (it restarted "
+                           f"or closed it), so the training state since the last checkpoint is gone: {hint}. "
+                           f"({error.message})")
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         assert self.split is not None
+        self._check_restart()
         step = self._session_step()
         self._next_step = step + 1
         if self.tail.get("mode", "frozen") == "frozen":  # nothing to step on the server
             with self._session_kept():
-                return super().optimizer_step(optimizer, closure, model, **kwargs)
+                output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            self._committed_step = step
+            return output
         body: dict[str, Any] = {"lr": float(optimizer.param_groups[0]["lr"])}
         runner = self.split.runner
         fused = self._server_may_step_with_backward()
@@ -270,6 +297,7 @@ class SplitStrategy(SingleDeviceStrategy):
                 body["clip_coef"] = self._clip_coef
             with self._session_kept():
                 self._request(MessageType.OPTIMIZER_STEP, body, step=step)
+        self._committed_step = step  # sent; a server error in it surfaces at the next request
         return output
 
     def _session_step(self) -> int:
@@ -351,6 +379,7 @@ class SplitStrategy(SingleDeviceStrategy):
                 base = int(loaded["last_step"]) + 1 - int(checkpoint.get("global_step", 0))
             self._step_base = int(base)
             self._next_step = int(loaded["last_step"]) + 1
+            self._committed_step = int(loaded["last_step"])
 
 
 def register() -> None:

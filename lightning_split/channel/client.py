@@ -288,6 +288,8 @@ class ChannelClient:
                 raise
             if body.get("resumed"):
                 self.stats.reconnects += 1
+            if body.get("restored"):  # the server restarted: what it had not answered is lost
+                self._lost_in_restart(body)
             # Requests a broken stream left unanswered go first, before any new one can.
             self._resend(stream)
         return body
@@ -500,6 +502,20 @@ class ChannelClient:
         if todo:
             self.stats.resent += len(todo)
             log.warning("session %s resumed: %d requests in flight sent again", self.session_id[:8], len(todo))
+
+    def _lost_in_restart(self, welcome: dict[str, Any]) -> None:
+        """The server came back from its saved state: requests it had not answered are not run
+        again (what they built on, activations and partial gradients, died with the process)."""
+        with self._pending_cv:
+            lost = [p for _, p in self._orphans()]
+            for seq in [seq for seq, p in self._pending.items() if p in lost]:
+                del self._pending[seq]
+        if lost:
+            log.warning("the server restarted and resumed session %s at step %s; %d requests in flight were "
+                        "lost", self.session_id[:8], welcome.get("last_step"), len(lost))
+        _fail(lost, RemoteError(grpc.StatusCode.ABORTED, f"the server restarted and resumed session "
+                                f"{self.session_id[:8]} at step {welcome.get('last_step')}: this request was "
+                                "in flight and is lost"))
 
     def _give_up(self, cause: RemoteError, last: RemoteError, spent_s: float) -> RemoteError:
         code = grpc.StatusCode.UNAVAILABLE if last.code == grpc.StatusCode.DEADLINE_EXCEEDED else last.code

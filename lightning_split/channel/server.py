@@ -42,17 +42,45 @@ SERVICE_NAME = "lightning_split.v1.Split"
 EXCHANGE_METHOD = f"/{SERVICE_NAME}/Exchange"
 
 
-def release_freed_heap() -> None:
-    """Return freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere)."""
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+MALLOC_ARENAS = 2  # what the server caps glibc's arenas at (limit_malloc_arenas)
+
+
+def _libc() -> Any:
+    """glibc, with ``malloc_trim`` and ``mallopt`` typed; False elsewhere (musl, macOS...)."""
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def release_freed_heap() -> None:
+    """Return freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere)."""
+    if _libc():
+        _libc().malloc_trim(0)
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc malloc's arenas at ``arenas`` for this process, unless the operator chose
+    (``MALLOC_ARENA_MAX`` or ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``); True if set.
+
+    Why: glibc gives threads arenas of their own, up to 8 per core. Every stream has a thread of
+    its own and gRPC's pool has many, so a busy server soon uses them all, and each arena keeps the
+    free space at the top of its heap resident: ``malloc_trim`` does not release it, and free()
+    only once it exceeds the trim threshold, which glibc raises to twice the largest block it
+    freed (up to 64 MiB). That memory is held for nobody: in a fuzz run of 6,000 hellos the
+    server's RSS grew 12 % (its other arenas' RSS 9 -> 77 MiB) while the bytes in use stayed flat;
+    with 2 arenas, 1.7 %. Called before the server's threads start (``ChannelServer.start``);
+    glibc fixes the cap once the process has more than 8 arenas, after which this changes nothing.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return bool(_libc() and _libc().mallopt(M_ARENA_MAX, arenas))
 
 
 _LIBC: Any = None
@@ -162,6 +190,7 @@ class ChannelServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         if self._server is not None:
             raise RuntimeError("server already started")
+        limit_malloc_arenas()  # before gRPC's threads start: each would take an arena of its own
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="split-rpc"),
             options=self.config.server_options(),
@@ -182,11 +211,30 @@ class ChannelServer:
             raise OSError(f"could not bind {self.address}")
         server.start()
         self._server, self.port = server, port
+        self._restore_sessions()
         self._reaper = threading.Thread(target=self._reap, name="split-session-reaper", daemon=True)
         self._reaper.start()
         log.info("channel server on %s (port %d, %s)", self.address, port,
                  "INSECURE" if self.insecure else "mutual TLS")
         return port
+
+    def _restore_sessions(self) -> None:
+        """Sessions the handler kept from a previous run (``restored_sessions``), back under their
+        ids and certificates for their clients to resume."""
+        for record in getattr(self.handler, "restored_sessions", list)():
+            try:
+                session = self.sessions.restore(record["id"], record["node_id"], fingerprint=record["fingerprint"],
+                                                hello=record["hello"], chunk_size=self.config.chunk_size,
+                                                client_to_server=self.config.client_to_server,
+                                                server_to_client=self.config.server_to_client)
+                with session.lock:
+                    self.handler.reopen_session(session, record)
+            except Exception as e:  # one bad record must not keep the server from starting
+                self.sessions.close(record.get("id", ""))
+                internal_error(f"restoring session {str(record.get('id', ''))[:8]}", e)
+                continue
+            log.info("restored session %s of %s at step %s", session.id[:8], session.node_id,
+                     getattr(session.state.get("segment"), "last_step", "?"))
 
     def _reap(self) -> None:
         """Expire idle sessions, and end streams that idle, stall or never shake hands (streams.py)."""
@@ -234,7 +282,7 @@ class ChannelServer:
         self._stop_reaper.set()
         if self._reaper is not None:
             self._reaper.join(timeout=5)
-        self.sessions.close_all()
+        self.sessions.close_all(suspend=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True if it stopped."""

@@ -60,6 +60,7 @@ class Session:
     # dying while the reconnect arrives) never run the handler concurrently on the same state.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     closed: bool = False
+    suspended: bool = False  # closed because the server stops: a handler may keep it for a restart
     # The owner's share of the server's memory budget (budget.NodeAccount): what the session
     # holds between requests (saved activations, KV cache) is charged to it under keys that
     # start with the session id, and released when the session ends. None: not accounted.
@@ -162,6 +163,18 @@ class SessionTable:
         log.info("session %s of %s closed: its client came back with a new session", taken.id[:8], node_id)
         self._finish(taken)
 
+    def restore(self, session_id: str, node_id: str, **kwargs: Any) -> Session:
+        """Re-create a session a previous run of the server kept (same id, node and certificate),
+        waiting for its client to resume it within the TTL."""
+        with self._lock:
+            if session_id in self._sessions:
+                raise ValueError(f"session {session_id[:8]} exists already")
+            session = Session(id=session_id, node_id=node_id, **kwargs)
+            if self._budget is not None:
+                session.account = self._budget.account(node_id)
+            self._sessions[session_id] = session
+            return session
+
     def get(self, session_id: str, node_id: str, fingerprint: str = "") -> Session:
         """The live session ``session_id`` if ``node_id`` owns it, with the same certificate.
 
@@ -251,11 +264,13 @@ class SessionTable:
             self._finish(s)
         return [s.id for s in picked]
 
-    def close_all(self) -> None:
+    def close_all(self, suspend: bool = False) -> None:
+        """Close every session; ``suspend``: because the server stops (a handler may keep them)."""
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
         for s in sessions:
+            s.suspended = suspend
             self._finish(s)
 
     def _finish(self, session: Session) -> None:

@@ -70,6 +70,7 @@ class SessionSegment:
         if self.mode == "lora":
             charge_tail(account, session_id, trained_bytes(self.trainable, tail))
         self.optimizer = make_optimizer(self.trainable, tail.get("optimizer")) if self.trainable else None
+        self.optimizer_spec = tail.get("optimizer")  # as asked for (kept with the session, durable.py)
         self.call_grads = CallGradients(self.trainable)  # loss-only calls backpropagated at once
         # Where requests enter the segment (its first block); a spread segment moves them on itself.
         self.device = next(base.parameters()).device
@@ -241,6 +242,7 @@ class SessionSegment:
         if not self.trainable:
             raise SegmentError("a frozen tail has no optimizer")
         self.optimizer = make_optimizer(self.trainable, spec)
+        self.optimizer_spec = dict(spec)
         return {"optimizer": type(self.optimizer).__name__}
 
     def step(self, step: int, body: dict[str, Any]) -> dict[str, Any]:

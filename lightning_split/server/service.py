@@ -30,6 +30,7 @@ import torch
 
 from lightning_split.channel import HandlerError, Session
 from lightning_split.server.checks import CacheError, SegmentError, check_request, step_number
+from lightning_split.server.durable import DurableSessions
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
 from lightning_split.server.kv_cache import MAX_CACHE_BYTES
 from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
@@ -67,6 +68,7 @@ class SplitService:
         train_graphs: bool = True,
         max_cache_bytes: int = MAX_CACHE_BYTES,
         allow_nonfinite: bool = False,
+        persist_sessions_s: float | None = None,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -85,6 +87,9 @@ class SplitService:
         self.spec = spec
         self.tail_modes = tuple(tail_modes)
         self.store = StateStore(state_dir) if state_dir else None
+        # Trainable sessions kept on disk, to come back after a restart (durable.py); None: not kept.
+        self.durable = (DurableSessions(self.store, persist_sessions_s)
+                        if self.store is not None and persist_sessions_s is not None else None)
         self.max_cache_tokens = max_cache_tokens  # per sequence
         self.max_cache_bytes = int(max_cache_bytes)  # per session, its whole batch (0: no limit)
         self.max_graphs = max_graphs
@@ -145,13 +150,58 @@ class SplitService:
         return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
 
     def resume_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
-        return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
+        # After a restart the client learns the step the server came back at: what it had in
+        # flight is gone, and its next step must follow that one.
+        restored = bool(session.state.pop("restored", False))
+        return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint,
+                "last_step": session.state["segment"].last_step, "restored": restored}
 
     def close_session(self, session: Session) -> None:
         segment = session.state.get("segment")
+        if segment is not None and self.durable is not None:
+            if session.suspended:  # the server stops: keep the session for its return
+                self._durably(lambda: self.durable.save(session, segment), session)
+            else:  # CLOSE or expiry: the session is over
+                self._durably(lambda: self.durable.forget(session), session)
         if segment is not None:
             segment.close()  # graphs, caches and charges go now, not at a garbage collection
         session.state.clear()
+
+    # -- sessions kept over a restart (durable.py) -----------------------------------------------
+
+    def restored_sessions(self) -> list[dict[str, Any]]:
+        """The sessions the last run of this server kept on disk (read by ChannelServer.start)."""
+        found = []
+        for node_id, tag in self.durable.records() if self.durable is not None else []:
+            try:
+                state = self.durable.load(node_id, tag)
+                meta = state["session"]
+                found.append({"id": meta["id"], "node_id": meta["node_id"], "fingerprint": meta["fingerprint"],
+                              "hello": {"tail": meta["tail"], "fingerprint": meta["client_fingerprint"]},
+                              "optimizer": meta.get("optimizer"), "state": state})
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("kept session %s of %s not restored: %s", tag, node_id, e)
+        return found
+
+    def reopen_session(self, session: Session, record: dict[str, Any]) -> None:
+        """Build a kept session again: its tail as the hello asked, then its saved state."""
+        self.open_session(session, record["hello"])
+        segment: SessionSegment = session.state["segment"]
+        if record.get("optimizer"):  # the client's optimizer, configured after the hello
+            segment.configure_optimizer(dict(record["optimizer"]))
+        segment.load_state_dict(record["state"])
+        session.state["restored"] = True
+
+    def _stepped(self, session: Session, segment: SessionSegment) -> None:
+        """A step was applied: keep the session on disk if it is due (before the step's reply)."""
+        if self.durable is not None:
+            self._durably(lambda: self.durable.after_step(session, segment), session)
+
+    def _durably(self, write: Any, session: Session) -> None:
+        try:
+            write()
+        except (OSError, ValueError) as e:  # a full disk must not fail the step or the close
+            log.error("could not keep session %s of %s on disk: %s", session.id[:8], session.node_id, e)
 
     def handle(self, session: Session, request: Message) -> Any:
         body = request.body if request.body is not None else {}
@@ -190,6 +240,8 @@ class SplitService:
             if body.get("then_step") is not None:  # the step rode on the step's last backward
                 then = dict(body["then_step"])
                 reply["stepped"] = segment.step(step_number(then.pop("step")), then)["applied"]
+                if reply["stepped"]:
+                    self._stepped(session, segment)
             return reply
         if kind == MessageType.INFER:
             return segment.forward(body, train=False)
@@ -198,7 +250,10 @@ class SplitService:
                 return segment.grad_sq_norm()
             if body.get("op") == "configure":
                 return segment.configure_optimizer(dict(body["optimizer"]))
-            return segment.step(step_number(request.step), body)
+            reply = segment.step(step_number(request.step), body)
+            if reply["applied"]:
+                self._stepped(session, segment)
+            return reply
         if kind == MessageType.CACHE:
             return segment.cache_control(body)
         if kind == MessageType.SPLIT:
