@@ -37,7 +37,7 @@ SERVE = textwrap.dedent("""
     port, pki, state, persist, threads = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
     torch.set_num_threads(threads)  # the test's own: the same sums in the same order
     source, spec, _, _ = CASES["gpt2_two_part"]
-    service = SplitService(source, spec, state_dir=state, persist_sessions_s=persist)
+    service = SplitService(source, spec, device="cpu", state_dir=state, persist_sessions_s=persist)
     server = ChannelServer(service, f"127.0.0.1:{port}", tls=server_tls(pki), config=ChannelConfig())
     server.start()
     print("ready", flush=True)
@@ -59,7 +59,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen([sys.executable, "-c", SERVE, *self.args], stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=ROOT)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
