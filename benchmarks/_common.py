@@ -152,6 +152,25 @@ def split_threads(device: str | torch.device) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def split_train_step(split: Any, opt: torch.optim.Optimizer, i: int, ids: torch.Tensor,
+                     amp: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
+    """One training step of a split causal LM, as SplitStrategy runs it without clipping: the
+    server's optimizer step rides on the last backward (asked for on its own if none carried it)."""
+    from lightning_split.wire import MessageType
+
+    split.runner.step = i
+    with amp():
+        loss = split.model(input_ids=ids, labels=ids).loss
+    split.runner.pending_step = {"step": i}
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if split.runner.pending_step is not None:  # not carried: ask explicitly
+        split.runner.pending_step = None
+        split.client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
+    return loss.detach()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

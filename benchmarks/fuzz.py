@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import faulthandler
 import json
 import logging
@@ -81,7 +82,6 @@ def serve(config: dict[str, Any]) -> None:
     def release_memory(*_: Any) -> None:
         """SIGUSR2: collect garbage and hand freed heap back to the OS (glibc malloc_trim), so that
         the fuzzer can tell memory still referenced from memory the allocator merely keeps."""
-        import ctypes
         import gc
 
         gc.collect()
@@ -91,8 +91,106 @@ def serve(config: dict[str, Any]) -> None:
         counts = Counter(type(o).__name__ for o in gc.get_objects())
         log.info("OBJECTS %s", json.dumps(dict(counts.most_common(300))))
 
-    signal.signal(signal.SIGUSR2, release_memory)
-    servers = {kind: fc.make_server(kind, config["pki"], config["state_dir"]) for kind in config["kinds"]}
+    servers: dict[str, Any] = {}
+    if os.environ.get("LS_FUZZ_TRACEMALLOC"):  # frames per traceback; each SIGUSR2 logs the top growth
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ["LS_FUZZ_TRACEMALLOC"]))
+    baseline: list[Any] = []
+
+    def census() -> None:
+        """What a leak could be made of besides Python objects (logged as one CENSUS line)."""
+        import gc
+        import warnings
+
+        smaps: Counter = Counter()  # RSS in KiB by kind of mapping (anonymous ones by size)
+        heaps = 0
+        with contextlib.suppress(OSError):
+            region = "?"
+            for line in Path("/proc/self/smaps").read_text().splitlines():
+                head = line.split()
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    path = head[5] if len(head) > 5 else ""
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    size = hi - lo
+                    region = path if path.startswith("[") else "torch" if "torch" in path else \
+                        "grpc" if "grpc" in path else "file" if path else \
+                        "anon:1MiB" if size == 1 << 20 else "anon:64MiB-aligned" if lo % (64 << 20) == 0 else \
+                        "anon:8MiB" if size in (8 << 20, (8 << 20) + 4096) else \
+                        "anon:<1MiB" if size < 1 << 20 else "anon:other"
+                    if region == "anon:64MiB-aligned":
+                        heaps += 1  # glibc's arenas other than the main one: one 64 MiB heap or more each
+                elif head and head[0] == "Rss:":
+                    smaps[region] += int(head[1])
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        # glibc malloc, all arenas: bytes in use, free inside the heap, mmapped blocks.
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        malloc: dict[str, float] = {}
+        with contextlib.suppress(OSError, AttributeError):
+            fn = ctypes.CDLL("libc.so.6").mallinfo2
+            fn.restype = MallInfo2
+            mi = fn()
+            malloc = {"heap_mib": mib(mi.arena), "in_use_mib": mib(mi.uordblks), "free_mib": mib(mi.fordblks),
+                      "mmapped_mib": mib(mi.hblkhd), "mmapped_blocks": mi.hblks}
+        pymalloc: dict[str, int] = {}
+        with tempfile.TemporaryFile("w+") as f:  # sys._debugmallocstats writes to C's stderr
+            saved = os.dup(2)
+            os.dup2(f.fileno(), 2)
+            try:
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            f.seek(0)
+            for line in f:
+                if line.startswith(("# arenas allocated current", "# bytes in allocated blocks")):
+                    pymalloc[line[2:].split("=")[0].strip()] = int(line.split("=")[1].replace(",", ""))
+        storages: dict[int, int] = {}
+        with warnings.catch_warnings():  # isinstance() on torch's deprecated aliases warns
+            warnings.simplefilter("ignore")
+            for o in gc.get_objects():
+                if isinstance(o, torch.Tensor) and not o.is_meta:
+                    with contextlib.suppress(Exception):
+                        st = o.untyped_storage()
+                        storages[st.data_ptr()] = st.nbytes()
+        out: dict[str, Any] = {
+            "rss_mib": int(status["VmRSS"].split()[0]) // 1024, "threads": int(status["Threads"]),
+            "py_threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")),
+            "smaps_rss_mib": {k: round(v / 1024, 1) for k, v in smaps.most_common()},
+            "malloc": malloc | {"arena_heaps": heaps}, "pymalloc": pymalloc,
+            "torch_storages": len(storages), "torch_storage_mib": mib(sum(storages.values())),
+            "thread_names": dict(Counter(re.sub(r"[-_]?\d+$", "", t.name) for t in threading.enumerate())),
+        }
+        for kind, srv in servers.items():
+            out[kind] = {"sessions": len(srv.sessions), "streams": srv.streams.counts(),
+                         "bonds": len(srv.bonds), "budget_used": srv.budget.used,
+                         "budget_usage": srv.budget.usage()}
+        import tracemalloc
+
+        if tracemalloc.is_tracing():
+            snap = tracemalloc.take_snapshot()
+            out["tracemalloc_mib"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 1)
+            if baseline:
+                top = snap.compare_to(baseline[0], "traceback")[:15]
+                out["tracemalloc_growth"] = [
+                    f"{st.size_diff / 1024:+.0f} KiB {st.count_diff:+d} blocks: "
+                    + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in st.traceback[:6])
+                    for st in top]
+            else:
+                baseline.append(snap)
+        log.info("CENSUS %s", json.dumps(out))
+
+    def on_usr2(*_: Any) -> None:
+        release_memory()
+        census()
+        with contextlib.suppress(OSError, AttributeError):  # what the census itself allocated
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    servers.update({kind: fc.make_server(kind, config["pki"], config["state_dir"]) for kind in config["kinds"]})
     ports = {kind: server.start() for kind, server in servers.items()}
     log.info("fuzz servers up: %s (pid %d)", ports, os.getpid())
     print(json.dumps(ports), flush=True)
@@ -207,8 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"warm-up: {args.warmup} valid cases ({requests} OK replies); RSS {mib(rss['start'])} MiB", flush=True)
 
     refs = fc.LogRefs().follow(log_path)  # short INTERNAL replies -> what the server logged
+    corpora, where_p = only_scenarios(corpora, args.scenarios)
     fuzzer = fc.Fuzzer(_targets(server, pki, corpora), seed=args.seed, workers=args.workers,
-                       deadline_s=args.deadline, resolver=refs)
+                       deadline_s=args.deadline, resolver=refs, **where_p)
     stats = fuzzer.stats
     crashes: list[dict[str, Any]] = []
     samples: list[tuple[int, float]] = []
@@ -240,11 +339,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             next_log = log_path.with_name(f"{log_path.stem}.{len(crashes)}.log")
             server = ServerProcess(pki, state, next_log, kinds, args.server_threads, args.ls_log_level)
             restarted = fc.Fuzzer(_targets(server, pki, corpora), seed=args.seed, workers=args.workers,
-                                  deadline_s=args.deadline, resolver=fc.LogRefs().follow(next_log))
+                                  deadline_s=args.deadline, resolver=fc.LogRefs().follow(next_log), **where_p)
             restarted.stats, restarted.next_index = stats, fuzzer.next_index
             fuzzer = restarted
             continue
         samples.append((stats.cases, mib(server.rss())))
+        if args.census_every and stats.cases // args.census_every > (stats.cases - n) // args.census_every:
+            server.objects(log_path)  # gc + malloc_trim + a CENSUS line in the server log (diagnostic)
         now = time.monotonic()
         if now - last_print > args.progress or stats.cases >= args.cases:
             last_print = now
@@ -276,6 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "fuzz",
         "config": {"cases": args.cases, "seed": args.seed, "workers": args.workers, "deadline_s": args.deadline,
                    "batch": args.batch, "warmup_cases": args.warmup, "idle_s": args.idle, "kinds": kinds,
+                   "scenarios": args.scenarios,
                    "server_threads": args.server_threads, "server_log": str(log_path) if args.server_log else None},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                  "platform": platform.platform()},
@@ -308,6 +410,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     tmp.cleanup()
     return result
+
+
+def only_scenarios(corpora: dict[str, fc.Corpus], prefixes: str | None
+                   ) -> tuple[dict[str, fc.Corpus], dict[str, float]]:
+    """``--scenarios``: the corpora cut to the scenarios whose ``where:name`` (``session:train_step``,
+    ``hello:bonded``, ``resume:infer_beam``) starts with one of the comma-separated prefixes, and
+    the Fuzzer's ``p_hello``/``p_resume`` so that only those kinds of cases are built."""
+    if not prefixes:
+        return corpora, {}
+    wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
+    out = {kind: fc.Corpus(c.kind, [s for s in c.scenarios if f"{s.where}:{s.name}".startswith(tuple(wanted))],
+                           c.hello_extra) for kind, c in corpora.items()}
+    wheres = [{s.where for s in c.scenarios} for c in out.values()]
+    if not all(wheres) or len({frozenset(w) for w in wheres}) != 1:
+        raise SystemExit(f"--scenarios {prefixes!r} must pick scenarios of the same kinds (session, hello, "
+                         f"resume) on every server: {[sorted(w) for w in wheres]}")
+    where = wheres[0]
+    share = {"hello": 0.08, "resume": 0.04, "session": 0.88}  # the Fuzzer's defaults
+    total = sum(share[w] for w in where)
+    p_hello = share["hello"] / total if "hello" in where else 0.0
+    p_resume = share["resume"] / total if "resume" in where else 0.0
+    if "session" not in where:  # no rounding may leave room for a session case
+        p_resume = 1.0 - p_hello if p_resume else 0.0
+        p_hello = p_hello if p_resume else 1.0
+    return out, {"p_hello": p_hello, "p_resume": p_resume}
 
 
 def error_summary(text: str) -> Counter:
@@ -402,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="valid cases before RSS 'start' (default 300)")
     p.add_argument("--idle", type=float, default=5.0, help="seconds idle before the final RSS")
     p.add_argument("--kinds", default=",".join(fc.KINDS), help=f"server kinds ({', '.join(fc.KINDS)})")
+    p.add_argument("--scenarios", default=None,
+                   help="only cases of these scenarios: comma-separated prefixes of 'where:name', e.g. "
+                        "'hello:' or 'session:infer,resume:' (the warm-up runs every scenario)")
+    p.add_argument("--census-every", type=int, default=0,
+                   help="every this many cases, make the server collect garbage, trim its heap and log its "
+                        "objects and a CENSUS line (threads, fds, RSS by mapping, sessions, streams, bonds, "
+                        "budget; with LS_FUZZ_TRACEMALLOC=FRAMES set, tracemalloc's top growth)")
     p.add_argument("--server-threads", type=int, default=None, help="the server's torch threads")
     p.add_argument("--server-log", default=None, help="keep the server log here (default: a temp dir)")
     p.add_argument("--ls-log-level", default="DEBUG",

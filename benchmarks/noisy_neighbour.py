@@ -85,7 +85,16 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import GPT2_COMMON, RESULTS, ROOT, median, print_table, random_batches, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    GPT2_COMMON,
+    RESULTS,
+    ROOT,
+    median,
+    print_table,
+    random_batches,
+    split_train_step,
+    write_json,
+)
 from _common import MODELS as COMMON_MODELS  # noqa: E402
 
 from lightning_split._proto import split_pb2 as pb  # noqa: E402
@@ -817,21 +826,11 @@ def run_alice(address: str, pki: Path, source: ModelSource, spec: SplitSpec, bat
     cuda = torch.device(device).type == "cuda"
     batches, eval_batch = [b.to(device) for b in batches], eval_batch.to(device)
     try:
-        model, client = split.model.train(), split.client
+        model = split.model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
 
         def step(i: int, ids: torch.Tensor) -> torch.Tensor:
-            split.runner.step = i
-            loss = model(input_ids=ids, labels=ids).loss
-            # As SplitStrategy does without clipping: the server's step rides on the last backward.
-            split.runner.pending_step = {"step": i}
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if split.runner.pending_step is not None:  # not carried: ask explicitly
-                split.runner.pending_step = None
-                client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
-            return loss.detach()
+            return split_train_step(split, opt, i, ids)
 
         try:
             for i, ids in enumerate(batches):

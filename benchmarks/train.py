@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     print_table,
     random_batches,
     record_one_step,
+    split_train_step,
     step_timeline,
     sync,
     timed,
@@ -63,7 +64,7 @@ from _common import (  # noqa: E402
 from lightning_split.channel import ChannelConfig, client_tls  # noqa: E402
 from lightning_split.split.build import ModelSource, build_model  # noqa: E402
 from lightning_split.split.spec import SplitSpec  # noqa: E402
-from lightning_split.wire import CompressionConfig, MessageType  # noqa: E402
+from lightning_split.wire import CompressionConfig  # noqa: E402
 
 LR = 1e-4
 QUICK = dict(model="tiny", batch=4, seq=64, steps=20, warmup=3)
@@ -128,18 +129,7 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
 
         def step(i: int, ids: torch.Tensor) -> torch.Tensor:
-            split.runner.step = i
-            with autocast(args.device, args.dtype):
-                loss = model(input_ids=ids, labels=ids).loss
-            # As SplitStrategy does without clipping: the server's step rides on the last backward.
-            split.runner.pending_step = {"step": i}
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if split.runner.pending_step is not None:  # not carried: ask explicitly
-                split.runner.pending_step = None
-                client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
-            return loss.detach()
+            return split_train_step(split, opt, i, ids, lambda: autocast(args.device, args.dtype))
 
         times, losses = [], []
         profile = profile_if_asked("LS_CLIENT_PROFILE", name)

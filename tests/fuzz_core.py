@@ -1581,7 +1581,10 @@ class _Worker:
             self._outcome("ended")
             self.stream = None
             return
-        probe_seq = (1 << 62) | rng.getrandbits(40)
+        # The session's next number: the server answers a number at or below the highest it saw
+        # from its record of replies (channel/replies.py), so a probe numbered far ahead would make
+        # every later request of the session a refused replay instead of a case.
+        probe_seq = self._next_seq()
         probe = Message(type=pb.CACHE, body=_PROBE_BODY, session_id=self.ctx.sid, sequence=probe_seq, node_id=self.node)
         stream.send([f.SerializeToString() for f in encode_frames_of(probe, None, 1 << 20)])
         replies = 0
@@ -1598,8 +1601,9 @@ class _Worker:
                     self.fz.record_finding("reply_count", "-", f"{replies} replies to {complete} complete "
                                                                 "message(s) before the probe's", case)
                 if ev[1].type == pb.ERROR:  # e.g. the case closed the session: start a new one
-                    self.close_stream()
-                    self.ctx.sid = ""
+                    # (a session the server refuses requests on, e.g. after a sequence number far
+                    # ahead, is closed first: left to its orphan grace it would outlive the run)
+                    self._end_session(stream)
                 return
             replies += ev[0] == "reply"
             self._count(case, ev)
@@ -1607,6 +1611,16 @@ class _Worker:
                 self._outcome("ended")
                 self.stream = None
                 return
+
+    def _end_session(self, stream: FuzzStream) -> None:
+        """CLOSE the current session on ``stream`` (if the server still has it), then forget it."""
+        if self.ctx.sid and not stream.ended.is_set():
+            close = Message(type=pb.CLOSE, session_id=self.ctx.sid, node_id=self.node, sequence=self._next_seq())
+            stream.send([f.SerializeToString() for f in encode_frames_of(close, None, 1 << 20)])
+            stream.half_close()
+            stream.ended.wait(self.fz.deadline_s)
+        self.close_stream()
+        self.ctx.sid = ""
 
     def _abandon_session(self) -> None:
         """After a hang the session may be stuck (its lock held): start a new one."""
@@ -1622,7 +1636,7 @@ class _Worker:
             stream.send(case["raws"])
             if case["where"] == "resume" and not partial and rng.random() > self.fz.p_half_close:
                 case["mode"] = "probe"
-                probe_seq = (1 << 62) | rng.getrandbits(40)
+                probe_seq = self._next_seq()  # see _run_on_session
                 probe = Message(type=pb.CACHE, body=_PROBE_BODY, session_id=self.ctx.sid, sequence=probe_seq,
                                 node_id=self.node)
                 stream.send([f.SerializeToString() for f in encode_frames_of(probe, None, 1 << 20)])

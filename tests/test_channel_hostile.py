@@ -3,6 +3,7 @@ same server then serves well-formed requests (and keeps the sessions it had)."""
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.channel import ChannelClient, ChannelConfig, client_tls
 from lightning_split.channel.handshake import build_hello
 from lightning_split.wire import CompressionConfig, Message, WireLimits, message_to_frames
-from tests.channel_util import EchoHandler, RawStream, open_raw, secure_channel
+from tests.channel_util import EchoHandler, RawStream, open_raw, secure_channel, wait_for
 
 CHUNK = 64 * 1024
 LIMITS = WireLimits(max_fragments=16, max_payload_bytes=1 << 20)
@@ -207,3 +208,38 @@ def test_server_survives_many_bad_streams(server, pki) -> None:
         raw.close()
     assert_still_serves(server, pki)
     assert len(server.sessions) == 6  # one per bad stream: sessions outlive their streams
+
+
+@pytest.mark.parametrize("then", ["partial_message", "answered_request", "more_fragments", "long_reply"])
+def test_half_closed_bond_that_never_joins_ends_at_once(start_server, pki, then: str) -> None:
+    """A client granted a bond of two connections sends on its first one only, then half-closes:
+    the next fragment is due on connection 1, which never joins. The stream ends at once, or
+    after bond.JOIN_GRACE_S when more fragments (or a reply) wait for that join, with UNAVAILABLE;
+    not after the join timeout (here 30 s, the default handshake timeout), and it does not keep a
+    worker (fuzz cases 60906 and 5156: they hung until that timeout)."""
+    server = start_server(EchoHandler(), config=SERVER_CFG.replace(handshake_timeout_s=30.0, max_connections=4))
+    raw = open_raw(server.port, pki, "alice")
+    # long_reply: replies in 4 KiB fragments, so an echo's fragment 1 is due on connection 1
+    chunk = 4096 if then == "long_reply" else CHUNK
+    welcome = raw.handshake("alice", ChannelConfig(chunk_size=chunk, connections=2))
+    assert welcome["connections"] == 2
+    sid = welcome["session_id"]
+    frames = valid_frames(sid, torch.zeros(40_000), chunk=40_000)  # four fragments
+    if then == "partial_message":
+        raw.send(frames[0])  # fragment 0 of the bonded stream; the message is unfinished
+    elif then == "more_fragments":  # fragment 1 belongs on connection 1; it came on connection 0
+        raw.send(frames[0], frames[1])
+    elif then == "long_reply":  # one 40 kB fragment in, ten 4 KiB fragments out
+        raw.send(*valid_frames(sid, torch.zeros(10_000), chunk=CHUNK))
+    else:
+        raw.send_message(Message(type=pb.FORWARD, body="hi", session_id=sid, node_id="alice", sequence=2))
+        assert raw.reply().body == "hi"  # answered on connection 0: fragment 0 each way
+    t0 = time.monotonic()
+    code, details = raw.finish(timeout=20)
+    took = time.monotonic() - t0
+    raw.close()
+    assert code == S.UNAVAILABLE and "never joined" in details, (code, details)
+    assert took < 5.0, f"the stream ended {took:.1f} s after the half-close"
+    assert wait_for(lambda: not server.streams.counts())  # its worker is free
+    assert sid in server.sessions  # the session outlives the stream
+    assert_still_serves(server, pki)

@@ -133,23 +133,87 @@ def outbox_frames(outbox: queue.SimpleQueue, alive: Any = None) -> Iterator[byte
             frames.on_sent()  # the message's last fragment is gRPC's now (server.py's reply window)
 
 
+_PENDING = object()  # a read-ahead still waiting for its connection's next fragment
+# How long a join may lag behind a fragment that needs it. A client sends nothing bonded before
+# every join is answered, and the server attaches a joined connection before answering it, so a
+# fragment (or a reply) due on a connection that has not joined means that join is not coming;
+# the grace only absorbs a join answered but not yet attached on the server's side.
+JOIN_GRACE_S = 2.0
+
+
 class RoundRobinReader(_Ring):
-    """Reads K connections' incoming fragments in round-robin order: the logical stream."""
+    """Reads K connections' incoming fragments in round-robin order: the logical stream.
+
+    While it waits for a connection to join, it reads one fragment ahead on each connection that
+    is already there (a thread each, only then). If one of those ends meanwhile (the peer
+    half-closed or cancelled it), the logical stream can never go on, and the wait ends at once;
+    if one delivers a fragment, the join should have come before it, and the wait ends after
+    ``JOIN_GRACE_S``. Either way with TimeoutError, as when the join timeout passes, instead of
+    holding the stream and its thread for the whole join timeout.
+    """
 
     def __init__(self, first: Iterator[bytes], join_timeout_s: float) -> None:
         super().__init__(first)
         self.join_timeout_s = join_timeout_s
+        # slot -> _PENDING, or what its read-ahead got and when: (fragment, None, t) or (None, the
+        # exception, t): StopIteration when the connection ended, an RpcError when it broke.
+        self._ahead: dict[int, Any] = {}
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
             index = self.next
-            source = self._slot(index, self.join_timeout_s)
+            source = self._joined(index)
             try:
-                raw = next(source)
+                raw = self._take(index, source)
             except StopIteration:
                 return
             self._advance(index)
             yield raw
+
+    def _joined(self, index: int) -> Any:
+        """Slot ``index``'s connection, waiting up to the join timeout for it to join, or until
+        one of the connections already there ends."""
+        deadline, why = time.monotonic() + self.join_timeout_s, ""
+        with self._ready:
+            while self.slots[index] is None:
+                for j, source in enumerate(self.slots):
+                    if source is not None and j not in self._ahead:
+                        self._ahead[j] = _PENDING
+                        threading.Thread(target=self._read_ahead, args=(j, source), daemon=True,
+                                         name="split-bond-read-ahead").start()
+                for j, got in self._ahead.items():
+                    if got is _PENDING:
+                        continue
+                    if got[1] is not None:
+                        raise TimeoutError(f"bonded connection {index} never joined: connection {j} "
+                                           "ended first") from None
+                    if got[2] + JOIN_GRACE_S < deadline:
+                        deadline, why = got[2] + JOIN_GRACE_S, f" (fragments wait on connection {j})"
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"bonded connection {index} never joined{why}")
+                self._ready.wait(remaining)
+            return self.slots[index]
+
+    def _read_ahead(self, index: int, source: Iterator[bytes]) -> None:
+        try:
+            got: tuple[Any, BaseException | None, float] = (next(source), None, time.monotonic())
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises or ends
+            got = (None, e, time.monotonic())
+        with self._ready:
+            self._ahead[index] = got
+            self._ready.notify_all()
+
+    def _take(self, index: int, source: Iterator[bytes]) -> bytes:
+        """Slot ``index``'s next fragment: the one read ahead if there is one, else the next one."""
+        with self._ready:
+            if index in self._ahead:
+                self._ready.wait_for(lambda: self._ahead[index] is not _PENDING)
+                raw, error, _ = self._ahead.pop(index)
+                if error is not None:
+                    raise error
+                return raw
+        return next(source)
 
 
 class Bond:
@@ -199,6 +263,16 @@ class BondTable:
             if len(bond.joined) == bond.count - 1:  # complete: no more joins
                 del self._bonds[bond.token]
             return bond
+
+    def forget(self, token: str) -> None:
+        """The bond's stream ended: no connection may join it any more (and it no longer holds
+        the stream's call and outbox until the next open or join finds it stale)."""
+        with self._lock:
+            self._bonds.pop(token, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._bonds)
 
     def _forget_stale(self) -> None:
         now = time.monotonic()

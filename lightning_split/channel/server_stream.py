@@ -34,7 +34,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
-from .bond import ABORT, CLOSE, Bond, FrameDealer, RoundRobinReader, send_whole
+from .bond import ABORT, CLOSE, JOIN_GRACE_S, Bond, FrameDealer, RoundRobinReader, send_whole
 from .framing import EncodedFrames, encode_frames, split_frame
 from .identity import peer_from_auth_context
 from .replies import ReplyRecord
@@ -90,6 +90,7 @@ class ServerStream:
         self.reader = RoundRobinReader(requests, server.config.handshake_timeout_s)
         self.dealer = FrameDealer(self.outbox)
         self.bond: Bond | None = None  # opened by our handshake, activated once the welcome is dealt
+        self.bond_token = ""  # its token: the bond is forgotten when this stream ends (release)
         self.joined = False  # this connection was handed to another stream's bond
         self.identity: str | None = None if server.insecure else self._certificate_identity()
         self.session: Session | None = None
@@ -165,6 +166,8 @@ class ServerStream:
     def release(self) -> None:
         """The call is over: forget it, and give back what it held at once (not at the next GC)."""
         self.srv.streams.leave(self)
+        if self.bond_token:  # a bond still waiting for joins holds this call's iterator and outbox
+            self.srv.bonds.forget(self.bond_token)
         self.srv.budget.account(self.identity or "").release(self.payload_key)
         self.reassembler.close()
         if self.session is not None:  # the session's grace period starts if no other stream carries it
@@ -222,7 +225,9 @@ class ServerStream:
             self._refuse(grpc.StatusCode.DEADLINE_EXCEEDED,
                          f"the client read no reply for {self.cfg.stream_stall_timeout_s:.0f} s")
         reply.on_sent = self.window.on_sent()
-        self.dealer.put(reply, timeout=self.cfg.handshake_timeout_s)
+        # A reply due on a bonded connection that has not joined: the client sent its request
+        # before its joins were answered (or the join is being attached right now); see bond.py.
+        self.dealer.put(reply, timeout=min(self.cfg.handshake_timeout_s, JOIN_GRACE_S))
         if self.bond is not None:
             self.bond.activate()  # the welcome went out alone: bonded counting starts
             self.bond = None
@@ -299,10 +304,12 @@ class ServerStream:
             self._refuse(grpc.StatusCode.PERMISSION_DENIED, f"bad join: {e}")
         self.handshake_done.set()
         index = int(msg.body["index"])
+        # Read from before the answer: the client sends bonded fragments once all its joins are
+        # answered, and the bond's reader gives a join that lags behind them only JOIN_GRACE_S.
+        bond.reader.attach(index, self.requests)
         send_whole(self.outbox, encode_frames(self._reply(msg, {"joined": index}), _NO_COMPRESSION,
                                               self.cfg.chunk_size, True))
         bond.dealer.attach(index, self.outbox)
-        bond.reader.attach(index, self.requests)
         self.joined = True
 
     def _owner(self) -> str:
@@ -408,5 +415,6 @@ class ServerStream:
         body = handshake.welcome(session.id, agreed, self.cfg, extras, resumed)
         if agreed["connections"] > 1:
             self.bond = self.srv.bonds.open(self._owner(), agreed["connections"], self.reader, self.dealer)
+            self.bond_token = self.bond.token
             body.update(connections=agreed["connections"], bond_token=self.bond.token)
         return self._reply(msg, body)
