@@ -6,8 +6,10 @@ so fragments of different messages never interleave. A reader thread reassembles
 resolves the waiting futures by sequence number; several requests may be in flight at once
 (``submit``), and the server answers them in order.
 
-If the stream breaks, every pending future fails with RemoteError and the next request opens a
-new stream that names the same session in its header: the server resumes it (state intact).
+If the connection breaks (UNAVAILABLE: a cut link, a reset, a server restarting, or silence found
+by the liveness check), the client reconnects with backoff for ``reconnect_deadline_s``, resumes
+its session with a new handshake and sends the requests in flight again with their sequence
+numbers: the server answers those it already ran from its record (replies.py), so each runs once.
 Every request has a deadline; a missed deadline fails that request with DEADLINE_EXCEEDED and
 cancels the stream (the server answers in order, so later replies would be stuck behind it).
 """
@@ -22,124 +24,26 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 
 from . import handshake
-from .bond import FrameDealer, RoundRobinReader, outbox_frames, send_whole
+from .bond import outbox_frames, send_whole
 from .certs import TLSFiles, validate_node_id
+from .client_stream import ClientStream, PendingRequest, RemoteError, fail_all, status_from_int
 from .config import ChannelConfig
 from .framing import encode_frames, identity, passthrough, split_frame
+from .resume import Resuming
 from .server import EXCHANGE_METHOD, is_loopback_address
 from .stats import TransportStats
 
 log = logging.getLogger(__name__)
 
-_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
-# How long the connections of a failed bonded stream are given to receive the server's status.
-BOND_STATUS_GRACE_S = 0.5
-
-
-def status_from_int(value: int) -> grpc.StatusCode:
-    return _STATUS_BY_VALUE.get(int(value), grpc.StatusCode.UNKNOWN)
-
-
-class RemoteError(Exception):
-    """A request failed on the server (an ERROR reply) or on the way (a broken stream)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(eq=False)
-class _Pending:
-    future: Future
-    stream: _Stream
-    sent_at: float
-    deadline: float
-    # The request, to send again on a new stream after a reconnect (None: not to be re-sent, like
-    # the hello of the stream that broke).
-    request: Message | None = None
-
-
-class _Stream:
-    """One logical Exchange stream: its call(s), the frame dealer and reader, its reader thread.
-
-    Usually one call; bonded over several connections (bond.py) after a handshake that grants it.
-    """
-
-    def __init__(self, join_timeout_s: float) -> None:
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # the first connection's
-        self.dealer = FrameDealer(self.outbox)
-        self.calls: list[Any] = []
-        self.rr: RoundRobinReader | None = None
-        self.join_timeout_s = join_timeout_s
-        self.reader: threading.Thread | None = None
-        self.dead = threading.Event()
-        self.error: RemoteError | None = None  # set (under the client's pending lock) once it failed
-        # Liveness: when a reply last arrived, the health check in flight, and why we gave up on it.
-        self.last_rx = time.monotonic()
-        self.probe: Any = None
-        self.stalled: RemoteError | None = None
-
-    def start(self, call: Any) -> None:
-        self.rr = RoundRobinReader(call, self.join_timeout_s)
-        self.add(call)
-
-    def add(self, call: Any) -> None:
-        self.calls.append(call)
-        # A message may have fragments on any connection: one that ends ends the whole stream, at
-        # once, rather than when the reader next gets to it (the reader then fails what is pending).
-        # When the server ended it, the others get a moment to receive their own status first: the
-        # server ends a failed bonded stream with its error on one connection, plainly on the rest.
-        call.add_done_callback(lambda c: self.shutdown(grace_s=self._grace(c)))
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        if self.dead.is_set():
-            return
-        self.dead.set()  # before the reader notices: no new request may pick this stream
-        self.dealer.close()
-        if grace_s:
-            timer = threading.Timer(grace_s, self._cancel_all)
-            timer.daemon = True
-            timer.start()
-        else:
-            self._cancel_all()
-
-    def _grace(self, ended: Any) -> float:
-        if len(self.calls) < 2 or ended.code() == grpc.StatusCode.CANCELLED:  # ours, or a lone one
-            return 0.0
-        return BOND_STATUS_GRACE_S
-
-    def _cancel_all(self) -> None:
-        for call in list(self.calls):
-            call.cancel()
-
-    def failure(self, fallback: RemoteError) -> RemoteError:
-        """Why the stream failed: the status of the connection that carried the server's error.
-
-        On a bonded stream the reader may be on a connection that the server closed plainly, or
-        that our own shutdown cancelled, after another one ended with the real status."""
-        if len(self.calls) > 1:
-            deadline = time.monotonic() + BOND_STATUS_GRACE_S
-            for call in self.calls:
-                while not call.done() and time.monotonic() < deadline:
-                    time.sleep(0.005)
-            for call in self.calls:
-                if call.done() and call.code() not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-                    return RemoteError(call.code(), call.details() or "stream failed")
-        return fallback
-
-
-class ChannelClient:
+class ChannelClient(Resuming):
     """The split client's endpoint. ``connect()`` handshakes; ``request``/``submit`` exchange messages."""
 
     def __init__(self, address: str, node_id: str, tls: TLSFiles | None = None, insecure: bool = False,
@@ -166,11 +70,11 @@ class ChannelClient:
         self._send_crc = True  # until the welcome says what was agreed
         self._seq = itertools.count(1)
         self._lock = threading.RLock()  # opening streams, numbering and queueing requests
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, PendingRequest] = {}
         self._pending_cv = threading.Condition()
         self._generation = 0  # bumped per queued request: the watchdog's wake-up check
         self._channels: list[grpc.Channel] = []  # one per connection of a bonded stream
-        self._stream: _Stream | None = None
+        self._stream: ClientStream | None = None
         self._closed = False
         self._reconnecting = False  # a broken stream's requests wait for a new one
         self._closing = False  # close() was called: a reconnect in progress gives up
@@ -196,10 +100,10 @@ class ChannelClient:
             options.append(("grpc.ssl_target_name_override", self.server_name_override))
         return grpc.secure_channel(self.address, creds, options=options)
 
-    def _open_stream(self) -> _Stream:
+    def _open_stream(self) -> ClientStream:
         if self._closed:
             raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closed")
-        stream = _Stream(self.config.handshake_timeout_s)
+        stream = ClientStream(self.config.handshake_timeout_s)
         stream.start(self._exchange(0, stream.outbox))
         # Replies may only use what we asked for; the server grants a subset of it.
         reassembler = Reassembler(self.config.limits, checksum=self._verify,
@@ -217,7 +121,7 @@ class ChannelClient:
                                                       response_deserializer=identity)
         return exchange(outbox_frames(outbox))
 
-    def _bond(self, stream: _Stream, welcome: dict[str, Any]) -> None:
+    def _bond(self, stream: ClientStream, welcome: dict[str, Any]) -> None:
         """Join connections 1..K-1 to the stream, as the welcome granted (bond.py)."""
         count = int(welcome.get("connections", 1))
         if count <= 1:
@@ -249,7 +153,7 @@ class ChannelClient:
             stream.dealer.attach(index, outbox)
             stream.rr.attach(index, call)
 
-    def _live_stream(self) -> _Stream:
+    def _live_stream(self) -> ClientStream:
         stream = self._stream
         if stream is None or stream.dead.is_set():
             # A handshake (resuming our session if we have one) agrees the compression and bond again.
@@ -295,7 +199,7 @@ class ChannelClient:
         return body
 
     # -- requests ------------------------------------------------------------------------------
-    def _enqueue(self, stream: _Stream, type_: int, body: Any, step: int, timeout: float | None,
+    def _enqueue(self, stream: ClientStream, type_: int, body: Any, step: int, timeout: float | None,
                  compression: CompressionConfig, chunk_size: int) -> Future:
         seq = next(self._seq)
         msg = Message(type=type_, body=body, session_id=self.session_id, step=step, sequence=seq,
@@ -315,7 +219,7 @@ class ChannelClient:
                 fut.set_exception(RemoteError(stream.error.code, stream.error.message))
                 return fut
             # Died, to be resumed: a reconnect sends it (it waits for the lock we hold).
-            self._pending[seq] = _Pending(fut, stream, now, now + limit, resend)
+            self._pending[seq] = PendingRequest(fut, stream, now, now + limit, resend)
             self._generation += 1
             self._pending_cv.notify()
             if died:
@@ -365,7 +269,7 @@ class ChannelClient:
             raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply in time") from None
 
     # -- replies ---------------------------------------------------------------------------------
-    def _read(self, stream: _Stream, reassembler: Reassembler) -> None:
+    def _read(self, stream: ClientStream, reassembler: Reassembler) -> None:
         err: RemoteError
         assert stream.rr is not None
         try:
@@ -396,140 +300,7 @@ class ChannelClient:
             doomed = self._take_pending(lambda p: p.stream is stream and (not keep or p.request is None))
             if keep and any(p.stream is stream for p in self._pending.values()):
                 self._start_reconnect(err)
-        _fail(doomed, err)
-
-    # -- liveness -------------------------------------------------------------------------------------
-    def _check_liveness(self, now: float) -> None:
-        """Waiting for a reply and nothing heard for ``keepalive_time_s``: ask the server's health
-        service, on the same connection, to answer within ``keepalive_timeout_s``. A server that
-        is merely busy answers (another thread); a stalled link or a frozen server does not, and
-        the stream is then handled as broken (reconnected, its requests sent again). HTTP/2
-        keepalive pings alone do not find these while the client has data in flight."""
-        stream, interval = self._stream, self.config.keepalive_time_s
-        if stream is None or stream.dead.is_set() or stream.probe is not None or not self._channels:
-            return
-        with self._pending_cv:
-            waiting = any(p.stream is stream for p in self._pending.values())
-        if not waiting or now - stream.last_rx < interval:
-            return
-        check = health_pb2_grpc.HealthStub(self._channels[0]).Check
-        stream.probe = check.future(health_pb2.HealthCheckRequest(), timeout=self.config.keepalive_timeout_s)
-        stream.probe.add_done_callback(lambda f: self._probed(stream, f))
-
-    def _probed(self, stream: _Stream, probe: Any) -> None:
-        code = probe.code()
-        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) and not stream.dead.is_set():
-            stream.stalled = RemoteError(
-                grpc.StatusCode.UNAVAILABLE, f"the server did not answer for {time.monotonic() - stream.last_rx:.1f} s "
-                f"(a stalled link or a frozen server)")
-            log.warning("%s: %s", self.address, stream.stalled.message)
-            stream.shutdown()
-        else:  # alive (or a server without the health service): look again after another interval
-            stream.last_rx = time.monotonic()
-        stream.probe = None
-
-    # -- reconnecting -----------------------------------------------------------------------------
-    def _may_resume(self, err: RemoteError) -> bool:
-        """A broken connection (not a stream we ended ourselves, nor a server that refused us) is
-        reconnected, if we have a session to resume."""
-        return (err.code == grpc.StatusCode.UNAVAILABLE and bool(self.session_id) and not self._closed
-                and self.config.reconnect_deadline_s > 0)
-
-    def _start_reconnect(self, cause: RemoteError) -> None:
-        """Requests wait on a broken stream: reconnect, unless a reconnect is under way (it looks
-        for them again before it ends). Under _pending_cv."""
-        if not self._reconnecting:
-            self._reconnecting = True
-            threading.Thread(target=self._reconnect, args=(cause,), name=f"split-reconnect-{self.node_id}",
-                             daemon=True).start()
-
-    def _orphans(self) -> list[tuple[int, _Pending]]:
-        """Requests of broken streams that wait to be sent again, oldest first (under _pending_cv)."""
-        return sorted((seq, p) for seq, p in self._pending.items()
-                      if p.stream.dead.is_set() and p.request is not None)
-
-    def _reconnect(self, cause: RemoteError) -> None:
-        """The reconnect thread: new requests wait for the stream it makes."""
-        with self._lock:
-            with contextlib.suppress(RemoteError):  # _give_up failed what waited, with the reason
-                self._connect_retrying(cause)
-
-    def _connect_retrying(self, cause: RemoteError) -> None:
-        """Reconnect with bounded exponential backoff, resume the session, send again what was in
-        flight (with its sequence numbers: the server runs each request once, replies.py).
-        Under self._lock. Raises the last error if it gives up, after failing what waited."""
-        if not self.config.reconnect_deadline_s > 0:
-            self.connect()
-            return
-        started = time.monotonic()
-        deadline, delay = started + self.config.reconnect_deadline_s, 0.05
-        log.warning("connection to %s lost (%s); reconnecting for up to %.0f s", self.address, cause.message,
-                    self.config.reconnect_deadline_s)
-        while True:
-            try:
-                if self._closed or self._closing:
-                    raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closing")
-                if self._stream is None or self._stream.dead.is_set():
-                    self.connect()  # resends what is in flight
-                else:
-                    self._resend(self._stream)  # someone else reconnected first
-            except RemoteError as e:
-                gone = e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                if gone or time.monotonic() + delay > deadline:
-                    raise self._give_up(cause, e, time.monotonic() - started) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            with self._pending_cv:
-                if not self._orphans():  # a stream that broke meanwhile left none behind
-                    self._reconnecting = False
-                    self._pending_cv.notify_all()
-                    break
-        log.warning("reconnected to %s after %.2f s: session %s resumed", self.address, time.monotonic() - started,
-                    self.session_id[:8])
-
-    def _resend(self, stream: _Stream) -> None:
-        """Send the unanswered requests of broken streams on ``stream``, oldest first, with their
-        own sequence numbers: the server answers those it ran already from its record."""
-        with self._pending_cv:
-            todo = self._orphans()
-            for _, p in todo:
-                p.stream = stream
-        for seq, p in todo:
-            assert p.request is not None
-            p.request.acked = self._acked(seq)
-            stream.dealer.put(encode_frames(p.request, self._c2s, self._chunk_size, self._send_crc))
-        if todo:
-            self.stats.resent += len(todo)
-            log.warning("session %s resumed: %d requests in flight sent again", self.session_id[:8], len(todo))
-
-    def _lost_in_restart(self, welcome: dict[str, Any]) -> None:
-        """The server came back from its saved state: requests it had not answered are not run
-        again (what they built on, activations and partial gradients, died with the process)."""
-        with self._pending_cv:
-            lost = [p for _, p in self._orphans()]
-            for seq in [seq for seq, p in self._pending.items() if p in lost]:
-                del self._pending[seq]
-        if lost:
-            log.warning("the server restarted and resumed session %s at step %s; %d requests in flight were "
-                        "lost", self.session_id[:8], welcome.get("last_step"), len(lost))
-        _fail(lost, RemoteError(grpc.StatusCode.ABORTED, f"the server restarted and resumed session "
-                                f"{self.session_id[:8]} at step {welcome.get('last_step')}: this request was "
-                                "in flight and is lost"))
-
-    def _give_up(self, cause: RemoteError, last: RemoteError, spent_s: float) -> RemoteError:
-        code = grpc.StatusCode.UNAVAILABLE if last.code == grpc.StatusCode.DEADLINE_EXCEEDED else last.code
-        err = RemoteError(code, f"lost the connection to {self.address} ({cause.message}) and could not resume "
-                                f"session {self.session_id[:8]} in {spent_s:.1f} s: {last.message}")
-        log.warning("%s", err.message)
-        with self._pending_cv:
-            self._reconnecting = False
-            self._pending_cv.notify_all()
-            lost = [p for _, p in self._orphans()]
-            for seq in [seq for seq, p in self._pending.items() if p in lost]:
-                del self._pending[seq]
-        _fail(lost, err)
-        return err
+        fail_all(doomed, err)
 
     def _resolve(self, msg: Message) -> None:
         with self._pending_cv:
@@ -542,7 +313,7 @@ class ChannelClient:
         else:
             pending.future.set_result(msg)
 
-    def _take_pending(self, which: Any) -> list[_Pending]:
+    def _take_pending(self, which: Any) -> list[PendingRequest]:
         with self._pending_cv:
             seqs = [s for s, p in self._pending.items() if which(p)]
             return [self._pending.pop(s) for s in seqs]
@@ -553,7 +324,7 @@ class ChannelClient:
         with self._pending_cv:
             rest = [p.deadline for p in self._pending.values()]
         if expired:
-            _fail(expired, RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline exceeded"))
+            fail_all(expired, RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline exceeded"))
             # Replies come in order: everything behind the late one is stuck, so start over.
             for stream in {p.stream for p in expired}:
                 stream.shutdown()
@@ -599,12 +370,6 @@ class ChannelClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-
-def _fail(pending: list[_Pending], err: RemoteError) -> None:
-    for p in pending:
-        if not p.future.done():
-            p.future.set_exception(RemoteError(err.code, err.message))
 
 
 def _watch_deadlines(ref: weakref.ref[ChannelClient], cv: threading.Condition) -> None:

@@ -105,13 +105,18 @@ class ServerStream:
         self.window = ReplyWindow(REPLY_WINDOW)
         self.payload_key = ("stream", id(self))  # a message in flight, in the node's memory account
 
+    @property
+    def account(self) -> Any:
+        """The node's share of the memory budget (in plaintext the node is known after a frame)."""
+        return self.srv.budget.account(self.identity or "")
+
     def _reassembler(self, allowed: CompressionConfig) -> Reassembler:
         # Every message's payload is charged to the node's memory budget before it is allocated.
         return Reassembler(self.cfg.limits, checksum=self.verify, compression_allowed=allowed,
                            pin_memory=self.cfg.wants_pinned(), charge=self._charge_payload)
 
     def _charge_payload(self, nbytes: int) -> None:
-        account = self.srv.budget.account(self.identity or "")
+        account = self.account
         try:
             account.set(self.payload_key, nbytes, "a message in flight")
         except HandlerError as e:
@@ -168,7 +173,7 @@ class ServerStream:
         self.srv.streams.leave(self)
         if self.bond_token:  # a bond still waiting for joins holds this call's iterator and outbox
             self.srv.bonds.forget(self.bond_token)
-        self.srv.budget.account(self.identity or "").release(self.payload_key)
+        self.account.release(self.payload_key)
         self.reassembler.close()
         if self.session is not None:  # the session's grace period starts if no other stream carries it
             self.srv.sessions.detach(self.session)
@@ -204,7 +209,7 @@ class ServerStream:
                                        f"the stream's connection failed{detail}" if failed
                                        else "internal server error")
         finally:
-            self.srv.budget.account(self.identity or "").release(self.payload_key)
+            self.account.release(self.payload_key)
             self.reassembler.close()
             if not self.joined:  # a joined connection is ended by the stream whose bond it is in
                 self.dealer.close(end)
@@ -212,7 +217,7 @@ class ServerStream:
     def _settle_payload(self) -> None:
         """A message is handled: what stays charged is the buffer kept for the next one (if the
         budget has room for it; else the buffer goes)."""
-        account = self.srv.budget.account(self.identity or "")
+        account = self.account
         try:
             account.set(self.payload_key, self.reassembler.pooled_bytes(), "a buffer kept for reuse")
         except HandlerError:
