@@ -17,7 +17,6 @@ Mixed into ``client.ChannelClient``, whose state it works on: its streams, its p
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -106,8 +105,13 @@ class Resuming:
     def _reconnect(self, cause: RemoteError) -> None:
         """The reconnect thread: new requests wait for the stream it makes."""
         with self._lock:
-            with contextlib.suppress(RemoteError):  # _give_up failed what waited, with the reason
+            try:
                 self._connect_retrying(cause)
+            except RemoteError:
+                pass  # _give_up failed what waited, with the reason
+            except Exception as e:  # a bug of ours must not leave requests (and submit) waiting
+                log.exception("reconnect failed")
+                self._give_up(cause, RemoteError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"), 0.0)
 
     def _connect_retrying(self, cause: RemoteError) -> None:
         """Reconnect with bounded exponential backoff, resume the session, send again what was in
