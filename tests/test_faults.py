@@ -311,3 +311,75 @@ def test_a_session_the_server_lost_mid_fit_names_the_checkpoint_to_resume_from(s
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     for (n, p), (_, q) in zip(got.named_parameters(), expected.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"server {n}")
+
+
+def test_eight_clients_training_through_cut_links_each_equal_their_solo_runs(split_server) -> None:
+    """Eight clients of four nodes (two sessions each) train at once on one server, each through its own link cut in
+    every step; each ends with the weights (its own and its session's on the server) of the same
+    training run done alone without faults."""
+    from lightning_split.split.connect import open_split
+    from lightning_split.split.spec import SplitSpec
+    from lightning_split.wire import MessageType
+    from tests.split_cases import GPT2
+
+    spec = SplitSpec(cut=1, shape="two_part")
+    address, tls_for = split_server(GPT2, spec)
+    port = int(address.rsplit(":", 1)[1])
+    tail = {"mode": "trainable", "optimizer": {"name": "Adam", "lr": 3e-3}}
+    steps = 4
+
+    def train(k: int, proxy: FaultProxy | None) -> tuple[dict, dict]:
+        node = ["alice", "bob", "client", "mallory"][k % 4]
+        target = f"127.0.0.1:{proxy.port}" if proxy is not None else address
+        split = open_split(target, node, tls_for(node), source=GPT2, spec=spec, tail=tail,
+                           config=ChannelConfig(connections=1))
+        try:
+            model = split.model.train()
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            g = torch.Generator().manual_seed(100 + k)
+            for i in range(steps):
+                if proxy is not None:
+                    proxy.cut_after(int(torch.randint(1, 20_000, (1,), generator=g)))
+                ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(k * 1000 + i))
+                split.runner.step = i
+                loss = model(input_ids=ids, labels=ids).loss
+                split.runner.pending_step = {"step": i}  # the server's step rides on the backward
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if split.runner.pending_step is not None:
+                    split.runner.pending_step = None
+                    split.client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
+            split.runner.confirm()
+            server = {n: p.detach().clone() for n, p in split_server.segment(split).module.named_parameters()}
+            return {n: p.detach().clone() for n, p in model.named_parameters()}, server
+        finally:
+            split.close()
+
+    solo = [train(k, None) for k in range(8)]
+    proxies = [FaultProxy(port) for _ in range(8)]
+    results: list[Any] = [None] * 8
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = train(k, proxies[k])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+    assert not errors, errors[0]
+    assert sum(p.cuts for p in proxies) >= 8 * (steps - 1)
+    for k in range(8):
+        for side in (0, 1):
+            for name, value in solo[k][side].items():
+                torch.testing.assert_close(results[k][side][name], value, rtol=1e-5, atol=1e-6,
+                                           msg=f"client {k} {'server' if side else 'client'} {name}")
