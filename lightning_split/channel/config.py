@@ -197,10 +197,11 @@ class ChannelConfig:
         # A long-lived stream must not be multiplexed with other channels' streams by accident:
         # a local subchannel pool keeps each ChannelClient on its own TCP/TLS connection.
         # After a dropped connection gRPC waits before it dials again (1 s, doubling to 2 min by
-        # default): a reconnecting client would spend its deadline waiting on that.
+        # default): a reconnecting client would spend its deadline waiting on that. (Not
+        # min_reconnect_backoff_ms: gRPC also takes it as the time a connection attempt, TCP and
+        # TLS, may take; 100 ms of it failed handshakes on a loaded host.)
         return [*self._common_options(), ("grpc.use_local_subchannel_pool", 1),
-                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000)]
+                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)]
 
     def server_options(self) -> list[tuple[str, Any]]:
         return [
