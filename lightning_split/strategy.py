@@ -235,11 +235,12 @@ class SplitStrategy(SingleDeviceStrategy):
             return
         self._restart_seen = welcome
         server_step, client_step = welcome.get("last_step"), self._committed_step
-        if server_step != client_step:
+        frozen = self.tail.get("mode", "frozen") == "frozen"  # the server trains nothing: no step to match
+        if not frozen and server_step != client_step:
             raise self._session_lost(RemoteError(grpc.StatusCode.ABORTED, (
                 f"the server restarted from its state at step {server_step}, this client is at step {client_step}")))
         log.warning("the server restarted and resumed session %s at step %s, where this client is: training "
-                    "goes on", self.split.client.session_id[:8], server_step)
+                    "goes on", self.split.client.session_id[:8], client_step)
 
     @contextlib.contextmanager
     def _session_kept(self) -> Any:

@@ -85,21 +85,27 @@ class RestartServerAt(Callback):
             self.server.start()
 
 
-@pytest.mark.parametrize(("sig", "persist_s"), [(signal.SIGKILL, 0.0), (signal.SIGTERM, 3600.0)],
-                         ids=["sigkill-persist-every-step", "sigterm-persist-on-stop"])
-def test_a_server_restart_between_steps_resumes_the_session_exactly(pki, tmp_path, sig, persist_s) -> None:
+@pytest.mark.parametrize(("sig", "persist_s", "tail"),
+                         [(signal.SIGKILL, 0.0, "trainable"), (signal.SIGTERM, 3600.0, "trainable"),
+                          (signal.SIGKILL, 3600.0, "frozen")],
+                         ids=["sigkill-persist-every-step", "sigterm-persist-on-stop", "sigkill-frozen-tail"])
+def test_a_server_restart_between_steps_resumes_the_session_exactly(pki, tmp_path, sig, persist_s, tail) -> None:
+    """A frozen tail's session is kept when it opens (it has nothing else): the kill finds it on disk."""
     source, spec, make_module, batches = CASES["gpt2_two_part"]
     steps = 6
     local = make_module()
     local.model = build_model(source)
     local.model.lm_head.weight = torch.nn.Parameter(local.model.lm_head.weight.detach().clone())  # untied
+    if tail == "frozen":  # the server's part does not train
+        for module in (*local.model.transformer.h[spec.cut:], local.model.transformer.ln_f, local.model.lm_head):
+            module.requires_grad_(False)
     trainer, _ = _trainer(steps=steps, accumulate_grad_batches=1)
     trainer.fit(local, batches())
 
     server = Server(pki, tmp_path / "state", persist_s)
     server.start()
     try:
-        strategy = _strategy(f"127.0.0.1:{server.port}", client_tls(pki, "alice"), tail="trainable",
+        strategy = _strategy(f"127.0.0.1:{server.port}", client_tls(pki, "alice"), tail=tail,
                              channel=ChannelConfig(connections=1))
         split = make_module()
         trainer, _ = _trainer(strategy, steps=steps, accumulate_grad_batches=1,
@@ -111,10 +117,11 @@ def test_a_server_restart_between_steps_resumes_the_session_exactly(pki, tmp_pat
     finally:
         server.end(signal.SIGKILL)
     saved = StateStore(tmp_path / "state").load("alice", "final")
-    assert saved["last_step"] == steps - 1
+    assert saved["last_step"] == (steps - 1 if tail == "trainable" else -1)
     for name, p in split.named_parameters():
         torch.testing.assert_close(p, dict(local.named_parameters())[name], rtol=1e-5, atol=1e-6, msg=name)
-    for i, block in enumerate(local.model.transformer.h[spec.cut:]):
+    assert bool(saved["params"]) == (tail == "trainable")  # a frozen tail keeps no weights of its own
+    for i, block in enumerate(local.model.transformer.h[spec.cut:] if tail == "trainable" else []):
         for name, q in block.named_parameters():
             torch.testing.assert_close(saved["params"][f"blocks.{i}.{name}"], q, rtol=1e-5, atol=1e-6, msg=name)
 

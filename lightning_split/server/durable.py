@@ -5,8 +5,10 @@ tail's weights, its optimizer state, its step number) with the session's identit
 certificate fingerprint, tail options) under the tag ``live-<session id>`` of the state store:
 after an applied optimizer step once ``persist_sessions_s`` has passed since the last write (0:
 after every step, before the step's reply leaves), and when the server stops (SIGTERM: the
-streams drain first). Every write is atomic (state_store.py). A restarted server with the same
-state folder re-creates these sessions, bound to the same certificates; a client that reconnects
+streams drain first). A session with a frozen tail has no state of its own: it is written once,
+when it opens, so that its client too finds it after a restart. Every write is atomic
+(state_store.py). A restarted server with the same state folder re-creates these sessions, bound
+to the same certificates; a client that reconnects
 resumes its session and learns the step the server resumed at (``restored``, ``last_step`` in the
 welcome). A session that ends normally (CLOSE, expiry) has its record deleted.
 
@@ -42,8 +44,7 @@ class DurableSessions:
             self.save(session, segment)
 
     def save(self, session: Any, segment: Any) -> None:
-        if not segment.trainable:  # a frozen tail has nothing of its own to keep
-            return
+        """Write the session (a frozen one is only its identity: a few hundred bytes)."""
         state = segment.state_dict()
         state["session"] = {"id": session.id, "node_id": session.node_id, "fingerprint": session.fingerprint,
                             "tail": session.hello.get("tail"), "client_fingerprint": session.hello.get("fingerprint"),

@@ -147,6 +147,9 @@ class SplitService:
         except HOSTILE_VALUE_ERRORS as e:  # tail options of the wrong kind (found by the fuzzer)
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"bad HANDSHAKE: tail options: {type(e).__name__}: {_first_line(e)}") from e
+        segment = session.state["segment"]
+        if self.durable is not None and not segment.trainable:  # its identity is all it has to keep
+            self._durably(lambda: self.durable.save(session, segment), session)
         return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint}
 
     def resume_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
