@@ -76,6 +76,8 @@ def serve(config: dict[str, Any]) -> None:
     import torch
     import transformers
 
+    from lightning_split.channel.server import release_freed_heap
+
     transformers.logging.set_verbosity_error()
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
@@ -85,8 +87,7 @@ def serve(config: dict[str, Any]) -> None:
         import gc
 
         gc.collect()
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_freed_heap()
         # Live Python objects by type: two of these lines, diffed, show what a leak is made of.
         counts = Counter(type(o).__name__ for o in gc.get_objects())
         log.info("OBJECTS %s", json.dumps(dict(counts.most_common(300))))
@@ -186,8 +187,7 @@ def serve(config: dict[str, Any]) -> None:
     def on_usr2(*_: Any) -> None:
         release_memory()
         census()
-        with contextlib.suppress(OSError, AttributeError):  # what the census itself allocated
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_freed_heap()  # what the census itself allocated
 
     signal.signal(signal.SIGUSR2, on_usr2)
     servers.update({kind: fc.make_server(kind, config["pki"], config["state_dir"]) for kind in config["kinds"]})

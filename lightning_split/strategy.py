@@ -270,11 +270,16 @@ class SplitStrategy(SingleDeviceStrategy):
         self._check_restart()
         step = self._session_step()
         self._next_step = step + 1
+        with self._session_kept():
+            output = self._step_both_sides(step, optimizer, closure, model, **kwargs)
+        self._committed_step = step  # sent; a server error in it surfaces at the next request
+        return output
+
+    def _step_both_sides(self, step: int, optimizer: Any, closure: Any, model: Any, **kwargs: Any) -> Any:
+        """The client's optimizer step, and the server's with it (riding on the backward, or asked for)."""
+        assert self.split is not None
         if self.tail.get("mode", "frozen") == "frozen":  # nothing to step on the server
-            with self._session_kept():
-                output = super().optimizer_step(optimizer, closure, model, **kwargs)
-            self._committed_step = step
-            return output
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
         body: dict[str, Any] = {"lr": float(optimizer.param_groups[0]["lr"])}
         runner = self.split.runner
         fused = self._server_may_step_with_backward()
@@ -284,8 +289,7 @@ class SplitStrategy(SingleDeviceStrategy):
             runner.pending_step = dict(body, step=step)
         self._clip_coef = None
         try:
-            with self._session_kept():
-                output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
             unsent, runner.pending_step = runner.pending_step, None
             runner.outstanding.clear()  # a graph not backpropagated by now never will be
@@ -296,9 +300,7 @@ class SplitStrategy(SingleDeviceStrategy):
             # optimization, a closure that skipped its backward): ask for it now.
             if self._clip_coef is not None:
                 body["clip_coef"] = self._clip_coef
-            with self._session_kept():
-                self._request(MessageType.OPTIMIZER_STEP, body, step=step)
-        self._committed_step = step  # sent; a server error in it surfaces at the next request
+            self._request(MessageType.OPTIMIZER_STEP, body, step=step)
         return output
 
     def _session_step(self) -> int:

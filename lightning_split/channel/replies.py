@@ -111,11 +111,6 @@ class ReplyRecord:
             log.warning("reply to request %d (%d bytes) not kept for a replay: over the memory budget",
                         sequence, nbytes)
 
-    def clear(self) -> None:
-        self._kept.clear()
-        self._bytes = 0
-        self._charge()
-
     def _charge(self) -> None:
         if self._account is not None:
             self._account.set(self._key, self._bytes, "replies kept for a reconnect")

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class Resuming:
     """Liveness checks and reconnects of a ChannelClient (see the module's docstring). Uses its
-    ``connect()`` (a handshake that resumes the session) and ``_acked()``."""
+    ``connect()`` (a handshake that resumes the session), ``_acked()`` and ``_take_pending()``."""
 
     _pending: dict[int, PendingRequest]
     _pending_cv: threading.Condition
@@ -97,10 +97,14 @@ class Resuming:
             threading.Thread(target=self._reconnect, args=(cause,), name=f"split-reconnect-{self.node_id}",
                              daemon=True).start()
 
+    @staticmethod
+    def _is_orphan(p: PendingRequest) -> bool:
+        """A request of a broken stream that waits to be sent again."""
+        return p.stream.dead.is_set() and p.request is not None
+
     def _orphans(self) -> list[tuple[int, PendingRequest]]:
-        """Requests of broken streams that wait to be sent again, oldest first (under _pending_cv)."""
-        return sorted((seq, p) for seq, p in self._pending.items()
-                      if p.stream.dead.is_set() and p.request is not None)
+        """The orphans, oldest first (under _pending_cv)."""
+        return sorted((seq, p) for seq, p in self._pending.items() if self._is_orphan(p))
 
     def _reconnect(self, cause: RemoteError) -> None:
         """The reconnect thread: new requests wait for the stream it makes."""
@@ -165,10 +169,7 @@ class Resuming:
     def _lost_in_restart(self, welcome: dict[str, Any]) -> None:
         """The server came back from its saved state: requests it had not answered are not run
         again (what they built on, activations and partial gradients, died with the process)."""
-        with self._pending_cv:
-            lost = [p for _, p in self._orphans()]
-            for seq in [seq for seq, p in self._pending.items() if p in lost]:
-                del self._pending[seq]
+        lost = self._take_pending(self._is_orphan)
         if lost:
             log.warning("the server restarted and resumed session %s at step %s; %d requests in flight were "
                         "lost", self.session_id[:8], welcome.get("last_step"), len(lost))
@@ -184,9 +185,7 @@ class Resuming:
         with self._pending_cv:
             self._reconnecting = False
             self._pending_cv.notify_all()
-            lost = [p for _, p in self._orphans()]
-            for seq in [seq for seq, p in self._pending.items() if p in lost]:
-                del self._pending[seq]
+            lost = self._take_pending(self._is_orphan)
         fail_all(lost, err)
         return err
 

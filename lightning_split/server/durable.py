@@ -59,11 +59,8 @@ class DurableSessions:
 
     def records(self) -> list[tuple[str, str]]:
         """(node id, tag) of every session record in the store."""
-        found = []
-        for meta in sorted(self.store.root.glob(f"*/{LIVE_PREFIX}*.json")):
-            if not meta.name.startswith("."):
-                found.append((meta.parent.name, meta.name[: -len(".json")]))
-        return found
+        # Temporary files start with "." and end otherwise: the pattern matches committed records only.
+        return [(meta.parent.name, meta.stem) for meta in sorted(self.store.root.glob(f"*/{LIVE_PREFIX}*.json"))]
 
     def load(self, node_id: str, tag: str) -> dict[str, Any]:
         return self.store.load(node_id, tag)
