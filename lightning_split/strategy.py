@@ -234,13 +234,16 @@ class SplitStrategy(SingleDeviceStrategy):
         if not welcome.get("restored") or welcome is self._restart_seen:
             return
         self._restart_seen = welcome
-        server_step, client_step = welcome.get("last_step"), self._committed_step
+        # What the client sent again brought the server from the step it kept up to ``replayed_step``
+        # (channel/journal.py): including this client's last completed step is what goes on.
+        kept, client_step = welcome.get("last_step"), self._committed_step
+        replayed = welcome.get("replayed_step", kept)
         frozen = self.tail.get("mode", "frozen") == "frozen"  # the server trains nothing: no step to match
-        if not frozen and server_step != client_step:
+        if not frozen and not kept <= client_step <= replayed:
             raise self._session_lost(RemoteError(grpc.StatusCode.ABORTED, (
-                f"the server restarted from its state at step {server_step}, this client is at step {client_step}")))
-        log.warning("the server restarted and resumed session %s at step %s, where this client is: training "
-                    "goes on", self.split.client.session_id[:8], client_step)
+                f"the server restarted from its state at step {kept}, this client is at step {client_step}")))
+        log.warning("the server restarted and resumed session %s at step %s; it is at this client's step %s "
+                    "again: training goes on", self.split.client.session_id[:8], welcome.get("last_step"), client_step)
 
     @contextlib.contextmanager
     def _session_kept(self) -> Any:
@@ -347,6 +350,7 @@ class SplitStrategy(SingleDeviceStrategy):
         module.log("split/reconnects", float(now.reconnects), prog_bar=True, on_step=True,
                    on_epoch=False)
         module.log("split/resent", float(now.resent), on_step=True, on_epoch=False)
+        module.log("split/replayed", float(now.replayed), on_step=True, on_epoch=False)  # after a server restart
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from .certs import TLSFiles, validate_node_id
 from .client_stream import ClientStream, PendingRequest, RemoteError, fail_all, status_from_int
 from .config import ChannelConfig
 from .framing import encode_frames, identity, passthrough, split_frame
+from .journal import TRAINING, Journal, kind_of
 from .resume import Resuming
 from .server import EXCHANGE_METHOD, is_loopback_address
 from .stats import TransportStats
@@ -72,6 +73,7 @@ class ChannelClient(Resuming):
         self._lock = threading.RLock()  # opening streams, numbering and queueing requests
         self._pending: dict[int, PendingRequest] = {}
         self._pending_cv = threading.Condition()
+        self._journal = Journal(self.config.restart_replay_bytes)  # what a restarted server lacks
         self._generation = 0  # bumped per queued request: the watchdog's wake-up check
         self._channels: list[grpc.Channel] = []  # one per connection of a bonded stream
         self._stream: ClientStream | None = None
@@ -192,8 +194,8 @@ class ChannelClient(Resuming):
                 raise
             if body.get("resumed"):
                 self.stats.reconnects += 1
-            if body.get("restored"):  # the server restarted: what it had not answered is lost
-                self._lost_in_restart(body)
+            if body.get("restored"):  # the server restarted: give it back what it lost
+                self._bring_back(body)
             # Requests a broken stream left unanswered go first, before any new one can.
             self._resend(stream)
         return body
@@ -214,6 +216,8 @@ class ChannelClient(Resuming):
         limit = self.config.request_deadline_s if timeout is None else timeout
         resend = msg if type_ not in (pb.HANDSHAKE, pb.CLOSE) else None
         with self._pending_cv:
+            if resend is not None:  # kept, for a server that restarts (journal.py)
+                self._journal.record(seq, msg, self._oldest_waiting_step())
             died = stream.error is not None  # the stream died while we encoded
             if died and (resend is None or not self._may_resume(stream.error)):
                 fut.set_exception(RemoteError(stream.error.code, stream.error.message))
@@ -228,6 +232,12 @@ class ChannelClient(Resuming):
             self.stats.record_sent(frames.wire_bytes, frames.raw_bytes)
             stream.dealer.put(frames)
         return fut
+
+    def _oldest_waiting_step(self) -> int | None:
+        """The lowest step of the training requests that wait for their reply (under _pending_cv)."""
+        steps = [p.request.step for p in self._pending.values()
+                 if p.request is not None and kind_of(p.request) == TRAINING]
+        return min(steps, default=None)
 
     def _acked(self, seq: int) -> int:
         """Every reply before the oldest one still awaited has arrived (the server may forget them)."""

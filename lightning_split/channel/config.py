@@ -89,6 +89,10 @@ class ChannelConfig:
     # resumes its session and sends the requests in flight again; the server answers those it ran
     # already from its record (replies.py), so each runs exactly once. 0: fail them instead.
     reconnect_deadline_s: float = 30.0
+    # The client keeps the requests of the steps under way and of the sequence being generated,
+    # up to this many tensor bytes, to bring a server that restarted from its saved state back to
+    # where it was (journal.py). 0: keep none (such a restart then fails what was in flight).
+    restart_replay_bytes: int = 1 << 30
     # HTTP/2 tuning; zero keeps gRPC's default. See benchmarks/transport.py for measurements.
     http2_max_frame_bytes: int = 0
     http2_lookahead_bytes: int = 0

@@ -11,8 +11,9 @@ Mixed into ``client.ChannelClient``, whose state it works on: its streams, its p
   ``reconnect_deadline_s``, a handshake that resumes the session, then the unanswered requests
   sent again, oldest first, with their own sequence numbers, before any new one: the server
   answers those it ran already from its record (``replies.py``).
-* A server that restarted from its saved state (``restored`` in the welcome) cannot answer what
-  was in flight: those requests fail with ABORTED.
+* A server that restarted from its saved state (``restored`` in the welcome) lost what it built
+  since: the client sends again what it kept for that (journal.py); what it did not keep fails
+  with ABORTED.
 """
 
 from __future__ import annotations
@@ -20,15 +21,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lightning_split._proto import split_pb2 as pb
+
 from .client_stream import ClientStream, PendingRequest, RemoteError, fail_all
 from .framing import encode_frames
+from .journal import TRAINING, kind_of
 
 log = logging.getLogger(__name__)
+
+READS = (pb.INFER, pb.SPLIT, pb.LOAD)  # uncached INFER: run again, they change nothing
 
 
 class Resuming:
@@ -51,6 +58,7 @@ class Resuming:
     _c2s: Any  # the compression and fragment size the welcome agreed, for requests sent again
     _chunk_size: int
     _send_crc: bool
+    _journal: Any  # journal.Journal
 
     # -- liveness -------------------------------------------------------------------------------------
     def _check_liveness(self, now: float) -> None:
@@ -166,16 +174,36 @@ class Resuming:
             self.stats.resent += len(todo)
             log.warning("session %s resumed: %d requests in flight sent again", self.session_id[:8], len(todo))
 
-    def _lost_in_restart(self, welcome: dict[str, Any]) -> None:
-        """The server came back from its saved state: requests it had not answered are not run
-        again (what they built on, activations and partial gradients, died with the process)."""
-        lost = self._take_pending(self._is_orphan)
-        if lost:
-            log.warning("the server restarted and resumed session %s at step %s; %d requests in flight were "
-                        "lost", self.session_id[:8], welcome.get("last_step"), len(lost))
+    def _bring_back(self, welcome: dict[str, Any]) -> None:
+        """The server came back from its saved state (``restored``): send again, oldest first,
+        what it lacks (journal.py): the training requests since the step it came back at and the
+        generated sequence's, those answered before (their new replies are dropped) with those
+        still waiting. What cannot be brought back fails with ABORTED."""
+        last_step = int(welcome.get("last_step", -1))
+        gone = ClientStream(0.0)  # the answered ones join the orphans, to be sent in order with them
+        gone.shutdown()
+        with self._pending_cv:
+            waiting = {seq: p.request for seq, p in self._pending.items() if self._is_orphan(p)}
+            plan = self._journal.plan(last_step, bool(welcome.get("trains", True)), waiting)
+            again = {seq for seq, _ in plan.requests}
+            for seq, msg in plan.requests:
+                if seq not in waiting:  # answered before: nobody waits for its reply this time
+                    now = time.monotonic()
+                    self._pending[seq] = PendingRequest(_dropped_reply(seq), gone, now,
+                                                        now + self.config.request_deadline_s, msg)
+            lost = self._take_pending(lambda p: self._is_orphan(p) and p.request is not None
+                                      and p.request.sequence not in again and kind_of(p.request) is not None)
+            if plan.training_lost:  # a checkpoint's state or a query would not match the client's
+                lost += self._take_pending(lambda p: self._is_orphan(p) and p.request.type not in READS)
+        replayed = [msg.step for _, msg in plan.requests if kind_of(msg) == TRAINING]
+        welcome["replayed_step"] = max([last_step, *replayed])
+        self.stats.replayed += len(plan.requests) - len(waiting.keys() & again)
+        log.warning("the server restarted and resumed session %s at step %s: %d requests sent again to bring it "
+                    "back%s", self.session_id[:8], last_step, len(plan.requests),
+                    f"; {len(lost)} in flight could not be" if lost else "")
         fail_all(lost, RemoteError(grpc.StatusCode.ABORTED, f"the server restarted and resumed session "
-                                f"{self.session_id[:8]} at step {welcome.get('last_step')}: this request was "
-                                "in flight and is lost"))
+                                f"{self.session_id[:8]} at step {last_step}, and this client did not keep "
+                                "what this request built on: it is lost"))
 
     def _give_up(self, cause: RemoteError, last: RemoteError, spent_s: float) -> RemoteError:
         code = grpc.StatusCode.UNAVAILABLE if last.code == grpc.StatusCode.DEADLINE_EXCEEDED else last.code
@@ -189,3 +217,11 @@ class Resuming:
         fail_all(lost, err)
         return err
 
+
+def _dropped_reply(seq: int) -> Future:
+    """The future of a request sent again only to rebuild the server's state: its reply is
+    dropped, an error is logged (the request that waits behind it fails too)."""
+    fut: Future = Future()
+    fut.add_done_callback(lambda f: f.exception() is not None
+                          and log.warning("request %d, sent again after a restart, failed: %s", seq, f.exception()))
+    return fut

@@ -24,6 +24,7 @@ class TransportStats:
     total_rtt_s: float = 0.0
     reconnects: int = 0  # broken connections resumed
     resent: int = 0  # requests sent again after a reconnect (each runs once on the server)
+    replayed: int = 0  # answered requests sent again to rebuild a restarted server's state (journal.py)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property

@@ -12,9 +12,10 @@ to the same certificates; a client that reconnects
 resumes its session and learns the step the server resumed at (``restored``, ``last_step`` in the
 welcome). A session that ends normally (CLOSE, expiry) has its record deleted.
 
-What is not kept: requests in flight (their activations, the reply record), KV caches. A client
-whose requests were in flight when the server died is told so (the strategy then names the
-checkpoint to resume from); one that was between steps carries on.
+What is not kept: requests in flight (their activations, the reply record), KV caches. The client
+sends again what it kept of those (channel/journal.py): the steps after the one restored, and the
+sequence being generated; what it did not keep fails (the strategy then names the checkpoint to
+resume from).
 """
 
 from __future__ import annotations

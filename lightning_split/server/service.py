@@ -156,8 +156,9 @@ class SplitService:
         # After a restart the client learns the step the server came back at: what it had in
         # flight is gone, and its next step must follow that one.
         restored = bool(session.state.pop("restored", False))
+        segment = session.state["segment"]
         return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint,
-                "last_step": session.state["segment"].last_step, "restored": restored}
+                "last_step": segment.last_step, "restored": restored, "trains": segment.trainable}
 
     def close_session(self, session: Session) -> None:
         segment = session.state.get("segment")
@@ -278,6 +279,8 @@ class SplitService:
                 return {"tag": tag, "last_step": segment.last_step}
             if body.get("op") == "load":
                 segment.load_state_dict(self.store.load(session.node_id, tag))
+                if self.durable is not None and segment.trainable:  # a restart must not go back further
+                    self._durably(lambda: self.durable.save(session, segment), session)
                 return {"tag": tag, "last_step": segment.last_step}
             if body.get("op") == "delete":
                 return {"tag": tag, "deleted": self.store.delete(session.node_id, tag)}
