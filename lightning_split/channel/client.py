@@ -233,6 +233,11 @@ class ChannelClient(Resuming):
             stream.dealer.put(frames)
         return fut
 
+    @property
+    def sending(self) -> CompressionConfig:
+        """The compression of this client's requests, as the welcome agreed it."""
+        return self._c2s
+
     def _oldest_waiting_step(self) -> int | None:
         """The lowest step of the training requests that wait for their reply (under _pending_cv)."""
         steps = [p.request.step for p in self._pending.values()

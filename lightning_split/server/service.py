@@ -29,6 +29,7 @@ import grpc
 import torch
 
 from lightning_split.channel import HandlerError, Session
+from lightning_split.channel.budget import BudgetExceeded
 from lightning_split.server.checks import CacheError, SegmentError, check_request, step_number
 from lightning_split.server.durable import DurableSessions
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
@@ -41,6 +42,7 @@ from lightning_split.split.shipping import fingerprint, pack_part
 from lightning_split.split.spec import SplitSpec
 from lightning_split.split.surgery import cut_model
 from lightning_split.wire import Message, MessageType
+from lightning_split.wire.error_feedback import StepFeedback
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,26 @@ class SplitService:
         segment.load_state_dict(record["state"])
         session.state["restored"] = True
 
+    def _gradients_out(self, session: Session, request: Message, reply: dict[str, Any]) -> dict[str, Any]:
+        """Input gradients that go back lossy carry the residual of their slot's last send
+        (wire/error_feedback.py); a slot is the gradient's place among the step's replies."""
+        cfg = getattr(session, "server_to_client", None)
+        if cfg is None or cfg.lossy == "none" or not any(k in reply for k in ("grad_input", "grad_extra")):
+            return reply
+        feedback: StepFeedback = session.state.setdefault("feedback", StepFeedback())
+        slot = feedback.next_slot(request.step)
+        if reply.get("grad_input") is not None:
+            reply["grad_input"] = feedback.compensate((slot, "input"), reply["grad_input"], cfg)
+        reply["grad_extra"] = [g if g is None else feedback.compensate((slot, j), g, cfg)
+                               for j, g in enumerate(reply.get("grad_extra") or [])]
+        if session.account is not None:
+            try:
+                session.account.set((session.id, "feedback"), feedback.nbytes, "error-feedback residuals")
+            except BudgetExceeded:  # not worth a failed step: go on without feedback
+                feedback.reset()
+                session.account.set((session.id, "feedback"), 0, "error-feedback residuals")
+        return reply
+
     def _stepped(self, session: Session, segment: SessionSegment) -> None:
         """A step was applied: keep the session on disk if it is due (before the step's reply)."""
         if self.durable is not None:
@@ -238,9 +260,9 @@ class SplitService:
     def _dispatch(self, session: Session, segment: SessionSegment, request: Message, body: dict) -> Any:
         kind = request.type
         if kind == MessageType.FORWARD:
-            return segment.forward(body, train=True, step=request.step)
+            return self._gradients_out(session, request, segment.forward(body, train=True, step=request.step))
         if kind == MessageType.BACKWARD:
-            reply = segment.backward(body)
+            reply = self._gradients_out(session, request, segment.backward(body))
             if body.get("then_step") is not None:  # the step rode on the step's last backward
                 then = dict(body["then_step"])
                 reply["stepped"] = segment.step(step_number(then.pop("step")), then)["applied"]

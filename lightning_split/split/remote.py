@@ -26,6 +26,7 @@ from lightning_split.split.remote_autograd import (
 )
 from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, SegmentProxy, map_leaves
 from lightning_split.wire import MessageType
+from lightning_split.wire.error_feedback import ErrorFeedback
 
 
 def _is_cache(value: Any) -> bool:
@@ -99,6 +100,8 @@ class RemoteSegment:
         self.outstanding: set[int] = set()
         self.pending_loss_steps: set[int] = set()  # fused call ids among them
         self._ids = itertools.count()
+        # Gradients sent lossy carry what quantisation dropped into the next step (error_feedback.py).
+        self.feedback = ErrorFeedback()
         self._keys: tuple[str, ...] = ()
 
     def __call__(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -177,7 +177,9 @@ class RemoteForward(torch.autograd.Function):
             for key, grad in zip(ctx.keys, grads, strict=True):
                 if grad is not None:
                     # Scalars (the loss) were stacked, one per micro-batch; the rest concatenated.
-                    payload[key] = (grad[i] if key in ctx.stacked else grad[start:stop]) if many else grad
+                    part = (grad[i] if key in ctx.stacked else grad[start:stop]) if many else grad
+                    # Sent lossy: with the residual of this slot's last send (error feedback).
+                    payload[key] = runner.feedback.compensate((i, key), part, runner.client.sending)
             request: dict[str, Any] = {"id": micro_id, "grads": payload}
             runner.outstanding.discard(micro_id)
             if i == len(ctx.ranges) - 1:

@@ -223,6 +223,34 @@ def _quantize_int8(x: torch.Tensor, block: int) -> torch.Tensor | None:
     return out
 
 
+def lossy_stage(t: torch.Tensor, cfg: CompressionConfig) -> tuple[int, int, torch.Tensor]:
+    """(encoding, block size, encoded tensor) of ``cfg``'s lossy stage, on the tensor's device:
+    RAW and the tensor itself where the stage does not apply (small, integer, non-finite)."""
+    if t.numel() * t.element_size() >= cfg.min_bytes and t.dtype in FLOAT_DTYPES and cfg.lossy != "none" and t.numel():
+        if cfg.lossy == "bf16" and t.dtype in (torch.float32, torch.float64):
+            return pb.CAST_BF16, 0, t.to(torch.bfloat16)
+        if cfg.lossy == "fp16" and t.dtype in (torch.float32, torch.float64):
+            amax = t.abs().max()
+            if bool(amax <= FP16_MAX) or bool(torch.isnan(amax)):  # NaN survives the cast
+                return pb.CAST_FP16, 0, t.to(torch.float16)
+        elif cfg.lossy == "int8":
+            q = _quantize_int8(t, cfg.int8_block_size)
+            if q is not None:
+                return pb.INT8_BLOCK, cfg.int8_block_size, q
+    return pb.RAW, 0, t
+
+
+def lossy_roundtrip(t: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
+    """What a receiver decodes of ``t`` sent with ``cfg`` (its lossy stage; blosc2 is lossless),
+    computed on the tensor's own device: the sender's view of the error it makes (error feedback)."""
+    t = t.detach()
+    encoding, block, work = lossy_stage(t, cfg)
+    if encoding == pb.RAW:
+        return t
+    return decode_tensor(work.contiguous().reshape(-1).view(torch.uint8), dtype=t.dtype, shape=tuple(t.shape),
+                         encoding=encoding, block_size=block, use_blosc2=False, device=t.device)
+
+
 def encode_tensor(t: torch.Tensor, cfg: CompressionConfig, defer: bool = False) -> EncodedTensor:
     """Encode one tensor per ``cfg``. Lossy work runs on the tensor's own device (a GPU shrinks
     the bytes before they cross PCIe); then the bytes are staged in host memory. ``defer``: a
@@ -237,18 +265,7 @@ def encode_tensor(t: torch.Tensor, cfg: CompressionConfig, defer: bool = False) 
     t = t.resolve_conj().resolve_neg()
     shape = tuple(int(s) for s in t.shape)
     raw_nbytes = t.numel() * t.element_size()
-    encoding, block, work = pb.RAW, 0, t
-    if raw_nbytes >= cfg.min_bytes and t.dtype in FLOAT_DTYPES and cfg.lossy != "none" and t.numel():
-        if cfg.lossy == "bf16" and t.dtype in (torch.float32, torch.float64):
-            encoding, work = pb.CAST_BF16, t.to(torch.bfloat16)
-        elif cfg.lossy == "fp16" and t.dtype in (torch.float32, torch.float64):
-            amax = t.abs().max()
-            if bool(amax <= FP16_MAX) or bool(torch.isnan(amax)):  # NaN survives the cast
-                encoding, work = pb.CAST_FP16, t.to(torch.float16)
-        elif cfg.lossy == "int8":
-            q = _quantize_int8(t, cfg.int8_block_size)
-            if q is not None:
-                encoding, block, work = pb.INT8_BLOCK, cfg.int8_block_size, q
+    encoding, block, work = lossy_stage(t, cfg)
     compress = cfg.lossless == "blosc2" and raw_nbytes >= cfg.min_bytes
     data, ready = _host_bytes(work, defer=defer and not compress)
     use_blosc2 = False
