@@ -92,6 +92,8 @@ class CompressionConfig:
     nthreads: int = 2
     int8_block_size: int = 128
     min_bytes: int = 4096  # tensors smaller than this are sent RAW
+    # Gradients sent lossy carry the residual of their last send into the next (error_feedback.py).
+    error_feedback: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: Any) -> ValueError:
@@ -101,6 +103,8 @@ class CompressionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):  # configs may come from a peer
                 raise bad(name, "an int")
+        if not isinstance(self.error_feedback, bool):
+            raise bad("error_feedback", "a bool")
         if self.lossless not in LOSSLESS_MODES:
             raise bad("lossless", LOSSLESS_MODES)
         if self.lossy not in LOSSY_MODES:

@@ -31,7 +31,7 @@ class ErrorFeedback:
     def compensate(self, slot: Hashable, t: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
         """The tensor to send in ``t``'s place: ``t`` plus the slot's residual; the new residual
         (what ``cfg``'s lossy stage will drop of it) is kept for the slot's next send."""
-        if cfg.lossy == "none" or not t.is_floating_point():
+        if cfg.lossy == "none" or not cfg.error_feedback or not t.is_floating_point():
             return t
         t = t.detach()
         residual = self._residual.get(slot)
