@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 import uuid
 import weakref
 from pathlib import Path
@@ -35,6 +36,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from lightning_split.channel import ChannelConfig, RemoteError, TLSFiles, client_tls
+from lightning_split.split.adaptive import AdaptiveCompression
 from lightning_split.split.build import ModelSource
 from lightning_split.split.connect import SplitModel, open_split
 from lightning_split.split.spec import SplitSpec
@@ -82,6 +84,10 @@ class SplitStrategy(SingleDeviceStrategy):
         log_transport: log bytes each way, compression ratio and round-trip time each step.
         micro_batches: cut each training batch into this many micro-batches in flight, so that
             transfers overlap the server's compute (default: 2 once a hidden state reaches 4 MiB).
+        compression: ``"auto"``: the training steps' activations and gradients each go on the wire
+            in the encoding the measured link and step time call for (none, bf16, or int8 with
+            error feedback for gradients; ``split/adaptive.py``), revised every 8 steps; logged as
+            ``split/bits_activations`` and ``split/bits_gradients``. None (default): ``channel``'s.
     """
 
     strategy_name = "split"
@@ -100,6 +106,7 @@ class SplitStrategy(SingleDeviceStrategy):
         channel: ChannelConfig | dict | None = None,
         log_transport: bool = True,
         micro_batches: int | None = None,
+        compression: str | None = None,
         server_name_override: str | None = None,
         device: str | torch.device | None = None,
         accelerator: Any = None,
@@ -125,6 +132,10 @@ class SplitStrategy(SingleDeviceStrategy):
         self.channel = ChannelConfig.from_dict(channel) if isinstance(channel, dict) else channel
         self.log_transport = log_transport
         self.micro_batches = micro_batches
+        if compression not in (None, "auto"):
+            raise ValueError(f"compression must be None or 'auto', got {compression!r}")
+        self.compression = compression
+        self._step_started: float | None = None
         self.server_name_override = server_name_override
         self.split: SplitModel | None = None
         self._clip_coef: float | None = None
@@ -154,6 +165,9 @@ class SplitStrategy(SingleDeviceStrategy):
                 server_name_override=self.server_name_override, micro_batches=self.micro_batches,
             )
             weakref.finalize(self, self.split.close)
+            if self.compression == "auto":
+                client = self.split.client
+                self.split.runner.adaptive = AdaptiveCompression(client.welcome.get("lossy_modes", ()), client.sending)
         return self.split
 
     def setup_environment(self) -> None:
@@ -220,11 +234,20 @@ class SplitStrategy(SingleDeviceStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         assert self.split is not None
         self.split.runner.step = self._session_step()
+        self._time_step()
         with self._session_kept():
             output = super().training_step(*args, **kwargs)
         self._check_restart()
         self._log_transport()
         return output
+
+    def _time_step(self) -> None:
+        """Adaptive compression learns from each step's time (training_step to training_step)."""
+        adaptive, now = self.split.runner.adaptive if self.split else None, time.perf_counter()
+        if adaptive is not None and self._step_started is not None:
+            if adaptive.end_step(now - self._step_started):
+                log.info("adaptive compression: activations %s, gradients %s", *adaptive.modes.values())
+        self._step_started = now
 
     def _check_restart(self) -> None:
         """A server that restarted resumed our session from its saved state: training goes on
@@ -351,6 +374,10 @@ class SplitStrategy(SingleDeviceStrategy):
                    on_epoch=False)
         module.log("split/resent", float(now.resent), on_step=True, on_epoch=False)
         module.log("split/replayed", float(now.replayed), on_step=True, on_epoch=False)  # after a server restart
+        adaptive = self.split.runner.adaptive
+        if adaptive is not None:  # the encodings chosen now, as bits per fp32 value (32, 16, 8.25)
+            for kind, bits in adaptive.wire_bits.items():
+                module.log(f"split/bits_{kind}", bits, prog_bar=True, on_step=True, on_epoch=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ flows, a test (from any thread) can:
 - ``stall(t)`` / ``resume()``: forward nothing either way for ``t`` seconds (``None``: until
   ``resume()``), holding the bytes, connections left open: a frozen peer or a black-holing link.
 - ``refuse(True)``: accept new connections and reset them at once: a server that is down.
+- ``throttle(rate)``: each direction of each connection forwards at most ``rate`` bytes per second
+  (None: as fast as it can): a slow link.
 
 One thread runs a selector loop over every socket; the controls change state under a lock and
 wake it. ``close()`` (or leaving the ``with`` block) stops it and closes every socket.
@@ -46,6 +48,7 @@ class _Pipe:
         self.buf = bytearray()
         self.eof = False  # src sent FIN: once buf is written, dst gets one too
         self.done = False  # that FIN was passed on
+        self.free_at = 0.0  # throttled: when the link is free to write again
 
 
 class _Conn:
@@ -73,6 +76,7 @@ class FaultProxy:
         self._cut_at: float | None = None  # a cut is due: when its allowed bytes are out, or at this time
         self._stall_until = 0.0  # monotonic; math.inf: until resume()
         self._refusing = self._stopping = False
+        self._rate: float | None = None  # bytes per second per direction (throttle)
         self._conns: list[_Conn] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
@@ -113,6 +117,11 @@ class FaultProxy:
     def resume(self) -> None:
         with self._lock:
             self._stall_until = 0.0
+        self._wake()
+
+    def throttle(self, bytes_per_s: float | None) -> None:
+        with self._lock:
+            self._rate = bytes_per_s
         self._wake()
 
     def refuse(self, on: bool) -> None:
@@ -183,18 +192,24 @@ class FaultProxy:
                         self.cuts += 1
                     cutting = self._cut_at is not None  # stop reading until the allowed bytes are out
                     conns = list(self._conns)
+                    rate = self._rate
                 if due:
                     for conn in conns:
                         self._drop(conn, reset=True)
                     conns = []
+                throttled = []  # when a throttled pipe may write again
                 for conn in conns:  # stalled: nothing; cutting: writes only; else reads while there is room
                     want = dict.fromkeys(conn.socks, 0)
                     for p in conn.pipes if not stalled else ():
                         want[p.src] |= _R if not cutting and not p.eof and len(p.buf) < _MAX_BUFFER else 0
-                        want[p.dst] |= _W if p.buf else 0
+                        free = rate is None or p.free_at <= now
+                        want[p.dst] |= _W if p.buf and free else 0
+                        if p.buf and not free:
+                            throttled.append(p.free_at - now)
                     for sock, events in want.items():
                         self._want(sock, events, conn)
                 timeout = 0.02 if cutting else min(1.0, max(0.0, self._stall_until - now)) if stalled else 1.0
+                timeout = min([timeout, *throttled])
                 for key, events in self._sel.select(timeout):
                     if key.fileobj is self._wake_r:
                         self._wake_r.recv(4096)
@@ -236,8 +251,11 @@ class FaultProxy:
         try:
             for p in conn.pipes:
                 if events & _W and p.dst is sock and p.buf:
-                    sent = sock.send(p.buf)
+                    rate = self._rate
+                    sent = sock.send(p.buf if rate is None else p.buf[:_CHUNK // 4])
                     del p.buf[:sent]
+                    if rate is not None:  # the link is busy for as long as these bytes take
+                        p.free_at = max(time.monotonic(), p.free_at) + sent / rate
                     with self._lock:
                         self.bytes_up += sent if p.up else 0
                         self.bytes_down += 0 if p.up else sent

@@ -293,3 +293,21 @@ def test_grpc_channel_through_the_proxy(start_server, connect) -> None:
         assert p.cuts == 3
         p.refuse(False)
         client.close()
+
+
+def test_throttle_limits_each_direction_to_its_rate() -> None:
+    """1 MiB through a 4 MiB/s link takes about a quarter of a second, not a millisecond."""
+    with socket.create_server(("127.0.0.1", 0)) as server, FaultProxy(server.getsockname()[1]) as proxy:
+        proxy.throttle(4 << 20)
+        sender = socket.create_connection(("127.0.0.1", proxy.port))
+        peer, _ = server.accept()
+        payload = b"x" * (1 << 20)
+        started = time.monotonic()
+        threading.Thread(target=sender.sendall, args=(payload,), daemon=True).start()
+        got = 0
+        while got < len(payload):
+            got += len(peer.recv(1 << 20))
+        took = time.monotonic() - started
+        assert 0.2 < took < 2.0, took
+        sender.close()
+        peer.close()

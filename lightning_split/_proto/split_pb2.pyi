@@ -73,7 +73,7 @@ CAST_FP16: Encoding
 INT8_BLOCK: Encoding
 
 class Header(_message.Message):
-    __slots__ = ("protocol_version", "type", "node_id", "code", "session_id", "step", "sequence", "acked")
+    __slots__ = ("protocol_version", "type", "node_id", "code", "session_id", "step", "sequence", "acked", "reply_encoding", "server_us")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,8 @@ class Header(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
+    REPLY_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SERVER_US_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     type: MessageType
     node_id: str
@@ -90,7 +92,9 @@ class Header(_message.Message):
     step: int
     sequence: int
     acked: int
-    def __init__(self, protocol_version: _Optional[int] = ..., type: _Optional[_Union[MessageType, str]] = ..., node_id: _Optional[str] = ..., code: _Optional[int] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ...) -> None: ...
+    reply_encoding: Encoding
+    server_us: int
+    def __init__(self, protocol_version: _Optional[int] = ..., type: _Optional[_Union[MessageType, str]] = ..., node_id: _Optional[str] = ..., code: _Optional[int] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., reply_encoding: _Optional[_Union[Encoding, str]] = ..., server_us: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "fragment_index", "fragment_count", "payload_bytes", "meta_bytes", "crc32", "data")

@@ -30,6 +30,7 @@ import grpc
 
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
+from lightning_split.wire.compression import LOSSY_ENCODINGS
 
 from . import handshake
 from .bond import outbox_frames, send_whole
@@ -109,7 +110,7 @@ class ChannelClient(Resuming):
         stream.start(self._exchange(0, stream.outbox))
         # Replies may only use what we asked for; the server grants a subset of it.
         reassembler = Reassembler(self.config.limits, checksum=self._verify,
-                                  compression_allowed=self.config.server_to_client,
+                                  compression_allowed=self.config.accepted(),
                                   pin_memory=self.config.wants_pinned())
         stream.reader = threading.Thread(target=self._read, args=(stream, reassembler),
                                          name=f"split-reader-{self.node_id}", daemon=True)
@@ -202,10 +203,10 @@ class ChannelClient(Resuming):
 
     # -- requests ------------------------------------------------------------------------------
     def _enqueue(self, stream: ClientStream, type_: int, body: Any, step: int, timeout: float | None,
-                 compression: CompressionConfig, chunk_size: int) -> Future:
+                 compression: CompressionConfig, chunk_size: int, reply_encoding: int = 0) -> Future:
         seq = next(self._seq)
         msg = Message(type=type_, body=body, session_id=self.session_id, step=step, sequence=seq,
-                      node_id=self.node_id, acked=self._acked(seq))
+                      node_id=self.node_id, acked=self._acked(seq), reply_encoding=reply_encoding)
         # Encode here, in the caller's thread: an unencodable body raises to the caller. The frames
         # themselves are cut lazily by the sending thread.
         # The hello always carries CRCs: the server may want them, and we don't know yet.
@@ -223,7 +224,7 @@ class ChannelClient(Resuming):
                 fut.set_exception(RemoteError(stream.error.code, stream.error.message))
                 return fut
             # Died, to be resumed: a reconnect sends it (it waits for the lock we hold).
-            self._pending[seq] = PendingRequest(fut, stream, now, now + limit, resend)
+            self._pending[seq] = PendingRequest(fut, stream, now, now + limit, resend, compression)
             self._generation += 1
             self._pending_cv.notify()
             if died:
@@ -249,8 +250,13 @@ class ChannelClient(Resuming):
         with self._pending_cv:
             return min(self._pending, default=seq) - 1
 
-    def submit(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Future:
+    def submit(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None,
+               compression: CompressionConfig | None = None, reply_lossy: str | None = None) -> Future:
         """Send a request without waiting; the Future resolves to the reply Message.
+
+        ``compression``: this request's, instead of the agreed one (a lossy mode the server does
+        not allow is refused by it); ``reply_lossy``: the lossy mode its reply should use, where
+        both ends allow it (``Header.reply_encoding``). Adaptive compression changes both per message.
 
         It fails with RemoteError for an ERROR reply, a broken stream or a missed deadline.
         Like ``torch.distributed.isend``: CPU tensors in ``body`` are sent from their own memory,
@@ -262,7 +268,8 @@ class ChannelClient(Resuming):
             if self._closed:
                 raise RemoteError(grpc.StatusCode.CANCELLED, "the client is closed")
             stream = self._live_stream()
-            return self._enqueue(stream, type, body, step, timeout, self._c2s, self._chunk_size)
+            return self._enqueue(stream, type, body, step, timeout, compression or self._c2s, self._chunk_size,
+                                 LOSSY_ENCODINGS.get(reply_lossy or "none", 0))
 
     def _await_reconnect(self) -> None:
         """A reconnect in progress: a new request goes on the stream it makes."""
@@ -271,9 +278,11 @@ class ChannelClient(Resuming):
             while self._reconnecting and time.monotonic() < limit:
                 self._pending_cv.wait(0.1)
 
-    def request(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Message:
-        """Send a request and wait for its reply (a RESULT Message); RemoteError otherwise."""
-        return self._wait(self.submit(type, body, step, timeout), timeout)
+    def request(self, type: int, body: Any = None, step: int = 0, timeout: float | None = None,
+                **options: Any) -> Message:
+        """Send a request and wait for its reply (a RESULT Message); RemoteError otherwise.
+        ``options``: ``compression`` and ``reply_lossy``, as for ``submit``."""
+        return self._wait(self.submit(type, body, step, timeout, **options), timeout)
 
     def _wait(self, fut: Future, timeout: float | None) -> Message:
         # The watchdog fails the future at its deadline; the margin only guards against a bug there.

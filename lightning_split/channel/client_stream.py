@@ -46,8 +46,9 @@ class PendingRequest:
     sent_at: float
     deadline: float
     # The request, to send again on a new stream after a reconnect (None: not to be re-sent, like
-    # the hello of the stream that broke).
+    # the hello of the stream that broke), and the compression it was sent with (None: as agreed).
     request: Message | None = None
+    compression: Any = None
 
 
 class ClientStream:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from lightning_split.wire import CompressionConfig, WireLimits
+from lightning_split.wire.compression import AcceptedEncodings
 
 # Room in one gRPC message for the Frame's header fields around a chunk of data.
 FRAME_HEADROOM = 64 * 1024
@@ -140,6 +141,11 @@ class ChannelConfig:
         if node is None:
             node = total // 4
         return int(total), int(node)
+
+    def accepted(self) -> AcceptedEncodings:
+        """The encodings this end decodes: RAW and whatever it allows. A peer may switch among them
+        message by message (the adaptive compression of the split's training steps)."""
+        return AcceptedEncodings(frozenset(self.allow_lossless), frozenset(self.allow_lossy))
 
     def wants_pinned(self) -> bool:
         if self.pin_memory is not None:

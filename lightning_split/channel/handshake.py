@@ -158,6 +158,8 @@ def _negotiate(hello: dict[str, Any], identity: str, config: ChannelConfig, chec
                                    allow_lossless, allow_lossy),
         "server_to_client": _grant(comp.get("server_to_client"), config.server_to_client,
                                    allow_lossless & peer_lossless, allow_lossy & peer_lossy),
+        # What a request may ask its reply to use instead (Header.reply_encoding).
+        "reply_lossy": frozenset(allow_lossy & peer_lossy),
     }
 
 
@@ -176,5 +178,7 @@ def welcome(session_id: str, agreed: dict[str, Any], config: ChannelConfig,
         },
         limits=limits_dict(config),
         resumed=resumed,
+        # Lossy modes a request may use and ask its reply to use (adaptive compression).
+        lossy_modes=sorted(agreed["reply_lossy"]),
     )
     return body

@@ -32,6 +32,7 @@ import grpc
 
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
+from lightning_split.wire.compression import AcceptedEncodings
 
 from . import handshake
 from .bond import ABORT, CLOSE, JOIN_GRACE_S, Bond, FrameDealer, RoundRobinReader, send_whole
@@ -110,7 +111,7 @@ class ServerStream:
         """The node's share of the memory budget (in plaintext the node is known after a frame)."""
         return self.srv.budget.account(self.identity or "")
 
-    def _reassembler(self, allowed: CompressionConfig) -> Reassembler:
+    def _reassembler(self, allowed: CompressionConfig | AcceptedEncodings) -> Reassembler:
         # Every message's payload is charged to the node's memory budget before it is allocated.
         return Reassembler(self.cfg.limits, checksum=self.verify, compression_allowed=allowed,
                            pin_memory=self.cfg.wants_pinned(), charge=self._charge_payload)
@@ -268,7 +269,7 @@ class ServerStream:
             self._join(msg)
             return None
         reply = self.on_message(msg)
-        comp = self.session.server_to_client if self.session else _NO_COMPRESSION
+        comp = self.session.reply_compression(msg) if self.session else _NO_COMPRESSION
         chunk = self.session.chunk_size if self.session else self.cfg.chunk_size
         return encode_frames(reply, comp, chunk, self.session.checksum if self.session else True)
 
@@ -326,9 +327,9 @@ class ServerStream:
             self.srv.sessions.detach(self.session)
         self.srv.sessions.attach(session)
         self.session = session
-        # From now on the client may only use the compression the handshake granted it.
+        # From now on the client may use the compression this server allows (message by message).
         self.reassembler.close()
-        self.reassembler = self._reassembler(session.client_to_server)
+        self.reassembler = self._reassembler(self.cfg.accepted())
 
     def _reply(self, request: Message, body: Any) -> Message:
         if isinstance(body, Message):
@@ -369,7 +370,11 @@ class ServerStream:
 
     def _run(self, session: Session, msg: Message) -> Message:
         try:
-            return self._reply(msg, self.srv.handler.handle(session, msg))
+            started = time.perf_counter()
+            reply = self._reply(msg, self.srv.handler.handle(session, msg))
+            # How long the handler took: the client tells transfer from compute with it.
+            reply.server_us = int(1e6 * (time.perf_counter() - started))
+            return reply
         except HandlerError as e:
             return error_message(msg, e.code, e.message)
         except Exception as e:  # a bug of ours: the peer gets a reference to quote, the log the details
@@ -390,6 +395,7 @@ class ServerStream:
                 with session.lock:
                     session.client_to_server = agreed["client_to_server"]
                     session.server_to_client = agreed["server_to_client"]
+                    session.reply_lossy = agreed["reply_lossy"]
                     session.chunk_size = agreed["chunk_size"]
                     session.checksum = agreed["checksum"]
                     resume = getattr(handler, "resume_session", None)
@@ -400,7 +406,8 @@ class ServerStream:
                                        fingerprint=self.fingerprint,
                                        checksum=agreed["checksum"],
                                        client_to_server=agreed["client_to_server"],
-                                       server_to_client=agreed["server_to_client"])
+                                       server_to_client=agreed["server_to_client"],
+                                       reply_lossy=agreed["reply_lossy"])
                 try:
                     with session.lock:
                         extras = handler.open_session(session, msg.body)

@@ -16,6 +16,7 @@ session. So a second certificate issued with the same CN cannot hijack a session
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -27,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 
 from lightning_split.wire import CompressionConfig, Message
+from lightning_split.wire.compression import ENCODING_MODES
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Session:
     server_to_client: CompressionConfig
     chunk_size: int
     checksum: bool = True  # frames to the client carry CRCs (agreed at the handshake)
+    # Lossy modes a request may ask for its reply (Header.reply_encoding): both ends allow them.
+    reply_lossy: frozenset[str] = frozenset()
     fingerprint: str = ""  # SHA-256 of the owner's client certificate; empty without TLS
     hello: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
@@ -71,6 +75,14 @@ class Session:
     _busy: int = field(default=0, repr=False)
     _streams: int = field(default=0, repr=False)  # live streams bound to it
     _orphaned: float | None = field(default=None, repr=False)  # when its last stream ended
+
+    def reply_compression(self, request: Message) -> CompressionConfig:
+        """The compression of the reply to ``request``: the agreed one, or the lossy mode the
+        request asked for if both ends allow it."""
+        mode = ENCODING_MODES.get(request.reply_encoding)
+        if mode is None or mode not in self.reply_lossy or mode == self.server_to_client.lossy:
+            return self.server_to_client
+        return dataclasses.replace(self.server_to_client, lossy=mode)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()

@@ -201,8 +201,8 @@ class SplitService:
     def _gradients_out(self, session: Session, request: Message, reply: dict[str, Any]) -> dict[str, Any]:
         """Input gradients that go back lossy carry the residual of their slot's last send
         (wire/error_feedback.py); a slot is the gradient's place among the step's replies."""
-        cfg = getattr(session, "server_to_client", None)
-        if cfg is None or cfg.lossy == "none" or not any(k in reply for k in ("grad_input", "grad_extra")):
+        cfg = session.reply_compression(request)
+        if cfg.lossy == "none" or not any(k in reply for k in ("grad_input", "grad_extra")):
             return reply
         feedback: StepFeedback = session.state.setdefault("feedback", StepFeedback())
         slot = feedback.next_slot(request.step)

@@ -13,10 +13,13 @@ server's KV cache during generation.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import torch
 
+from lightning_split.channel.replies import body_bytes
+from lightning_split.split.adaptive import AdaptiveCompression
 from lightning_split.split.remote_autograd import (
     MAX_PENDING_LOSS_STEPS,
     RemoteForward,
@@ -25,7 +28,7 @@ from lightning_split.split.remote_autograd import (
     weighted_mean,
 )
 from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, SegmentProxy, map_leaves
-from lightning_split.wire import MessageType
+from lightning_split.wire import CompressionConfig, MessageType
 from lightning_split.wire.error_feedback import ErrorFeedback
 
 
@@ -102,6 +105,9 @@ class RemoteSegment:
         self._ids = itertools.count()
         # Gradients sent lossy carry what quantisation dropped into the next step (error_feedback.py).
         self.feedback = ErrorFeedback()
+        # compression="auto": each request's encoding and its reply's, revised from the steps (adaptive.py).
+        self.adaptive: AdaptiveCompression | None = None
+        self._observed_step: int | None = None
         self._keys: tuple[str, ...] = ()
 
     def __call__(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -218,6 +224,29 @@ class RemoteSegment:
         if not self.proxy.hand_off:
             return outputs["output"]
         return outputs
+
+    def submit(self, kind: int, request: dict[str, Any], sends: str, reply: str) -> Any:
+        """Submit a training request that sends ``sends`` (activations or gradients) and gets
+        ``reply``; with adaptive compression, in the encodings chosen now, and measured."""
+        if self.adaptive is None:
+            return self.client.submit(kind, request, step=self.step)
+        sent_at, raw = time.perf_counter(), body_bytes(request)
+        first = self._observed_step != self.step
+        self._observed_step = self.step
+        future = self.client.submit(kind, request, step=self.step, **self.adaptive.options(sends, reply))
+
+        def observe(f: Any) -> None:
+            if f.exception() is None:
+                msg = f.result()
+                self.adaptive.record(sends, raw, reply, msg.raw_bytes, msg.wire_bytes, time.perf_counter() - sent_at,
+                                     msg.server_us / 1e6, first)
+
+        future.add_done_callback(observe)
+        return future
+
+    def sending(self, kind: str) -> CompressionConfig:
+        """How a tensor of ``kind`` goes to the server now (the residual of error feedback needs it)."""
+        return self.adaptive.config(kind) if self.adaptive is not None else self.client.sending
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -99,7 +99,9 @@ def _submit_micro_batches(runner: RemoteSegment, body: dict[str, Any], ranges: l
             request["fused"] = fused[i]
         ids.append(micro_id)
         runner.outstanding.add(micro_id)
-        futures.append(runner.client.submit(MessageType.FORWARD, request, step=runner.step))
+        # A fused call's reply brings the input gradients, a plain one the segment's outputs.
+        futures.append(runner.submit(MessageType.FORWARD, request, "activations",
+                                     "gradients" if fused is not None else "activations"))
     return ids, futures
 
 
@@ -179,12 +181,12 @@ class RemoteForward(torch.autograd.Function):
                     # Scalars (the loss) were stacked, one per micro-batch; the rest concatenated.
                     part = (grad[i] if key in ctx.stacked else grad[start:stop]) if many else grad
                     # Sent lossy: with the residual of this slot's last send (error feedback).
-                    payload[key] = runner.feedback.compensate((i, key), part, runner.client.sending)
+                    payload[key] = runner.feedback.compensate((i, key), part, runner.sending("gradients"))
             request: dict[str, Any] = {"id": micro_id, "grads": payload}
             runner.outstanding.discard(micro_id)
             if i == len(ctx.ranges) - 1:
                 _take_pending_step(runner, request)
-            futures.append(runner.client.submit(MessageType.BACKWARD, request, step=runner.step))
+            futures.append(runner.submit(MessageType.BACKWARD, request, "gradients", "gradients"))
         grad_input, extra_grads = _input_grads(ctx, [f.result().body for f in futures], many)
         return (None, None, None, grad_input, *extra_grads)
 

@@ -56,7 +56,7 @@ def message_header(msg: Message) -> pb.Header:
     try:
         return pb.Header(protocol_version=msg.protocol_version, type=msg.type, node_id=msg.node_id,
                          code=int(msg.code), session_id=msg.session_id, step=msg.step, sequence=msg.sequence,
-                         acked=msg.acked)
+                         acked=msg.acked, reply_encoding=msg.reply_encoding, server_us=msg.server_us)
     except (ValueError, TypeError) as e:
         raise invalid(f"Header field out of range: {e}") from e
 
@@ -348,5 +348,6 @@ class Reassembler:
         h = first.header
         return Message(type=h.type, body=body, session_id=h.session_id, step=h.step, sequence=h.sequence,
                        acked=h.acked, code=h.code, node_id=h.node_id, protocol_version=h.protocol_version,
-                       wire_bytes=first.payload_bytes, raw_bytes=raw)
+                       reply_encoding=h.reply_encoding, server_us=h.server_us, wire_bytes=first.payload_bytes,
+                       raw_bytes=raw)
 

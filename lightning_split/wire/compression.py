@@ -50,7 +50,8 @@ from lightning_split._proto import split_pb2 as pb
 
 from .errors import WireError, exhausted, invalid
 
-__all__ = ["CompressionConfig", "EncodedTensor", "encode_tensor", "decode_tensor", "encoded_nbytes"]
+__all__ = ["AcceptedEncodings", "CompressionConfig", "EncodedTensor", "encode_tensor", "decode_tensor",
+           "encoded_nbytes"]
 
 if sys.byteorder != "little":  # the format is little-endian and we move bytes without swapping
     raise ImportError("lightning_split.wire needs a little-endian host")
@@ -143,10 +144,26 @@ class CompressionConfig:
 
     def allows(self, encoding: int, use_blosc2: bool) -> bool:
         """Whether a receiver configured with ``self`` accepts this tensor encoding."""
-        if use_blosc2 and self.lossless != "blosc2":
+        return AcceptedEncodings(frozenset({self.lossless}), frozenset({self.lossy})).allows(encoding, use_blosc2)
+
+
+# The pb.Encoding of each lossy mode, and back.
+LOSSY_ENCODINGS = {"bf16": pb.CAST_BF16, "fp16": pb.CAST_FP16, "int8": pb.INT8_BLOCK}
+ENCODING_MODES = {v: k for k, v in LOSSY_ENCODINGS.items()}
+
+
+@dataclass(frozen=True)
+class AcceptedEncodings:
+    """What a receiver accepts: RAW, and any of the lossy modes and lossless stages it lists. A
+    sender may change its encoding from message to message within this (adaptive compression)."""
+
+    lossless: frozenset[str]
+    lossy: frozenset[str]
+
+    def allows(self, encoding: int, use_blosc2: bool) -> bool:
+        if use_blosc2 and "blosc2" not in self.lossless:
             return False
-        wanted = {"none": None, "bf16": pb.CAST_BF16, "fp16": pb.CAST_FP16, "int8": pb.INT8_BLOCK}
-        return encoding == pb.RAW or encoding == wanted[self.lossy]
+        return encoding == pb.RAW or ENCODING_MODES.get(encoding) in self.lossy
 
 
 @dataclass

@@ -19,6 +19,8 @@ class Message:
     sequence: int = 0
     acked: int = 0  # client: every reply up to this sequence arrived (the server may forget them)
     code: int = 0  # 0 = OK; in ERROR replies a grpc.StatusCode value[0]
+    reply_encoding: int = 0  # request: the lossy pb.Encoding wanted for the reply (0, RAW: as agreed)
+    server_us: int = 0  # reply: the server's handling time in microseconds
     node_id: str = ""
     protocol_version: int = PROTOCOL_VERSION
     wire_bytes: int = 0  # set by the receiver: bytes of the data part as they crossed the wire

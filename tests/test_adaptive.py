@@ -1,0 +1,83 @@
+"""compression="auto" (split/adaptive.py): the choice of encodings from measured steps, and a real
+training run over a slow link (a throttled proxy) that switches to int8 in both directions and
+keeps training, with the server accepting the new encodings and answering in them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_split.channel import ChannelConfig
+from lightning_split.split.adaptive import AdaptiveCompression
+from tests.fault_proxy import FaultProxy
+from tests.test_strategy import CASES, _strategy, _trainer
+
+
+def _measured(link_bytes_per_s: float, compute_s: float, megabytes: float, allowed=("none", "bf16", "int8"),
+              steps: int = 8) -> dict[str, str]:
+    """The choice after ``steps`` steps of ``megabytes`` of activations and of gradients each way
+    (sent in fp32) over a link of that speed, with ``compute_s`` of compute per step."""
+    adaptive = AdaptiveCompression(allowed, every=steps)
+    raw = int(megabytes * 1e6)
+    for _ in range(steps):
+        wire_s = 4 * raw / link_bytes_per_s  # activations up and back, gradients up and back
+        adaptive.record("activations", raw, "activations", raw, raw, 2 * raw / link_bytes_per_s, 0.01, first=True)
+        adaptive.record("gradients", raw, "gradients", raw, raw, 2 * raw / link_bytes_per_s, 0.01, first=False)
+        adaptive.end_step(compute_s + wire_s)
+    return adaptive.modes
+
+
+def test_a_fast_link_stays_lossless() -> None:
+    assert _measured(1e9, 0.1, 1.0) == {"activations": "none", "gradients": "none"}
+
+
+def test_a_slow_link_goes_to_int8() -> None:
+    assert _measured(2e6, 0.1, 1.0) == {"activations": "int8", "gradients": "int8"}
+
+
+def test_in_between_the_least_lossy_choice_within_tolerance() -> None:
+    """1 s of compute, 4 MB a step over 10 MB/s: lossless would add 0.4 s, bf16 0.2 s, int8 0.1 s.
+    Within 5% of the fastest (both int8): bf16 for one kind; the activations, which the forward
+    itself uses, keep the finer one. With 2 s of compute bf16 for both is within 5%."""
+    assert _measured(1e7, 1.0, 1.0) == {"activations": "bf16", "gradients": "int8"}
+    assert _measured(1e7, 2.0, 1.0) == {"activations": "bf16", "gradients": "bf16"}
+
+
+def test_only_what_both_ends_allow() -> None:
+    assert _measured(2e6, 0.1, 1.0, allowed=("none", "bf16")) == {"activations": "bf16", "gradients": "bf16"}
+
+
+def test_nothing_measured_changes_nothing() -> None:
+    adaptive = AdaptiveCompression(("none", "int8"), every=1)
+    assert not adaptive.end_step(0.1) and adaptive.modes == {"activations": "none", "gradients": "none"}
+
+
+@pytest.mark.parametrize("case", ["gpt2", "gpt2_two_part"])
+def test_auto_over_a_slow_link_switches_to_int8_and_trains(split_server, case: str) -> None:
+    """U-shape: activations and gradients both ways; two-part: activations up, gradients down (the
+    fused call's reply). Through a 200 kB/s link the wire dominates: after the first measured steps
+    both kinds leave lossless (int8 or bf16, by the measured times), requests and replies alike,
+    and the loss keeps falling."""
+    source, spec, make_module, batches = CASES[case]
+    address, tls_for = split_server(source, spec)
+    with FaultProxy(int(address.rsplit(":", 1)[1])) as proxy:
+        proxy.throttle(200_000)
+        strategy = _strategy(f"127.0.0.1:{proxy.port}", tls_for("alice"), tail="trainable", compression="auto",
+                             channel=ChannelConfig(connections=1))
+        adaptive = strategy.connect_split().runner.adaptive
+        assert adaptive is not None and set(adaptive.ladder) == {"none", "bf16", "int8"}
+        adaptive.every = 2
+        module = make_module()
+        trainer, rec = _trainer(strategy, steps=6, accumulate_grad_batches=1)
+        stats = strategy.split.client.stats
+        trainer.fit(module, batches())
+        modes = dict(adaptive.modes)
+        assert "none" not in modes.values() and "int8" in modes.values(), modes
+        before = stats.snapshot()
+        trainer, rec2 = _trainer(strategy, steps=2, accumulate_grad_batches=1)  # two more steps, compressed
+        trainer.fit(module, batches())
+        step = stats - before
+        assert step.raw_bytes_sent / step.bytes_sent > 1.8 and step.raw_bytes_received / step.bytes_received > 1.8
+        assert all(torch.isfinite(torch.tensor(rec.losses + rec2.losses)))
+        assert sum(rec2.losses) / 2 < sum(rec.losses[:2]) / 2  # still learning
+        strategy.close()
