@@ -3,6 +3,7 @@
     python benchmarks/train.py --quick                                  # tiny GPT-2 on CPU, < 90 s
     python benchmarks/train.py --model small --device cuda              # bf16 autocast by default on CUDA
     python benchmarks/train.py --model medium --device cuda --batch 8 --seq 512 --steps 30
+    python benchmarks/train.py --quick --link 100mbit,20 --also-bf16-wire   # root: across an emulated link
 
 Rows (same model source, seed, batches and AdamW everywhere; dropout off):
 
@@ -15,11 +16,16 @@ Rows (same model source, seed, batches and AdamW everywhere; dropout off):
               (``--micro-batches`` to force a number). The loss is the server's only result, so the
               server backpropagates each micro-batch with its forward (``--also-unfused``: a row
               with a separate BACKWARD round trip per micro-batch instead).
-* hand-built: what a PyTorch user writes first: two processes, gloo over TCP loopback, no TLS, no
-              auth; rank 0 embeddings + blocks[:cut], rank 1 the rest + loss + its own AdamW;
-              activation and labels out, activation gradient and loss back, via the CPU.
+* hand-built: what a PyTorch user writes (``hand_built.py``): two processes, gloo over TCP, no TLS,
+              no auth; rank 0 embeddings + blocks[:cut], rank 1 the rest + loss + its own AdamW;
+              labels and activation out, its gradient back, through host buffers allocated once
+              (pinned on CUDA); fp32 on the wire like ours (``--also-bf16-wire``: a bf16 row of each).
 * lightning local / lightning ours (unless --no-lightning): ``Trainer.fit`` of
   ``examples.modules.CausalLM``, the second with ``strategy=SplitStrategy(...)``.
+
+``--link RATE[,RTT_MS]`` (root): the server side (our server, the hand-built rank 1) runs across an
+emulated link (``link.py``: its own network namespace, tbf each way, RTT added per packet); the
+link as configured and as measured with raw TCP goes into the table's title and the JSON.
 
 Steps/s = 1 / median step time after warm-up (CUDA synchronised around every step). The transport
 breakdown of ``ours`` comes from ``client.stats`` and the server's handler time; the codec row is
@@ -28,8 +34,8 @@ an offline estimate (encode + decode of one step's real messages, device copies 
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
+import contextlib
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import hand_built  # noqa: E402
 from _common import (  # noqa: E402
     SplitServer,
     autocast,
@@ -60,6 +67,7 @@ from _common import (  # noqa: E402
     timed,
     write_json,
 )
+from link import Link, LinkError, enter_netns  # noqa: E402
 
 from lightning_split.channel import ChannelConfig, client_tls  # noqa: E402
 from lightning_split.split.build import ModelSource, build_model  # noqa: E402
@@ -192,88 +200,48 @@ def profile_if_asked(variable: str, name: str) -> Any:
     return _DumpingProfile(f"{path}.{name.replace(' ', '_')}")
 
 
-# -- hand-built: torch.distributed gloo, no TLS -------------------------------------------------------
+# -- hand-built (hand_built.py) and the server across a link ------------------------------------------
 
-def _hand_built_rank(rank: int, port: int, args: dict[str, Any], source: dict, out: Any) -> None:
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    dtype, cut = args["dtype"], args["cut"]
-    device = args["device"] if rank == 0 else args["server_device"]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    model = build_model(ModelSource.from_dict(source), device=device).train()
-    t = model.transformer
-    if rank == 0:
-        mine = [t.wte, t.wpe, *t.h[:cut]]
-    else:
-        mine = [*t.h[cut:], t.ln_f, model.lm_head]  # lm_head: the server's copy of the tied wte
-    params = list({id(p): p for m in mine for p in m.parameters()}.values())
-    opt = torch.optim.AdamW(params, lr=LR)
-    vocab = model.config.vocab_size
-    batches = random_batches(args["warmup"] + args["steps"], args["batch"], args["seq"], vocab, device)
-    b, s, h = args["batch"], args["seq"], model.config.n_embd
-    times, losses = [], []
-    for ids in batches:
-        sync(device)
-        t0 = time.perf_counter()
-        if rank == 0:
-            with autocast(device, dtype):
-                x = t.drop(t.wte(ids) + t.wpe(torch.arange(s, device=device))[None])
-                for block in t.h[:cut]:
-                    x = block(x)
-            dist.send(x.detach().float().cpu(), dst=1)
-            dist.send(ids.cpu(), dst=1)
-            grad, loss = torch.empty(b, s, h), torch.empty(1)
-            dist.recv(grad, src=1)
-            dist.recv(loss, src=1)
-            x.backward(grad.to(device, x.dtype))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            x, labels = torch.empty(b, s, h), torch.empty(b, s, dtype=torch.long)
-            dist.recv(x, src=0)
-            dist.recv(labels, src=0)
-            x = x.to(device).requires_grad_(True)
-            labels = labels.to(device)
-            with autocast(device, dtype):
-                y = x
-                for block in t.h[cut:]:
-                    y = block(y)
-                logits = model.lm_head(t.ln_f(y))
-            logits = logits.float()[:, :-1]
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
-            loss.backward()
-            dist.send(x.grad.float().cpu(), dst=0)
-            dist.send(loss.detach().float().cpu().view(1), dst=0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank == 0:
-        out.put((times, losses))
-
-
-def run_hand_built(args: Any, source: ModelSource) -> Run:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+def run_hand_built(args: Any, source: ModelSource, link: Link | None, wire: str = "fp32",
+                   name: str = "hand-built") -> Run:
     keys = ("device", "server_device", "dtype", "cut", "batch", "seq", "steps", "warmup")
-    conf = {k: getattr(args, k) for k in keys}
-    procs = [ctx.Process(target=_hand_built_rank, args=(r, port, conf, source.to_dict(), out), daemon=True)
-             for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        times, losses = out.get(timeout=1800)
-    finally:
-        for p in procs:
-            p.join(60)
-    return Run("hand-built", times[args.warmup:], losses)
+    times, losses = hand_built.run({**{k: getattr(args, k) for k in keys}, "wire": wire}, source, link)
+    return Run(name, times[args.warmup:], losses, {"wire": wire})
+
+
+def _serve_in_netns(netns: str, host: str, *args: Any) -> None:
+    """_common._serve, from the link's server namespace and bound to the server's address there."""
+    import _common
+
+    enter_netns(netns)
+    channel_server = _common.ChannelServer
+    _common.ChannelServer = lambda service, _address, **kw: channel_server(service, f"{host}:0", **kw)
+    _common._serve(*args)
+
+
+class LinkedServer(SplitServer):
+    """A SplitServer whose process serves across ``link`` (clients dial ``address``, TLS name ``server_name``)."""
+
+    def __init__(self, link: Link, pki: Path, source: ModelSource, spec: SplitSpec, device: str) -> None:
+        import _common
+
+        self.link, serve = link, _common._serve
+        _common._serve = functools.partial(_serve_in_netns, link.server_ns_path, link.server_host)
+        try:  # SplitServer spawns _common._serve: this one, for this server only
+            super().__init__(pki, source, spec, device)
+        finally:
+            _common._serve = serve
+
+    @property
+    def address(self) -> str:
+        return self.link.client_addr(int(super().address.rsplit(":", 1)[1]))
+
+    @property
+    def server_name(self) -> str:
+        return self.link.server_name
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        return super().connect(*args, server_name_override=self.link.server_name, **kwargs)
 
 
 # -- Lightning ---------------------------------------------------------------------------------------
@@ -308,7 +276,8 @@ def run_lightning(args: Any, source: ModelSource, batches: list[torch.Tensor],
         module, name = CausalLM(lr=LR, optimizer="AdamW"), "ours"
         strategy = SplitStrategy(address=server.address, node_id="bench", tls=client_tls(server.pki, "bench"),
                                  source=source, spec=spec, tail="trainable", device=args.device,
-                                 log_transport=False, micro_batches=args.micro_batches)
+                                 log_transport=False, micro_batches=args.micro_batches,
+                                 server_name_override=getattr(server, "server_name", None))
     data = torch.utils.data.DataLoader([ids.cpu() for ids in batches], batch_size=None)
     trainer = L.Trainer(
         max_steps=len(batches), accelerator=torch.device(args.device).type, devices=1, strategy=strategy,
@@ -368,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also-connections", type=int, nargs="*", default=[],
                    help="extra 'ours conn=K' rows with the stream bonded over K connections")
     p.add_argument("--also-bf16-wire", action="store_true",
-                   help="an extra row with lossy bf16 compression both ways (halves the bytes; not exact)")
+                   help="extra rows with bf16 on the wire both ways, ours (lossy bf16 compression) and "
+                        "hand-built (halves the bytes; not exact)")
+    p.add_argument("--link", default=None, metavar="RATE[,RTT_MS]",
+                   help="run the server side across an emulated link (link.py, root only), e.g. 100mbit,20")
+    p.add_argument("--link-mode", choices=("tun", "loopback-ns"), default="tun",
+                   help="link.py's mode: tun (rate each way + RTT) or loopback-ns (one shaped loopback, no RTT)")
     p.add_argument("--also-micro-batches", type=int, nargs="*", default=[],
                    help="extra 'ours mb=N' rows with these micro-batch counts (same server, same run)")
     p.add_argument("--also-ramped", type=int, nargs="*", default=[],
@@ -384,14 +358,38 @@ def main(argv: list[str] | None = None) -> int:
     spec = SplitSpec(cut=args.cut, shape="two_part")
     vocab = source.config["vocab_size"]
     batches = random_batches(args.warmup + args.steps, args.batch, args.seq, vocab, args.device)
+    with contextlib.ExitStack() as stack:
+        link = None
+        if args.link:
+            rate, _, rtt = args.link.partition(",")
+            try:
+                link = stack.enter_context(Link(rate, float(rtt or 0), args.link_mode))
+            except LinkError as e:
+                print(f"train: --link: {e}", file=sys.stderr)
+                return 2
+            link.enter_client()  # loopback-ns: this process and what it starts, inside the shaped namespace
+            link.measure()
+        return _main(args, link, t_start, source, spec, batches)
+
+
+def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spec: SplitSpec,
+          batches: list[torch.Tensor]) -> int:
     print(f"train: GPT-2 {args.model} ({source.config['n_layer']} x {source.config['n_embd']}), "
           f"batch {args.batch} x seq {args.seq}, cut {args.cut}, {args.device} {args.dtype} "
           f"(server: {args.server_device}), "
           f"{args.steps} steps after {args.warmup} warm-up, "
           f"{ChannelConfig(connections=args.connections).wanted_connections()} connection(s)", flush=True)
+    where = ""
+    if link is not None:
+        m = link.measured
+        said = (f"{link}, measured {m['c2s_mbit_s']:.0f}/{m['s2c_mbit_s']:.0f} Mbit/s c->s/s->c, "
+                f"RTT {m['rtt_ms']:.1f} ms")
+        where = f"; link {said}"
+        print(f"  server side across the link: {said}", flush=True)
+    server_cls = functools.partial(LinkedServer, link) if link is not None else SplitServer
 
     runs: list[Run] = []
-    with pki_dir() as pki, SplitServer(pki, source, spec, args.server_device) as server:
+    with pki_dir() as pki, server_cls(pki, source, spec, args.server_device) as server:
         runs.append(run_local(args, source, batches))
         print(f"  local      {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
         runs.append(run_ours(args, server, source, spec, batches, args.micro_batches))
@@ -422,14 +420,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  lightning  {runs[-2].steps_per_s:8.2f} local, {runs[-1].steps_per_s:.2f} ours steps/s",
                   flush=True)
     if not args.no_hand_built:
-        runs.append(run_hand_built(args, source))
+        runs.append(run_hand_built(args, source, link))
         print(f"  hand-built {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        if args.also_bf16_wire:
+            runs.append(run_hand_built(args, source, link, "bf16", "hand-built bf16 wire"))
+            print(f"  hand-built bf16 wire {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
 
     by = {r.name: r for r in runs}
     local = by["local"]
     print_table(
         f"training, GPT-2 {args.model}, batch {args.batch} x {args.seq}, {args.device} {args.dtype} "
-        f"(median of {args.steps} steps)",
+        f"(median of {args.steps} steps){where}",
         ["variant", "steps/s", "ms/step", "best ms", "x local", "loss[0]", "loss[-1]"],
         [[r.name, r.steps_per_s, 1e3 * median(r.times), 1e3 * min(r.times), r.steps_per_s / local.steps_per_s,
           f"{r.losses[0]:.4f}", f"{r.losses[-1]:.4f}"] for r in runs],
@@ -438,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     if "hand-built" in by:
         ratios["hand-built/local"] = by["hand-built"].steps_per_s / local.steps_per_s
         ratios["ours/hand-built"] = by["ours"].steps_per_s / by["hand-built"].steps_per_s
+    if "hand-built bf16 wire" in by and "ours bf16 wire" in by:
+        ratios["ours/hand-built, bf16 wire"] = by["ours bf16 wire"].steps_per_s / by["hand-built bf16 wire"].steps_per_s
     if "lightning ours" in by:
         ratios["lightning ours/local"] = by["lightning ours"].steps_per_s / by["lightning local"].steps_per_s
     print("\nratios (steps/s): " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
@@ -449,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = ratios["ours/local"] >= target and ratios.get("ours/hand-built", 1.0) > 1.0
             print(f"\ntarget (GPU): ours >= {target} x local and ahead of hand-built: "
                   f"{'MET' if ok else 'MISSED'}")
-    out = write_json(json_path(args, "train"), args, {
+    bench = "train" if link is None else f"train_link-{args.link.replace(',', '-')}"
+    out = write_json(json_path(args, bench), args, {
         "runs": {r.name: r.as_dict() for r in runs}, "ratios": ratios,
+        "link": None if link is None else {"configured": link.describe(), "measured": link.measured},
         "seconds": time.perf_counter() - t_start,
     })
     print(f"\nwrote {out} ({time.perf_counter() - t_start:.0f} s)")
