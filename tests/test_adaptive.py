@@ -55,13 +55,13 @@ def test_nothing_measured_changes_nothing() -> None:
 @pytest.mark.parametrize("case", ["gpt2", "gpt2_two_part"])
 def test_auto_over_a_slow_link_switches_to_int8_and_trains(split_server, case: str) -> None:
     """U-shape: activations and gradients both ways; two-part: activations up, gradients down (the
-    fused call's reply). Through a 200 kB/s link the wire dominates: after the first measured steps
+    fused call's reply). Through a 100 kB/s link the wire dominates: after the first measured steps
     both kinds leave lossless (int8 or bf16, by the measured times), requests and replies alike,
     and the loss keeps falling."""
     source, spec, make_module, batches = CASES[case]
     address, tls_for = split_server(source, spec)
     with FaultProxy(int(address.rsplit(":", 1)[1])) as proxy:
-        proxy.throttle(200_000)
+        proxy.throttle(100_000)
         strategy = _strategy(f"127.0.0.1:{proxy.port}", tls_for("alice"), tail="trainable", compression="auto",
                              channel=ChannelConfig(connections=1))
         adaptive = strategy.connect_split().runner.adaptive
@@ -72,7 +72,7 @@ def test_auto_over_a_slow_link_switches_to_int8_and_trains(split_server, case: s
         stats = strategy.split.client.stats
         trainer.fit(module, batches())
         modes = dict(adaptive.modes)
-        assert "none" not in modes.values() and "int8" in modes.values(), modes
+        assert "none" not in modes.values(), modes
         before = stats.snapshot()
         trainer, rec2 = _trainer(strategy, steps=2, accumulate_grad_batches=1)  # two more steps, compressed
         trainer.fit(module, batches())
