@@ -1289,6 +1289,7 @@ COMPRESSIONS = {
     "bf16": CompressionConfig(lossy="bf16", min_bytes=64),
     "fp16": CompressionConfig(lossy="fp16", min_bytes=64),
     "int8": CompressionConfig(lossy="int8", int8_block_size=32, min_bytes=64),
+    "fp8": CompressionConfig(lossy="fp8", int8_block_size=32, min_bytes=64),
 }
 TAILS = [({"mode": "trainable", "optimizer": {"name": "SGD", "lr": 1e-3}}, 5), ({"mode": "frozen"}, 2),
          ({"mode": "lora", "lora": {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}}, 2)]

@@ -59,6 +59,7 @@ MODES = {
     "bf16": (CompressionConfig(lossy="bf16"), 0.05),
     "fp16": (CompressionConfig(lossy="fp16"), 0.01),
     "int8+blosc2": (CompressionConfig(lossy="int8", lossless="blosc2"), 0.05),
+    "fp8": (CompressionConfig(lossy="fp8"), 0.3),  # 2**-4 of |x| <= ~4.5 (randn)
 }
 
 

@@ -250,8 +250,9 @@ def test_hostile_unknown_dtype(dtype):
     expect(INVALID, tensor_meta_bytes(dtype=dtype, nbytes=16), bytes(16), match="dtype")
 
 
-@pytest.mark.parametrize("encoding", [4, 77])
+@pytest.mark.parametrize("encoding", [5, 77])
 def test_hostile_unknown_encoding(encoding):
+    """Values past the last Encoding (FP8_BLOCK = 4) are refused before anything is read."""
     expect(INVALID, tensor_meta_bytes(encoding=encoding, nbytes=16), bytes(16), match="encoding")
 
 

@@ -57,7 +57,7 @@ def test_config_defaults_and_dict_roundtrip():
     assert CompressionConfig.from_dict({"lossy": None, "codec": "zstd"}).codec == "ZSTD"
 
 
-@pytest.mark.parametrize("kw", [{"lossless": "gzip"}, {"lossy": "fp8"}, {"codec": "SNAPPY"}, {"filter": "X"},
+@pytest.mark.parametrize("kw", [{"lossless": "gzip"}, {"lossy": "fp4"}, {"codec": "SNAPPY"}, {"filter": "X"},
                                 {"level": 10}, {"nthreads": 0}, {"int8_block_size": 0}, {"min_bytes": -1},
                                 {"level": "1"}, {"nthreads": 1.5}, {"min_bytes": True}])
 def test_config_validation(kw):
@@ -135,11 +135,44 @@ def test_int8_block_error_bound(src, block, n):
     assert bool((out[: min(block, n)] == 0).all())
 
 
-def test_int8_non_finite_falls_back_to_raw():
+def fp8_bound(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per element bound of FP8_BLOCK: e4m3's half ulp (2**-4 relative) in its normal range, half
+    its subnormal step (2**-10 in units of the block's scale absmax / 448) below it, fp32 slack."""
+    per = int8_bound(x, block) * 254 / (1 + 1e-5) / 448  # the block's scale
+    return (2.0**-4 * x.double().abs().reshape(-1) + 2.0**-10 * per) * (1 + 1e-5) + 1e-30
+
+
+@pytest.mark.parametrize("src", FLOATS)
+@pytest.mark.parametrize("block,n", [(128, 10000), (7, 4099), (1, 2048), (100000, 3000)])
+def test_fp8_block_error_bound(src, block, n):
+    x = (torch.randn(n) * torch.logspace(-6, 3, n)).to(src)  # values across nine decades in a block
+    x[: min(block, n)] = 0
+    tm, out = encode(x, CompressionConfig(lossy="fp8", int8_block_size=block, min_bytes=0))
+    assert tm.encoding == pb.FP8_BLOCK and tm.block_size == block and tm.nbytes == 4 * (-(-n // block)) + n
+    assert out.dtype == src and out.shape == x.shape
+    err = (out.double() - x.double()).abs()
+    extra = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(src, 0.0) * x.double().abs() * 1.01
+    extra += 2.0**-24 if src == torch.float16 else 0.0  # a float16 output's subnormal step (its values go to 1e-6)
+    assert bool((err <= fp8_bound(x, block) + extra).all())
+    assert bool((out[: min(block, n)] == 0).all())
+
+
+def test_fp8_keeps_the_small_values_int8_loses_beside_an_outlier():
+    x = torch.randn(128 * 64) * 1e-3
+    x[::128] = 10.0  # one outlier per block
+    small = torch.ones_like(x, dtype=torch.bool)
+    small[::128] = False
+    rel = {m: float((encode(x, CompressionConfig(lossy=m, min_bytes=0))[1] - x)[small].norm() / x[small].norm())
+           for m in ("int8", "fp8")}
+    assert rel["fp8"] < 0.07 and rel["int8"] > 0.5, rel
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_block_modes_non_finite_fall_back_to_raw(mode):
     for bad in (float("nan"), float("inf")):
         x = torch.randn(4096)
         x[100] = bad
-        tm, out = encode(x, CompressionConfig(lossy="int8"))
+        tm, out = encode(x, CompressionConfig(lossy=mode))
         assert tm.encoding == pb.RAW
         assert torch.equal(out.isnan(), x.isnan()) and torch.equal(out[~x.isnan()], x[~x.isnan()])
 
@@ -151,7 +184,7 @@ def test_int8_shapes_preserved():
 
 
 @pytest.mark.parametrize("dtype", INTS)
-@pytest.mark.parametrize("mode", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "fp16", "fp8", "int8"])
 def test_lossy_never_touches_integer_or_bool(dtype, mode):
     x = torch.randint(0, 2, (5000,)).to(dtype)
     tm, out = encode(x, CompressionConfig(lossy=mode, min_bytes=0))
@@ -214,21 +247,23 @@ def test_blosc2_on_realistic_activations():
         assert ((out - act).abs()[nz] / act.abs()[nz]).max().item() <= bound
 
 
-@pytest.mark.parametrize("mode", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "fp16", "fp8", "int8"])
 def test_lossy_plus_lossless(mode):
     x = torch.randn(128, 64)
     x[:64] = 0  # compressible half
     tm, out = encode(x, CompressionConfig(lossless="blosc2", lossy=mode, codec="ZSTD"))
     assert tm.blosc2
-    assert tm.encoding == {"bf16": pb.CAST_BF16, "fp16": pb.CAST_FP16, "int8": pb.INT8_BLOCK}[mode]
-    tol = {"bf16": 2.0**-8, "fp16": 2.0**-11, "int8": 1 / 254 + 1e-6}[mode]
+    assert tm.encoding == {"bf16": pb.CAST_BF16, "fp16": pb.CAST_FP16, "fp8": pb.FP8_BLOCK,
+                           "int8": pb.INT8_BLOCK}[mode]
+    tol = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp8": 2.0**-4 + 1e-6, "int8": 1 / 254 + 1e-6}[mode]
     scale = x.abs().amax() if mode == "int8" else x.abs()
-    assert bool(((out - x).abs() <= tol * scale + 1e-30).all())
+    subnormal = x.abs().amax() / 448 * 2.0**-10 if mode == "fp8" else 0.0  # e4m3's half subnormal step, scaled
+    assert bool(((out - x).abs() <= tol * scale + subnormal + 1e-30).all())
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 3000), block=st.integers(1, 300),
-       mode=st.sampled_from(["none", "bf16", "fp16", "int8"]), lossless=st.booleans(),
+       mode=st.sampled_from(["none", "bf16", "fp16", "fp8", "int8"]), lossless=st.booleans(),
        seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_property_lossy_bounds(n, block, mode, lossless, seed, scale):
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
@@ -241,6 +276,8 @@ def test_property_lossy_bounds(n, block, mode, lossless, seed, scale):
         assert torch.equal(out, x)
     elif mode == "int8":
         assert bool((err <= int8_bound(x, block)).all())
+    elif mode == "fp8":
+        assert bool((err <= fp8_bound(x, block)).all())
     else:
         u = 2.0**-8 if mode == "bf16" else 2.0**-11
         # below fp16's normal range the absolute error is bounded by half a subnormal step

@@ -43,6 +43,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAST_BF16: _ClassVar[Encoding]
     CAST_FP16: _ClassVar[Encoding]
     INT8_BLOCK: _ClassVar[Encoding]
+    FP8_BLOCK: _ClassVar[Encoding]
 MESSAGE_TYPE_UNSPECIFIED: MessageType
 HANDSHAKE: MessageType
 SPLIT: MessageType
@@ -71,6 +72,7 @@ RAW: Encoding
 CAST_BF16: Encoding
 CAST_FP16: Encoding
 INT8_BLOCK: Encoding
+FP8_BLOCK: Encoding
 
 class Header(_message.Message):
     __slots__ = ("protocol_version", "type", "node_id", "code", "session_id", "step", "sequence", "acked", "reply_encoding", "server_us")

@@ -11,7 +11,7 @@ from lightning_split.wire.compression import AcceptedEncodings
 # Room in one gRPC message for the Frame's header fields around a chunk of data.
 FRAME_HEADROOM = 64 * 1024
 LOSSLESS_MODES = ("none", "blosc2")
-LOSSY_MODES = ("none", "bf16", "fp16", "int8")
+LOSSY_MODES = ("none", "bf16", "fp16", "fp8", "int8")
 
 
 def auto_connections() -> int:

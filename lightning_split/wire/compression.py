@@ -10,6 +10,12 @@ Lossy stage (floating tensors only; integer and bool tensors are always RAW):
   Buffer layout: ``ceil(n / block)`` float32 scales, then ``n`` int8 values. Error per element
   <= scale / 2 = absmax / 254 (plus float32 rounding). A block with scale 0 decodes to 0. A tensor
   with a non-finite value is sent RAW (absmax scaling would destroy the whole block).
+* ``fp8`` (FP8_BLOCK): the same blocks and layout, the scale ``absmax / 448`` and the values as
+  float8 e4m3fn (OCP FP8: 4 exponent bits, 3 mantissa bits, largest finite 448). Relative error
+  per element <= 2**-4, whatever its size within the block, where int8's absolute error is the
+  same for every element: fp8 keeps the small values of a block with an outlier, int8 the typical
+  values of a dense block. Measured on GPT-2 small's hidden state after block 2 (random init,
+  block 128): relative L2 error 2.6 % with fp8, 0.65 % with int8. Same bytes as int8.
 
 Lossless stage: blosc2 ``compress2`` of the encoded bytes with ``typesize`` = encoded element
 size; kept only when it actually shrinks the bytes. blosc2 chunks must be < 2 GiB
@@ -68,7 +74,7 @@ DTYPE_TO_PB: dict[torch.dtype, int] = {
 PB_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_PB.items()}
 FLOAT_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 LOSSLESS_MODES = ("none", "blosc2")
-LOSSY_MODES = ("none", "bf16", "fp16", "int8")
+LOSSY_MODES = ("none", "bf16", "fp16", "fp8", "int8")
 CODECS = ("LZ4", "LZ4HC", "ZSTD", "ZLIB", "BLOSCLZ")
 FILTERS = ("NOFILTER", "SHUFFLE", "BITSHUFFLE")
 # What we accept in a received chunk header: built-in codecs and lossless built-in filters only,
@@ -86,12 +92,12 @@ class CompressionConfig:
     """Compression for one direction. On a receiver it says what is *accepted* (RAW always is)."""
 
     lossless: str = "none"  # "none" | "blosc2"
-    lossy: str = "none"  # "none" | "bf16" | "fp16" | "int8"
+    lossy: str = "none"  # "none" | "bf16" | "fp16" | "fp8" | "int8"
     codec: str = "ZSTD"  # blosc2 codec; defaults chosen by measurement (module docstring)
     level: int = 1
     filter: str = "SHUFFLE"
     nthreads: int = 2
-    int8_block_size: int = 128
+    int8_block_size: int = 128  # the block of int8 and fp8 (one float32 scale each)
     min_bytes: int = 4096  # tensors smaller than this are sent RAW
     # Gradients sent lossy carry the residual of their last send into the next (error_feedback.py).
     error_feedback: bool = True
@@ -148,7 +154,9 @@ class CompressionConfig:
 
 
 # The pb.Encoding of each lossy mode, and back.
-LOSSY_ENCODINGS = {"bf16": pb.CAST_BF16, "fp16": pb.CAST_FP16, "int8": pb.INT8_BLOCK}
+LOSSY_ENCODINGS = {"bf16": pb.CAST_BF16, "fp16": pb.CAST_FP16, "fp8": pb.FP8_BLOCK, "int8": pb.INT8_BLOCK}
+BLOCK_ENCODINGS = (pb.INT8_BLOCK, pb.FP8_BLOCK)  # a float32 scale per block, then one byte per value
+FP8_MAX = 448.0  # float8 e4m3fn
 ENCODING_MODES = {v: k for k, v in LOSSY_ENCODINGS.items()}
 
 
@@ -188,7 +196,7 @@ def encoded_nbytes(dtype: torch.dtype, numel: int, encoding: int, block_size: in
         return numel * dtype.itemsize
     if encoding in (pb.CAST_BF16, pb.CAST_FP16):
         return numel * 2
-    if encoding == pb.INT8_BLOCK:
+    if encoding in BLOCK_ENCODINGS:
         return 4 * (-(-numel // block_size)) + numel
     raise invalid(f"TensorMeta.encoding: unknown value {encoding}")
 
@@ -217,30 +225,32 @@ def _host_bytes(t: torch.Tensor, defer: bool = False) -> tuple[memoryview, Any]:
     return memoryview(t.view(torch.uint8).numpy()), ready
 
 
-def _quantize_int8(x: torch.Tensor, block: int) -> torch.Tensor | None:
-    """INT8_BLOCK encode on x's device; None when x has a non-finite value (then it goes RAW)."""
+def _quantize_blocks(x: torch.Tensor, block: int, encoding: int) -> torch.Tensor | None:
+    """INT8_BLOCK or FP8_BLOCK encode on x's device; None when x has a non-finite value (then it goes RAW)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     nfull, tail = divmod(n, block)
     nblocks = nfull + (1 if tail else 0)
     out = torch.empty(4 * nblocks + n, dtype=torch.uint8, device=x.device)
     scales = out[: 4 * nblocks].view(torch.float32)
-    q = out[4 * nblocks :].view(torch.int8)
+    values = out[4 * nblocks :].view(torch.int8 if encoding == pb.INT8_BLOCK else torch.float8_e4m3fn)
+    top = 127.0 if encoding == pb.INT8_BLOCK else FP8_MAX
     # Full blocks as a 2-D view, the tail separately: no padding copy, any block size works.
     head = nfull * block
-    parts = [(flat[:head].view(nfull, block), scales[:nfull], q[:head].view(nfull, block))]
+    parts = [(flat[:head].view(nfull, block), scales[:nfull], values[:head].view(nfull, block))]
     if tail:
-        parts.append((flat[head:].view(1, tail), scales[nfull:], q[head:].view(1, tail)))
-    for xb, sc, qb in parts:
+        parts.append((flat[head:].view(1, tail), scales[nfull:], values[head:].view(1, tail)))
+    for xb, sc, vb in parts:
         if xb.numel() == 0:
             continue
         amax = xb.abs().amax(dim=1)
         if not bool(torch.isfinite(amax).all()):
             return None
-        s = amax / 127.0
+        s = amax / top
         sc.copy_(s)
         safe = torch.where(s > 0, s, torch.ones_like(s))  # scale 0 only when the block is ~0
-        qb.copy_((xb / safe[:, None]).round_().clamp_(-127, 127))
+        scaled = (xb / safe[:, None]).clamp_(-top, top)
+        vb.copy_(scaled.round_() if encoding == pb.INT8_BLOCK else scaled)  # fp8: the cast rounds to nearest
     return out
 
 
@@ -254,10 +264,11 @@ def lossy_stage(t: torch.Tensor, cfg: CompressionConfig) -> tuple[int, int, torc
             amax = t.abs().max()
             if bool(amax <= FP16_MAX) or bool(torch.isnan(amax)):  # NaN survives the cast
                 return pb.CAST_FP16, 0, t.to(torch.float16)
-        elif cfg.lossy == "int8":
-            q = _quantize_int8(t, cfg.int8_block_size)
+        elif cfg.lossy in ("int8", "fp8"):
+            encoding = LOSSY_ENCODINGS[cfg.lossy]
+            q = _quantize_blocks(t, cfg.int8_block_size, encoding)
             if q is not None:
-                return pb.INT8_BLOCK, cfg.int8_block_size, q
+                return encoding, cfg.int8_block_size, q
     return pb.RAW, 0, t
 
 
@@ -291,7 +302,7 @@ def encode_tensor(t: torch.Tensor, cfg: CompressionConfig, defer: bool = False) 
     data, ready = _host_bytes(work, defer=defer and not compress)
     use_blosc2 = False
     if compress and 0 < len(data) <= blosc2.MAX_BUFFERSIZE:
-        typesize = 1 if encoding == pb.INT8_BLOCK else work.element_size()
+        typesize = 1 if encoding in BLOCK_ENCODINGS else work.element_size()
         try:
             packed = blosc2.compress2(
                 data, codec=blosc2.Codec[cfg.codec], clevel=cfg.level, typesize=typesize,
@@ -376,11 +387,13 @@ def decode_tensor(
     if encoding in (pb.CAST_BF16, pb.CAST_FP16):
         half = torch.bfloat16 if encoding == pb.CAST_BF16 else torch.float16
         return _aligned(enc, 2).view(half).reshape(shape).to(dtype)
-    # INT8_BLOCK
+    # INT8_BLOCK / FP8_BLOCK
     nfull, tail = divmod(numel, block_size)
     nblocks = nfull + (1 if tail else 0)
     scales = _aligned(enc[: 4 * nblocks], 4).view(torch.float32)
     q = enc[4 * nblocks :].view(torch.int8)
+    if encoding == pb.FP8_BLOCK:
+        q = q.view(torch.float8_e4m3fn).float()  # no mixed float8 arithmetic in torch: upcast first
     out = torch.empty(numel, dtype=torch.float32, device=enc.device)
     if nfull:
         torch.mul(q[: nfull * block_size].view(nfull, block_size), scales[:nfull, None],
@@ -393,12 +406,12 @@ def decode_tensor(
 def check_encoding(encoding: int, dtype: torch.dtype, block_size: int, use_blosc2: bool,
                    allowed: CompressionConfig | None) -> None:
     """Static checks of a TensorMeta's encoding fields (no data touched)."""
-    if encoding not in (pb.RAW, pb.CAST_BF16, pb.CAST_FP16, pb.INT8_BLOCK):
+    if encoding not in (pb.RAW, pb.CAST_BF16, pb.CAST_FP16, *BLOCK_ENCODINGS):
         raise invalid(f"TensorMeta.encoding: unknown value {encoding}")
     if encoding != pb.RAW and dtype not in FLOAT_DTYPES:
         raise invalid(f"TensorMeta.encoding {pb.Encoding.Name(encoding)} needs a floating dtype, got {dtype}")
-    if encoding == pb.INT8_BLOCK and block_size < 1:
-        raise invalid("TensorMeta.block_size must be >= 1 for INT8_BLOCK")
+    if encoding in BLOCK_ENCODINGS and block_size < 1:
+        raise invalid(f"TensorMeta.block_size must be >= 1 for {pb.Encoding.Name(encoding)}")
     if allowed is not None and not allowed.allows(encoding, use_blosc2):
         raise invalid(f"TensorMeta: encoding {pb.Encoding.Name(encoding)}"
                       f"{' + blosc2' if use_blosc2 else ''} not accepted by this receiver")
