@@ -36,7 +36,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from lightning_split.channel import ChannelConfig, RemoteError, TLSFiles, client_tls
-from lightning_split.split.adaptive import AdaptiveCompression
+from lightning_split.split.adaptive import AdaptiveCompression, resolve_mode
 from lightning_split.split.build import ModelSource
 from lightning_split.split.connect import SplitModel, open_split
 from lightning_split.split.spec import SplitSpec
@@ -85,9 +85,11 @@ class SplitStrategy(SingleDeviceStrategy):
         micro_batches: cut each training batch into this many micro-batches in flight, so that
             transfers overlap the server's compute (default: 2 once a hidden state reaches 4 MiB).
         compression: ``"auto"``: the training steps' activations and gradients each go on the wire
-            in the encoding the measured link and step time call for (none, bf16, or int8 with
+            in the encoding the measured link and step time call for (none, bf16, or int8/fp8 with
             error feedback for gradients; ``split/adaptive.py``), revised every 8 steps; logged as
-            ``split/bits_activations`` and ``split/bits_gradients``. None (default): ``channel``'s.
+            ``split/bits_activations`` and ``split/bits_gradients``. ``"channel"``: ``channel``'s
+            compression, exact unless it says lossy. None (default): ``"auto"`` for a server on
+            another host, ``"channel"`` for one on this host's loopback.
     """
 
     strategy_name = "split"
@@ -132,9 +134,7 @@ class SplitStrategy(SingleDeviceStrategy):
         self.channel = ChannelConfig.from_dict(channel) if isinstance(channel, dict) else channel
         self.log_transport = log_transport
         self.micro_batches = micro_batches
-        if compression not in (None, "auto"):
-            raise ValueError(f"compression must be None or 'auto', got {compression!r}")
-        self.compression = compression
+        self.compression = resolve_mode(compression, self.address)
         self._step_started: float | None = None
         self.server_name_override = server_name_override
         self.split: SplitModel | None = None
@@ -168,6 +168,8 @@ class SplitStrategy(SingleDeviceStrategy):
             if self.compression == "auto":
                 client = self.split.client
                 self.split.runner.adaptive = AdaptiveCompression(client.welcome.get("lossy_modes", ()), client.sending)
+                log.info("compression auto: on a slow link activations and gradients may go lossy (bf16, int8, fp8; "
+                         "gradients with error feedback); compression='channel' keeps the wire exact")
         return self.split
 
     def setup_environment(self) -> None:
@@ -368,7 +370,8 @@ class SplitStrategy(SingleDeviceStrategy):
         module.log("split/rtt_ms", 1e3 * delta.mean_rtt_s, prog_bar=True, on_step=True, on_epoch=False)
         module.log("split/sent_MB", now.bytes_sent / 1e6, prog_bar=True, on_step=True, on_epoch=False)
         module.log("split/recv_MB", now.bytes_received / 1e6, prog_bar=True, on_step=True, on_epoch=False)
-        module.log("split/compression", now.compression_ratio_sent, on_step=True, on_epoch=False)
+        module.log("split/compression", now.compression_ratio_sent, prog_bar=self.split.runner.adaptive is not None,
+                   on_step=True, on_epoch=False)
         # Faults survived: connections resumed, and requests sent again (each ran once on the server).
         module.log("split/reconnects", float(now.reconnects), prog_bar=True, on_step=True,
                    on_epoch=False)

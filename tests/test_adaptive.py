@@ -43,8 +43,30 @@ def test_in_between_the_least_lossy_choice_within_tolerance() -> None:
     assert _measured(1e7, 2.0, 1.0) == {"activations": "bf16", "gradients": "bf16"}
 
 
+def test_the_one_byte_rung_is_int8_or_fp8_by_the_error_on_a_sent_tensor() -> None:
+    """Dense Gaussian blocks: int8 errs 4x less than fp8. One outlier per block beside small values
+    (the hidden states of large LLMs): fp8 keeps the small ones, int8 rounds them to 0. Each kind
+    gets its own; a kind never sampled keeps int8."""
+    adaptive = AdaptiveCompression(("none", "bf16", "int8", "fp8"), every=8)
+    dense, spiky = torch.randn(64, 128), torch.randn(64, 128) * 1e-3
+    spiky[:, 0] = 10.0
+    for _ in range(7):
+        adaptive.end_step(0.1)
+    assert adaptive.wants_sample()
+    adaptive.sample("activations", dense)
+    assert adaptive.byte_mode == {"activations": "int8", "gradients": "int8"}
+    adaptive.sample("gradients", spiky)
+    assert adaptive.byte_mode == {"activations": "int8", "gradients": "fp8"}
+    for _ in range(8):  # a slow link: the one-byte rung, as sampled
+        adaptive.record("activations", 10**6, "gradients", 10**6, 10**6, 1.0, 0.01, first=True)
+        adaptive.end_step(1.1)
+    assert adaptive.modes == {"activations": "int8", "gradients": "fp8"}
+    assert adaptive.config("gradients").lossy == "fp8" and adaptive.wire_bits["gradients"] == 8.25
+
+
 def test_only_what_both_ends_allow() -> None:
     assert _measured(2e6, 0.1, 1.0, allowed=("none", "bf16")) == {"activations": "bf16", "gradients": "bf16"}
+    assert _measured(2e6, 0.1, 1.0, allowed=("none", "fp8")) == {"activations": "fp8", "gradients": "fp8"}
 
 
 def test_nothing_measured_changes_nothing() -> None:
@@ -65,7 +87,8 @@ def test_auto_over_a_slow_link_switches_to_int8_and_trains(split_server, case: s
         strategy = _strategy(f"127.0.0.1:{proxy.port}", tls_for("alice"), tail="trainable", compression="auto",
                              channel=ChannelConfig(connections=1))
         adaptive = strategy.connect_split().runner.adaptive
-        assert adaptive is not None and set(adaptive.ladder) == {"none", "bf16", "int8"}
+        assert adaptive is not None and adaptive.ladder == ["none", "bf16", "byte"]
+        assert adaptive.byte_modes == ["int8", "fp8"]
         adaptive.every = 2
         module = make_module()
         trainer, rec = _trainer(strategy, steps=6, accumulate_grad_batches=1)
@@ -81,3 +104,16 @@ def test_auto_over_a_slow_link_switches_to_int8_and_trains(split_server, case: s
         assert all(torch.isfinite(torch.tensor(rec.losses + rec2.losses)))
         assert sum(rec2.losses) / 2 < sum(rec.losses[:2]) / 2  # still learning
         strategy.close()
+
+
+@pytest.mark.parametrize("address,mode", [("127.0.0.1:50051", "channel"), ("localhost:9", "channel"),
+                                          ("[::1]:9", "channel"), ("unix:/tmp/split.sock", "channel"),
+                                          ("10.0.0.2:50051", "auto"), ("model-owner.example.com:443", "auto"),
+                                          ("[2001:db8::1]:443", "auto")])
+def test_the_default_is_auto_for_a_server_on_another_host(address: str, mode: str) -> None:
+    from lightning_split.split.adaptive import resolve_mode
+
+    assert resolve_mode(None, address) == mode
+    assert resolve_mode("channel", "10.0.0.2:1") == "channel" and resolve_mode("auto", "127.0.0.1:1") == "auto"
+    with pytest.raises(ValueError, match="compression"):
+        resolve_mode("int8", address)

@@ -7,8 +7,11 @@ measures, every training step: how many raw bytes of activations and of gradient
 way, and the link's throughput (the first micro-batch's bytes over its round trip less the server's
 own handling time, which every reply reports in ``Header.server_us``). Every ``every`` steps it
 predicts the step time of each choice of encoding, one for activations and one for gradients,
-among none, bf16 and int8 (block-wise, with error feedback for gradients) and takes the least lossy
-whose predicted time is within ``tolerance`` of the fastest. The prediction assumes no overlap of
+among none, bf16 and one byte per value (block-wise, with error feedback for gradients) and takes the
+least lossy whose predicted time is within ``tolerance`` of the fastest. One byte is int8 or fp8
+(e4m3), the same size: before each revision the runner hands over one tensor it sends of each kind,
+and the kind gets the one of the two with the lower error on it (int8 on dense blocks, fp8 where a
+block holds an outlier beside small values, as the hidden states of large LLMs do). The prediction assumes no overlap of
 transfer and compute (pessimistic where micro-batches overlap them). Requests carry their encoding
 and ask for their reply's (``Header.reply_encoding``); the receiver accepts every mode it allows.
 Casts and quantisation run on the tensor's device, before the copy to the host.
@@ -17,18 +20,24 @@ Casts and quantisation run on the tensor's device, before the copy to the host.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import statistics
 import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 from lightning_split.wire import CompressionConfig
+from lightning_split.wire.compression import lossy_roundtrip
 
 KINDS = ("activations", "gradients")
-LADDER = ("none", "bf16", "int8")  # least to most lossy
-# Wire bytes per raw fp32 byte (int8: one byte per value and a float32 scale per 128).
-WIRE_FRACTION = {"none": 1.0, "bf16": 0.5, "int8": (1 + 4 / 128) / 4}
+LADDER = ("none", "bf16", "byte")  # least to most lossy; "byte": int8 or fp8, whichever errs less
+BYTE_MODES = ("int8", "fp8")
+# Wire bytes per raw fp32 byte (int8/fp8: one byte per value and a float32 scale per 128).
+WIRE_FRACTION = {"none": 1.0, "bf16": 0.5, "byte": (1 + 4 / 128) / 4, "int8": (1 + 4 / 128) / 4,
+                 "fp8": (1 + 4 / 128) / 4}
 
 
 class AdaptiveCompression:
@@ -36,7 +45,11 @@ class AdaptiveCompression:
 
     def __init__(self, allowed: Iterable[str], base: CompressionConfig | None = None, every: int = 8,
                  tolerance: float = 0.05, window: int = 16) -> None:
-        self.ladder = [m for m in LADDER if m in set(allowed) | {"none"}]
+        allowed = set(allowed) | {"none"}
+        self.byte_modes = [m for m in BYTE_MODES if m in allowed]
+        self.ladder = [m for m in LADDER if m in allowed or (m == "byte" and self.byte_modes)]
+        # Each kind's one-byte encoding, revised from the sampled tensors (``sample``).
+        self.byte_mode = {kind: (self.byte_modes or ["int8"])[0] for kind in KINDS}
         self.base = base or CompressionConfig()
         self.every, self.tolerance = every, tolerance
         self.modes = {kind: "none" for kind in KINDS}
@@ -70,6 +83,22 @@ class AdaptiveCompression:
                 sent_wire = sent_raw * WIRE_FRACTION[self.modes[sends]]
                 self._throughput.append((sent_wire + reply_wire) / wire_s)
 
+    def wants_sample(self) -> bool:
+        """Whether the next request should hand its tensor to ``sample``: the step before a revision."""
+        return len(self.byte_modes) > 1 and self._count % self.every == self.every - 1
+
+    def sample(self, kind: str, tensor: torch.Tensor) -> None:
+        """Give ``kind`` the one-byte encoding that errs less on ``tensor`` (relative L2 error)."""
+        t = tensor.detach()
+        if not t.is_floating_point() or not t.numel():
+            return
+        norm = float(t.float().norm())
+        if norm == 0 or norm != norm or norm == float("inf"):
+            return
+        errors = {m: float((lossy_roundtrip(t, dataclasses.replace(self.base, lossy=m)).float() - t.float()).norm())
+                  for m in self.byte_modes}
+        self.byte_mode[kind] = min(self.byte_modes, key=errors.__getitem__)
+
     def end_step(self, seconds: float) -> bool:
         """A training step ended after ``seconds``; returns True if the encodings changed."""
         with self._lock:
@@ -89,7 +118,7 @@ class AdaptiveCompression:
         """The step time ``modes`` would give: the measured step with its transfer replaced."""
         rate = statistics.median(self._throughput)
         step = {k: statistics.median(s[k] for s in self._steps) for k in (*KINDS, "seconds")}
-        now = sum(step[k] * WIRE_FRACTION[self.modes[k]] for k in KINDS) / rate
+        now = sum(step[k] * WIRE_FRACTION[self.modes[k]] for k in KINDS) / rate  # modes: the encodings in use
         then = sum(step[k] * WIRE_FRACTION[modes[k]] for k in KINDS) / rate
         return max(step["seconds"] - now, 0.0) + then
 
@@ -100,10 +129,39 @@ class AdaptiveCompression:
         best = min(times.values())
         fine = [o for o in options if times[id(o)] <= best * (1 + self.tolerance)]
         # Least lossy overall; between equals, keep the activations (the forward itself) exact.
-        return min(fine, key=lambda o: (self.ladder.index(o["activations"]) + self.ladder.index(o["gradients"]),
-                                        self.ladder.index(o["activations"])))
+        rungs = min(fine, key=lambda o: (self.ladder.index(o["activations"]) + self.ladder.index(o["gradients"]),
+                                         self.ladder.index(o["activations"])))
+        return {kind: self.byte_mode[kind] if rung == "byte" else rung for kind, rung in rungs.items()}
 
     @property
     def wire_bits(self) -> dict[str, float]:
         """Bits per fp32 value on the wire now, by kind (32, 16, 8.25)."""
         return {k: 32 * WIRE_FRACTION[m] for k, m in self.modes.items()}
+
+
+def resolve_mode(compression: str | None, address: str) -> str:
+    """What ``SplitStrategy(compression=...)`` means for a server at ``address``: ``"auto"`` or
+    ``"channel"`` (the ChannelConfig's own, exact unless it says lossy). The default (None) is
+    ``"auto"`` where the server is on another host, whose link may be slow, and ``"channel"`` on
+    this host's loopback, where the wire costs little and runs stay bit-exact with local ones."""
+    if compression not in (None, "auto", "channel"):
+        raise ValueError(f"compression must be None, 'auto' or 'channel', got {compression!r}")
+    return compression or ("channel" if is_loopback(address) else "auto")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC target (``host:port``, ``[v6]:port``, ``ipv4:``/``dns:`` forms, ``unix:``)
+    names this host; a name other than ``localhost`` counts as remote (no DNS lookup here)."""
+    target = address
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

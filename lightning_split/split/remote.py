@@ -233,6 +233,10 @@ class RemoteSegment:
         sent_at, raw = time.perf_counter(), body_bytes(request)
         first = self._observed_step != self.step
         self._observed_step = self.step
+        if first and self.adaptive.wants_sample():  # int8 or fp8 for this kind: measured on what it sends
+            floats = [t for t in request.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if floats:
+                self.adaptive.sample(sends, max(floats, key=torch.Tensor.numel))
         future = self.client.submit(kind, request, step=self.step, **self.adaptive.options(sends, reply))
 
         def observe(f: Any) -> None:
