@@ -7,11 +7,15 @@ same model trained locally in the same run. The text is the Python documentation
 ship with every CPython (``pydoc_data.topics``, 465 kB of English and code), as bytes (a byte-level
 vocabulary of 256: the tokenizer is the text's own encoding). Reports each mode's final training
 loss (mean of the last 10% of steps) and held-out loss against lossless, ms per step and the
-bytes each step put on the wire each way; saves the loss curves as a plot.
+bytes each step put on the wire each way; saves the loss curves as a plot. With ``--seeds N`` every
+row is run with N data orders (seed 0..N-1, the same initialisation) and the table gives each mode's
+mean and spread: one run's loss at step 500 depends on when it leaves the early plateau, which noise
+of any kind (a lossy wire, another batch order) moves, so a single run cannot say "within 1%".
 
     python benchmarks/quality.py                  # 500 steps, every mode (about 10 minutes on 2 cores)
     python benchmarks/quality.py --quick          # 60 steps
     python benchmarks/quality.py --modes none int8 --steps 1000
+    python benchmarks/quality.py --device cuda --steps 2000 --seeds 3 --width 256   # the GPU machine
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ MODES: dict[str, dict[str, Any]] = {
     "blosc2": {"lossless": "blosc2"},
     "bf16": {"lossy": "bf16"},
     "int8": {"lossy": "int8"},
+    "fp8": {"lossy": "fp8"},
     "int8-no-feedback": {"lossy": "int8", "error_feedback": False},  # the ablation
 }
 SPEC = SplitSpec(cut=1, end=3)
@@ -75,6 +80,7 @@ def batches(train: torch.Tensor, steps: int, batch: int, seed: int = 0) -> list[
 
 
 def held_out_loss(model: Any, held: torch.Tensor, batch: int) -> float:
+    held = held.to(next(model.parameters()).device)
     with torch.no_grad():
         losses = [float(model(input_ids=held[i:i + batch], labels=held[i:i + batch]).loss)
                   for i in range(0, len(held) - batch + 1, batch)]
@@ -86,7 +92,8 @@ def run_split(server: SplitServer, src: ModelSource, mode: str, data: list[torch
     from lightning_split.channel import ChannelConfig
 
     comp = CompressionConfig(**MODES[mode])
-    split = server.connect(src, SPEC, "cpu", tail={"mode": "trainable", "optimizer": {"name": "AdamW", "lr": args.lr}},
+    tail = {"mode": "trainable", "optimizer": {"name": "AdamW", "lr": args.lr}}
+    split = server.connect(src, SPEC, args.device, tail=tail,
                            config=ChannelConfig(client_to_server=comp, server_to_client=comp, connections=1))
     try:
         model = split.model.train()
@@ -106,7 +113,7 @@ def run_split(server: SplitServer, src: ModelSource, mode: str, data: list[torch
 
 
 def run_local(src: ModelSource, data: list[torch.Tensor], held: torch.Tensor, args: Any) -> dict[str, Any]:
-    model = build_model(src).train()
+    model = build_model(src).to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, t0 = [], time.perf_counter()
     for ids in data:
@@ -124,6 +131,21 @@ def final(losses: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per mode, over the seeds: mean losses, and the mean, min and max of each seed's ratio to lossless."""
+    out: dict[str, dict[str, float]] = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        means = {k: sum(r[k] for r in mine) / len(mine)
+                 for k in ("final_loss", "held_out_loss", "final_vs_lossless", "held_out_vs_lossless")}
+        out[mode] = {"seeds": len(mine), **means,
+                     "final_min": min(r["final_vs_lossless"] for r in mine),
+                     "final_max": max(r["final_vs_lossless"] for r in mine),
+                     "held_out_min": min(r["held_out_vs_lossless"] for r in mine),
+                     "held_out_max": max(r["held_out_vs_lossless"] for r in mine)}
+    return out
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -135,6 +157,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
+        if row.get("seed", 0):
+            continue  # the first seed's curves; the table has every seed
         losses = torch.tensor(row["losses"])
         k = max(1, len(losses) // 50)  # a moving average, for legible curves
         smooth = torch.nn.functional.avg_pool1d(losses.view(1, 1, -1), k, stride=1).view(-1)
@@ -154,20 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, default=1, help="data orders per row (mean and spread in the table)")
+    p.set_defaults(device="cpu")  # CPU unless asked: the exact sums (lossless equals local bit for bit)
     args = finish_args(p.parse_args(argv), quick={"steps": 60, "batch": 8, "seq": 128},
                        full={"steps": 500, "batch": 8, "seq": 128})
-    args.model, args.device = "text-gpt2", "cpu"  # its own model (the byte vocabulary); CPU: the exact sums
+    args.model = "text-gpt2"  # its own model (the byte vocabulary); fp32 everywhere (CPU: the exact sums)
     quiet()
     torch.manual_seed(0)
     train_windows, held = corpus(args.seq)
     held = held[: 8 * args.batch]  # 8 held-out batches
-    data = batches(train_windows, args.steps, args.batch)
     src = source(args.layers, args.width, args.seq)
-    rows = [run_local(src, data, held, args)]
-    with pki_dir() as pki, SplitServer(pki, src, SPEC, "cpu") as server:
-        rows += [run_split(server, src, mode, data, held, args) for mode in args.modes]
-    base = next((r for r in rows if r["mode"] == "none"), rows[0])
+    rows: list[dict[str, Any]] = []
+    with pki_dir() as pki, SplitServer(pki, src, SPEC, args.device) as server:
+        for seed in range(args.seeds):
+            data = [ids.to(args.device) for ids in batches(train_windows, args.steps, args.batch, seed)]
+            rows += [run_local(src, data, held, args) | {"seed": seed}]
+            rows += [run_split(server, src, mode, data, held, args) | {"seed": seed} for mode in args.modes]
+            print(f"  seed {seed}: " + ", ".join(f"{r['mode']} {final(r['losses']):.4f}" for r in rows
+                                                 if r["seed"] == seed), flush=True)
     for r in rows:
+        base = next((b for b in rows if b["mode"] == "none" and b["seed"] == r["seed"]), r)
         r["final_loss"] = final(r["losses"])
         r["final_vs_lossless"] = r["final_loss"] / final(base["losses"])
         r["held_out_vs_lossless"] = r["held_out_loss"] / base["held_out_loss"]
@@ -178,9 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         [[r["mode"], f"{r['final_loss']:.4f}", f"{r['final_vs_lossless']:.4f}", f"{r['held_out_loss']:.4f}",
           f"{r['held_out_vs_lossless']:.4f}", f"{r['ms_per_step']:.1f}",
           f"{r.get('sent_MB_per_step', 0):.3f}", f"{r.get('received_MB_per_step', 0):.3f}"] for r in rows])
+    summary = summarise(rows)
+    if args.seeds > 1:
+        print_table(f"over {args.seeds} data orders: mean of each seed's ratio to its lossless run [min, max]",
+                    ["mode", "final loss", "x lossless", "held-out", "x lossless"],
+                    [[m, f"{v['final_loss']:.4f}", f"{v['final_vs_lossless']:.4f} [{v['final_min']:.4f}, "
+                      f"{v['final_max']:.4f}]", f"{v['held_out_loss']:.4f}", f"{v['held_out_vs_lossless']:.4f} "
+                      f"[{v['held_out_min']:.4f}, {v['held_out_max']:.4f}]"] for m, v in summary.items()])
     out = json_path(args, "quality")
     picture = plot(rows, out.with_suffix(".png"))
-    write_json(out, args, {"environment": environment("cpu"), "rows": rows,
+    write_json(out, args, {"environment": environment(args.device), "rows": rows, "summary": summary,
                            "plot": str(picture) if picture else None})
     print(f"wrote {out}" + (f" and {picture}" if picture else ""))
     return 0
