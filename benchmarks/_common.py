@@ -398,8 +398,8 @@ def record_one_step(split: SplitModel, run: Callable[[], Any]) -> list[tuple[int
     client, seen = split.client, []
     original = client.submit  # request() goes through submit() too
 
-    def recording(type_: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Any:
-        future = original(type_, body, step, timeout)
+    def recording(type_: int, body: Any = None, step: int = 0, timeout: float | None = None, **options: Any) -> Any:
+        future = original(type_, body, step, timeout, **options)  # options: adaptive compression's
         seen.append((type_, body, future))
         return future
 
@@ -418,9 +418,9 @@ def step_timeline(split: SplitModel, server: SplitServer, run: Callable[[], Any]
     client, seen = split.client, []
     original = client.submit
 
-    def stamping(type_: int, body: Any = None, step: int = 0, timeout: float | None = None) -> Any:
+    def stamping(type_: int, body: Any = None, step: int = 0, timeout: float | None = None, **options: Any) -> Any:
         entry = {"type": MessageType.Name(type_), "submit": time.perf_counter()}
-        future = original(type_, body, step, timeout)
+        future = original(type_, body, step, timeout, **options)
         future.add_done_callback(lambda _f: entry.__setitem__("reply", time.perf_counter()))
         seen.append(entry)
         return future
@@ -453,16 +453,19 @@ def _to(body: Any, device: str | torch.device) -> Any:
     return body
 
 
-def codec_seconds(messages: list[tuple[int, Any, Any]], device: str, repeats: int = 3) -> float:
-    """Encode + frame + reassemble + decode of one step's requests and replies, device copies included."""
-    bodies = [(t, _to(b, device)) for t, req, rep in messages for b in (req, rep)]
+def codec_seconds(messages: list[tuple[int, Any, Any]], device: str, repeats: int = 3,
+                  compression: tuple[Any, Any] = (None, None)) -> float:
+    """Encode + frame + reassemble + decode of one step's requests and replies, device copies included.
+    ``compression``: the CompressionConfig of the requests and of the replies (None: none)."""
+    bodies = [(t, _to(b, device), cfg) for t, req, rep in messages
+              for b, cfg in ((req, compression[0]), (rep, compression[1]))]
     best = float("inf")
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        for type_, body in bodies:
+        for type_, body, cfg in bodies:
             reassembler, msg = Reassembler(), None
-            for frame in message_to_frames(Message(type=type_, body=body, node_id="bench", sequence=1)):
+            for frame in message_to_frames(Message(type=type_, body=body, node_id="bench", sequence=1), cfg):
                 msg = reassembler.add(frame)
             _to(msg.body, device)
         sync(device)

@@ -10,9 +10,19 @@ never sends it).
 Written to be at least as fast as naive_split.py (the reference): host buffers allocated once and
 pinned on CUDA, no host allocation per step, non-blocking host-to-device copies into device buffers
 allocated once, positions built once; the same precision as the other rows (fp32 weights, bf16
-autocast with --dtype bf16); on the wire fp32 (exact, as ours by default) or bf16 (``wire="bf16"``,
-as ours with lossy bf16 compression), sent as raw 16-bit words like naive_split's WIRE=bf16. On a
-CPU, an fp32 activation and its gradient go to gloo straight from the tensors autograd uses.
+autocast with --dtype bf16); on the wire fp32 (exact, as ours by default), bf16 (``wire="bf16"``,
+as ours with lossy bf16 compression), sent as raw 16-bit words like naive_split's WIRE=bf16, or
+int8 (``wire="int8"``, as ours with lossy int8). On a CPU, an fp32 activation and its gradient go
+to gloo straight from the tensors autograd uses.
+
+``wire="int8"``, both ways (activation up, gradient down): our codec, written out here (``_Int8``),
+so that the comparison is about the system and not the codec: block-wise absmax, a float32 scale
+``absmax / 127`` per block of 128 values and ``round(x / scale)`` as int8, packed as our INT8_BLOCK
+(the scales, then the values) into one uint8 buffer and sent with one ``dist.send``. Quantised on the
+sending rank's device into device buffers made once, then copied into a host buffer made once (pinned
+on CUDA; on a CPU the device buffer is the host buffer); dequantised on the receiver's device into a
+buffer made once. Unlike ours: no error feedback on the gradient, and a non-finite value is not
+sent exact (it spoils its block).
 """
 
 from __future__ import annotations
@@ -31,7 +41,9 @@ from link import enter_netns
 from lightning_split.split.build import ModelSource, build_model
 
 LR = 1e-4
-WIRE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WIRE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # int8: _Int8 packs it
+INT8_BLOCK = 128  # CompressionConfig.int8_block_size's default
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _blocks(blocks: Any, x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +84,59 @@ class _Wire:
         return self._dev[name].copy_(buf, non_blocking=self.pinned)
 
 
+class _Int8:
+    """Block-wise absmax int8 of one tensor shape, our INT8_BLOCK layout (``ceil(n / block)`` float32
+    scales, then ``n`` int8 values) in one uint8 buffer; every buffer allocated once."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, pinned: bool, block: int = INT8_BLOCK) -> None:
+        n = 1
+        for d in shape:
+            n *= d
+        nb = -(-n // block)
+        self.shape, self.n, self.device, self.pinned = shape, n, device, pinned
+        self.host = torch.empty(4 * nb + n, dtype=torch.uint8, pin_memory=pinned)  # what gloo sends / receives
+        self.packed = self.host if device.type == "cpu" else torch.empty_like(self.host, device=device)
+        self.scales = self.packed[: 4 * nb].view(torch.float32)
+        self.values = self.packed[4 * nb :].view(torch.int8)
+        self.work = torch.zeros(nb, block, device=device)  # x as float32, a last partial block zero-padded
+        self.tmp = torch.empty_like(self.work)
+        self.safe = torch.empty(nb, device=device)
+        self._out: dict[torch.dtype, torch.Tensor] = {}
+
+    def encode(self, t: torch.Tensor) -> torch.Tensor:
+        """The packed bytes of ``t`` in the host buffer, ready for ``dist.send``."""
+        flat, n = self.work.view(-1), self.n
+        flat[:n].copy_(t.reshape(-1))
+        torch.abs(self.work, out=self.tmp)
+        torch.amax(self.tmp, dim=1, out=self.safe)
+        torch.div(self.safe, 127.0, out=self.scales)
+        torch.clamp(self.scales, min=_TINY, out=self.safe)  # a scale-0 block is all zeros: any divisor
+        torch.div(self.work, self.safe[:, None], out=self.tmp)
+        self.tmp.clamp_(-127.0, 127.0).round_()
+        self.values.copy_(self.tmp.view(-1)[:n])
+        if self.packed is not self.host:
+            self.host.copy_(self.packed)  # device-to-host, blocking: the send needs it
+        return self.host
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        """The host buffer (just received) dequantised on the device, as ``dtype`` in a buffer of its own."""
+        if self.packed is not self.host:
+            self.packed.copy_(self.host, non_blocking=self.pinned)
+        flat, n = self.work.view(-1), self.n
+        flat[:n].copy_(self.values)
+        self.work.mul_(self.scales[:, None])
+        if dtype not in self._out:
+            self._out[dtype] = torch.empty(self.shape, dtype=dtype, device=self.device)
+        return self._out[dtype].view(-1).copy_(flat[:n]).view(self.shape)
+
+
+def wire_bytes(conf: dict[str, Any], hidden: int) -> tuple[int, int]:
+    """(rank 0 -> rank 1, rank 1 -> rank 0) payload bytes of one step: labels and activation up, its gradient down."""
+    n = conf["batch"] * conf["seq"] * hidden
+    act = 4 * -(-n // INT8_BLOCK) + n if conf["wire"] == "int8" else n * WIRE[conf["wire"]].itemsize
+    return conf["batch"] * conf["seq"] * 8 + act, act
+
+
 def _rank(rank: int, port: int, conf: dict[str, Any], source: dict, out: Any) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -90,6 +155,9 @@ def _rank(rank: int, port: int, conf: dict[str, Any], source: dict, out: Any) ->
     opt = torch.optim.AdamW(list({id(p): p for m in mine for p in m.parameters()}.values()), lr=LR)
     b, s, h = conf["batch"], conf["seq"], model.config.n_embd
     wire = _Wire((b, s, h), WIRE[conf["wire"]], device)
+    int8 = conf["wire"] == "int8"
+    if int8:  # the fp32 buffers of _Wire stay unused (but labels)
+        act8, grad8 = _Int8((b, s, h), device, wire.pinned), _Int8((b, s, h), device, wire.pinned)
     steps = conf["warmup"] + conf["steps"]
     if rank == 0:
         batches = random_batches(steps, b, s, model.config.vocab_size, str(device))
@@ -101,9 +169,14 @@ def _rank(rank: int, port: int, conf: dict[str, Any], source: dict, out: Any) ->
             dist.send(wire.out(ids, wire.labels), dst=1)  # first: it crosses while the blocks run
             with autocast(device, dtype):
                 x = _blocks(t.h[:cut], t.drop(t.wte(ids) + t.wpe(pos)))
-            dist.send(wire.out(x.detach(), wire.act), dst=1)
-            dist.recv(wire.raw(wire.grad), src=1)
-            x.backward(wire.into("grad", wire.grad, x.dtype))
+            if int8:
+                dist.send(act8.encode(x.detach()), dst=1)
+                dist.recv(grad8.host, src=1)
+                x.backward(grad8.decode(x.dtype))
+            else:
+                dist.send(wire.out(x.detach(), wire.act), dst=1)
+                dist.recv(wire.raw(wire.grad), src=1)
+                x.backward(wire.into("grad", wire.grad, x.dtype))
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(device)
@@ -113,15 +186,17 @@ def _rank(rank: int, port: int, conf: dict[str, Any], source: dict, out: Any) ->
         losses = []
         for _ in range(steps):
             dist.recv(wire.labels, src=0)
-            dist.recv(wire.raw(wire.act), src=0)
+            dist.recv(act8.host if int8 else wire.raw(wire.act), src=0)
             labels = wire.into("labels", wire.labels, torch.long)
-            x = wire.into("act", wire.act, torch.float32).detach().requires_grad_(True)
+            x = act8.decode(torch.float32) if int8 else wire.into("act", wire.act, torch.float32)
+            x = x.detach().requires_grad_(True)
             with autocast(device, dtype):
                 logits = model.lm_head(t.ln_f(_blocks(t.h[cut:], x)))
             logits = logits.float()[:, :-1]
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
             loss.backward()
-            dist.send(wire.out(x.grad, wire.grad), dst=0)  # before the step: rank 0's backward overlaps it
+            # before the step: rank 0's backward overlaps it
+            dist.send(grad8.encode(x.grad) if int8 else wire.out(x.grad, wire.grad), dst=0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
@@ -132,7 +207,8 @@ def _rank(rank: int, port: int, conf: dict[str, Any], source: dict, out: Any) ->
 
 def run(conf: dict[str, Any], source: ModelSource, link: Any = None) -> tuple[list[float], list[float]]:
     """(step seconds on rank 0, losses) of every step, warm-up included. ``conf``: device,
-    server_device, dtype, cut, batch, seq, steps, warmup, wire; ``link``: rank 1 runs across it."""
+    server_device, dtype, cut, batch, seq, steps, warmup, wire (fp32, bf16, int8); ``link``: rank 1 runs
+    across it."""
     master = link.client_host if link is not None else "127.0.0.1"
     with socket.socket() as sock:
         sock.bind((master, 0))
