@@ -123,6 +123,20 @@ def test_chunk_sizes_and_boundaries(chunk_size):
     assert torch.equal(out.body[0], msg.body[0]) and out.body[1] == b"xyz"
 
 
+@pytest.mark.parametrize("stripes,n_floats,fragments", [(4, 100_000, 4), (4, 1_000_000, 4), (4, 10_000, 1),
+                                                        (4, 600_000, 4), (1, 1_000_000, 4), (4, 3_000_000, 12)])
+def test_a_message_is_cut_into_stripes_for_a_bond(stripes: int, n_floats: int, fragments: int):
+    """Over K bonded connections a message goes as at least K fragments (of 64 KiB or more, 1 MiB at
+    most), so that it rides on every connection; it decodes the same."""
+    from lightning_split.wire.chunking import MIN_STRIPE_BYTES
+
+    msg = make_msg({"x": torch.randn(n_floats)})
+    frames = list(encode_message(msg, CompressionConfig(), chunk_size=1 << 20, stripes=stripes).frames())
+    assert len(frames) == fragments
+    assert all(MIN_STRIPE_BYTES <= len(f.data) <= 1 << 20 for f in frames[:-1])
+    assert torch.equal(feed(frames).body["x"], msg.body["x"])
+
+
 def test_checksum_off():
     frames = frames_of(make_msg(body_of()), checksum=False)
     assert all(f.crc32 == 0 for f in frames)

@@ -87,6 +87,11 @@ class FrameDealer(_Ring):
                 return
             super().attach(index, outbox)
 
+    @property
+    def width(self) -> int:
+        """K: the connections the fragments are dealt over (those still joining included)."""
+        return len(self.slots)
+
     def put(self, frames: EncodedFrames, timeout: float | None = None) -> None:
         """Deal ``frames``; a connection that has not joined yet is waited for (``timeout``)."""
         for i in range(frames.fragment_count):

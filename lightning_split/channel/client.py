@@ -211,7 +211,7 @@ class ChannelClient(Resuming):
         # themselves are cut lazily by the sending thread.
         # The hello always carries CRCs: the server may want them, and we don't know yet.
         crc = True if type_ == pb.HANDSHAKE else self._send_crc
-        frames = encode_frames(msg, compression, chunk_size, crc)
+        frames = encode_frames(msg, compression, chunk_size, crc, stripes=stream.dealer.width)
         fut: Future = Future()
         now = time.monotonic()
         limit = self.config.request_deadline_s if timeout is None else timeout

@@ -92,14 +92,15 @@ class EncodedFrames:
 
 
 def encode_frames(msg: Message, compression: CompressionConfig | None, chunk_size: int,
-                  checksum: bool, defer: bool = True) -> EncodedFrames:
+                  checksum: bool, defer: bool = True, stripes: int = 1) -> EncodedFrames:
     """Encode ``msg`` now (errors raise here) and return its frames, serialized lazily.
 
     CUDA tensors are copied to pinned host memory asynchronously (``defer``): the frames wait for
     the copies when first iterated, on the gRPC sending thread, so the thread that encoded the
-    message is free to launch more GPU work meanwhile.
+    message is free to launch more GPU work meanwhile. ``stripes``: the connections the stream is
+    bonded over; a message is cut into at least that many fragments (``encode_message``).
     """
-    return EncodedFrames(encode_message(msg, compression, chunk_size, checksum, defer=defer))
+    return EncodedFrames(encode_message(msg, compression, chunk_size, checksum, defer=defer, stripes=stripes))
 
 
 def passthrough(data: bytes) -> bytes:

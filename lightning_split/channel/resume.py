@@ -169,7 +169,8 @@ class Resuming:
         for seq, p in todo:
             assert p.request is not None
             p.request.acked = self._acked(seq)
-            stream.dealer.put(encode_frames(p.request, p.compression or self._c2s, self._chunk_size, self._send_crc))
+            stream.dealer.put(encode_frames(p.request, p.compression or self._c2s, self._chunk_size, self._send_crc,
+                                            stripes=stream.dealer.width))
         if todo:
             self.stats.resent += len(todo)
             log.warning("session %s resumed: %d requests in flight sent again", self.session_id[:8], len(todo))

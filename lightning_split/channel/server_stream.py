@@ -271,7 +271,8 @@ class ServerStream:
         reply = self.on_message(msg)
         comp = self.session.reply_compression(msg) if self.session else _NO_COMPRESSION
         chunk = self.session.chunk_size if self.session else self.cfg.chunk_size
-        return encode_frames(reply, comp, chunk, self.session.checksum if self.session else True)
+        return encode_frames(reply, comp, chunk, self.session.checksum if self.session else True,
+                             stripes=self.dealer.width)
 
     def _abort(self, err: HandlerError) -> None:
         self._refuse(err.code, err.message)

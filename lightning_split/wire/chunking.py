@@ -61,12 +61,17 @@ def message_header(msg: Message) -> pb.Header:
         raise invalid(f"Header field out of range: {e}") from e
 
 
+# The smallest fragment a message is cut into to spread it over bonded connections: below it,
+# gRPC's cost per message (tens of microseconds) outweighs what striping saves.
+MIN_STRIPE_BYTES = 64 << 10
+
+
 class EncodedMessage:
     """A message encoded for sending. ``wire_bytes`` = ``payload_bytes`` = meta + buffers
     (what crosses the wire, before gRPC/TLS framing); ``raw_bytes`` = tensors before compression."""
 
     def __init__(self, header: pb.Header, meta: bytes, buffers: list[memoryview], raw_bytes: int,
-                 chunk_size: int, checksum: bool, pending: list[Any] | None = None) -> None:
+                 chunk_size: int, checksum: bool, pending: list[Any] | None = None, stripes: int = 1) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         if len(meta) >= 2**32:
@@ -78,6 +83,8 @@ class EncodedMessage:
         self.meta_bytes = len(meta)
         self.payload_bytes = len(meta) + sum(len(b) for b in buffers)
         self.wire_bytes = self.payload_bytes
+        if stripes > 1:  # at least ``stripes`` fragments of MIN_STRIPE_BYTES or more (see encode_message)
+            chunk_size = min(chunk_size, max(MIN_STRIPE_BYTES, -(-self.payload_bytes // stripes)))
         self.chunk_size = chunk_size
         self.checksum = checksum
         self.fragment_count = max(1, -(-self.payload_bytes // chunk_size))
@@ -138,15 +145,21 @@ class FrameIterator(Iterator[pb.Frame]):
 
 def encode_message(msg: Message, compression: CompressionConfig | None = None, chunk_size: int = 1 << 20,
                    checksum: bool = True, *, limits: WireLimits | None = None,
-                   defer: bool = False) -> EncodedMessage:
+                   defer: bool = False, stripes: int = 1) -> EncodedMessage:
     """Encode ``msg`` (header + body) for sending; raises WireError if it cannot be encoded.
 
     ``defer``: CUDA tensors' device->host copies are queued, not waited for; the frames wait for
     them when first iterated (``EncodedMessage.wait_ready``), typically on the sending thread.
+    ``stripes``: cut the message into at least this many fragments (each of at least
+    ``MIN_STRIPE_BYTES``, at most ``chunk_size``). A stream bonded over K connections deals
+    fragment n to connection n mod K: a message of fewer fragments than K rides on fewer
+    connections, each of which gets only its share of a link that the others fill with the messages
+    behind it, so on a slow link it would arrive late (measured at 100 Mbit/s: a 0.4 MB first
+    micro-batch took 172 ms, not 33). Cut into K, it crosses in the order it was sent.
     """
     header = message_header(msg)
     meta, buffers, raw, pending = _encode(msg.body, compression, limits, defer)
-    return EncodedMessage(header, meta, buffers, raw, chunk_size, checksum, pending)
+    return EncodedMessage(header, meta, buffers, raw, chunk_size, checksum, pending, stripes)
 
 
 def message_to_frames(msg: Message, compression: CompressionConfig | None = None, chunk_size: int = 1 << 20,
