@@ -51,6 +51,7 @@ MODES: dict[str, dict[str, Any]] = {
     "blosc2": {"lossless": "blosc2"},
     "bf16": {"lossy": "bf16"},
     "int8": {"lossy": "int8"},
+    "int8-block32": {"lossy": "int8", "int8_block_size": 32},  # a scale per 32 values: outliers spoil less
     "fp8": {"lossy": "fp8"},
     "int8-no-feedback": {"lossy": "int8", "error_feedback": False},  # the ablation
 }
