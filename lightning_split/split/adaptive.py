@@ -36,8 +36,8 @@ KINDS = ("activations", "gradients")
 LADDER = ("none", "bf16", "byte")  # least to most lossy; "byte": int8 or fp8, whichever errs less
 BYTE_MODES = ("int8", "fp8")
 # Wire bytes per raw fp32 byte (int8/fp8: one byte per value and a float32 scale per 128).
-WIRE_FRACTION = {"none": 1.0, "bf16": 0.5, "byte": (1 + 4 / 128) / 4, "int8": (1 + 4 / 128) / 4,
-                 "fp8": (1 + 4 / 128) / 4}
+ONE_BYTE = (1 + 4 / 128) / 4
+WIRE_FRACTION = {"none": 1.0, "bf16": 0.5, "byte": ONE_BYTE, **dict.fromkeys(BYTE_MODES, ONE_BYTE)}
 
 
 class AdaptiveCompression:
