@@ -153,21 +153,23 @@ def split_threads(device: str | torch.device) -> Iterator[None]:
 
 
 def split_train_step(split: Any, opt: torch.optim.Optimizer, i: int, ids: torch.Tensor,
-                     amp: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
+                     amp: Callable[[], Any] = contextlib.nullcontext, lr: float | None = None) -> torch.Tensor:
     """One training step of a split causal LM, as SplitStrategy runs it without clipping: the
-    server's optimizer step rides on the last backward (asked for on its own if none carried it)."""
+    server's optimizer step rides on the last backward (asked for on its own if none carried it).
+    ``lr``, when given, is this step's learning rate on both sides (the strategy sends the client's)."""
     from lightning_split.wire import MessageType
 
     split.runner.step = i
     with amp():
         loss = split.model(input_ids=ids, labels=ids).loss
-    split.runner.pending_step = {"step": i}
+    body = {"step": i} if lr is None else {"step": i, "lr": lr}
+    split.runner.pending_step = body
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if split.runner.pending_step is not None:  # not carried: ask explicitly
         split.runner.pending_step = None
-        split.client.request(MessageType.OPTIMIZER_STEP, {}, step=i)
+        split.client.request(MessageType.OPTIMIZER_STEP, {k: v for k, v in body.items() if k != "step"}, step=i)
     return loss.detach()
 
 

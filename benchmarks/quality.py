@@ -3,9 +3,11 @@
 A small GPT-2 trained from scratch through the split (U-shape, cut after block 1, the server holding
 blocks 1-2 as a trainable tail: activations and gradients cross the wire both ways), once per
 compression mode, applied to both directions, with the same data, order and initialisation, and the
-same model trained locally in the same run. The text is the Python documentation's topic pages that
-ship with every CPython (``pydoc_data.topics``, 465 kB of English and code), as bytes (a byte-level
-vocabulary of 256: the tokenizer is the text's own encoding). Reports each mode's final training
+same model trained locally in the same run, every run on the same learning-rate schedule (warm-up,
+then cosine to a tenth of the peak; the server's optimizer follows the client's rate). The text is
+the Python documentation's topic pages that ship with every CPython (``pydoc_data.topics``, 465 kB
+of English and code), as bytes (a byte-level vocabulary of 256: the tokenizer is the text's own
+encoding). Reports each mode's final training
 loss (mean of the last 10% of steps) and held-out loss against lossless, ms per step and the
 bytes each step put on the wire each way; saves the loss curves as a plot. With ``--seeds N`` every
 row is run with N data orders (seed 0..N-1, the same initialisation) and the table gives each mode's
@@ -20,6 +22,7 @@ of any kind (a lossy wire, another batch order) moves, so a single run cannot sa
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,6 +78,23 @@ def source(layers: int, width: int, seq: int) -> ModelSource:
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0), seed=7)
 
 
+def learning_rate(i: int, steps: int, peak: float) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine down to a tenth of the peak: the
+    schedule small GPTs are trained with, and the one that lets runs end where their data leads
+    rather than wherever a constant rate's noise left them."""
+    warm = max(1, steps // 20)
+    if i < warm:
+        return peak * (i + 1) / warm
+    progress = (i - warm) / max(1, steps - warm - 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def batches(train: torch.Tensor, steps: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [train[torch.randint(0, len(train), (batch,), generator=g)] for _ in range(steps)]
@@ -100,7 +120,8 @@ def run_split(server: SplitServer, src: ModelSource, mode: str, data: list[torch
         model = split.model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
         stats0, t0 = split.client.stats.snapshot(), time.perf_counter()
-        losses = [float(split_train_step(split, opt, i, ids)) for i, ids in enumerate(data)]
+        losses = [float(split_train_step(split, opt, i, ids, lr=set_lr(opt, learning_rate(i, len(data), args.lr))))
+                  for i, ids in enumerate(data)]
         split.runner.confirm()
         seconds = time.perf_counter() - t0
         wire = split.client.stats - stats0
@@ -117,7 +138,8 @@ def run_local(src: ModelSource, data: list[torch.Tensor], held: torch.Tensor, ar
     model = build_model(src).to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, t0 = [], time.perf_counter()
-    for ids in data:
+    for i, ids in enumerate(data):
+        set_lr(opt, learning_rate(i, len(data), args.lr))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
