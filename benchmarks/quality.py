@@ -217,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             data = [ids.to(args.device) for ids in batches(train_windows, args.steps, args.batch, seed)]
             rows += [run_local(src, data, held, args) | {"seed": seed}]
             rows += [run_split(server, src, mode, data, held, args) | {"seed": seed} for mode in args.modes]
-            print(f"  seed {seed}: " + ", ".join(f"{r['mode']} {final(r['losses']):.4f}" for r in rows
-                                                 if r["seed"] == seed), flush=True)
+            print(f"  seed {seed}: " + ", ".join(f"{r['mode']} {final(r['losses']):.4f} held-out "
+                                                 f"{r['held_out_loss']:.4f}" for r in rows if r["seed"] == seed),
+                  flush=True)
+            # what is done so far, should a long run be cut short
+            write_json(json_path(args, "quality"), args, {"environment": environment(args.device), "rows": rows,
+                                                          "partial": True})
     for r in rows:
         base = next((b for b in rows if b["mode"] == "none" and b["seed"] == r["seed"]), r)
         r["final_loss"] = final(r["losses"])

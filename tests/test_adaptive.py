@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_split.channel import ChannelConfig
-from lightning_split.split.adaptive import AdaptiveCompression
+from lightning_split.split.adaptive import WIRE_FRACTION, AdaptiveCompression
 from tests.fault_proxy import FaultProxy
 from tests.test_strategy import CASES, _strategy, _trainer
 
@@ -19,10 +19,13 @@ def _measured(link_bytes_per_s: float, compute_s: float, megabytes: float, allow
     (sent in fp32) over a link of that speed, with ``compute_s`` of compute per step."""
     adaptive = AdaptiveCompression(allowed, every=steps)
     raw = int(megabytes * 1e6)
-    for _ in range(steps):
-        wire_s = 4 * raw / link_bytes_per_s  # activations up and back, gradients up and back
-        adaptive.record("activations", raw, "activations", raw, raw, 2 * raw / link_bytes_per_s, 0.01, first=True)
-        adaptive.record("gradients", raw, "gradients", raw, raw, 2 * raw / link_bytes_per_s, 0.01, first=False)
+    for _ in range(steps):  # each step's bytes on the wire in the encodings chosen so far
+        a, g = (WIRE_FRACTION[adaptive.modes[kind]] for kind in ("activations", "gradients"))
+        wire_s = 2 * raw * (a + g) / link_bytes_per_s  # activations up and back, gradients up and back
+        adaptive.record("activations", raw, "activations", raw, int(a * raw), 2 * a * raw / link_bytes_per_s, 0.01,
+                        first=True)
+        adaptive.record("gradients", raw, "gradients", raw, int(g * raw), 2 * g * raw / link_bytes_per_s, 0.01,
+                        first=False)
         adaptive.end_step(compute_s + wire_s)
     return adaptive.modes
 
@@ -33,6 +36,17 @@ def test_a_fast_link_stays_lossless() -> None:
 
 def test_a_slow_link_goes_to_int8() -> None:
     assert _measured(2e6, 0.1, 1.0) == {"activations": "int8", "gradients": "int8"}
+
+
+def test_a_slow_link_is_left_after_the_first_steps_not_after_every() -> None:
+    """The first revision comes after ``first`` (2) steps, then every ``every`` (8): over a slow
+    link the third step already goes out compressed."""
+    adaptive = AdaptiveCompression(("none", "bf16", "int8"), every=8)
+    for step in range(3):
+        assert adaptive.modes == ({"activations": "int8", "gradients": "int8"} if step == 2
+                                  else {"activations": "none", "gradients": "none"}), step
+        adaptive.record("activations", 10**6, "gradients", 10**6, 10**6, 1.0, 0.01, first=True)
+        adaptive.end_step(1.1)
 
 
 def test_in_between_the_least_lossy_choice_within_tolerance() -> None:

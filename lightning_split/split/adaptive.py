@@ -5,7 +5,8 @@ On a slow one it decides the step time, and fewer bytes win: a GPT-2 small step 
 way in fp32, 200 ms per direction at 1 Gbit/s against a 62 ms step on an H200. So the runner
 measures, every training step: how many raw bytes of activations and of gradients crossed each
 way, and the link's throughput (the first micro-batch's bytes over its round trip less the server's
-own handling time, which every reply reports in ``Header.server_us``). Every ``every`` steps it
+own handling time, which every reply reports in ``Header.server_us``). After the ``first`` steps (a
+slow link should cost a few steps, not ``every``), then every ``every`` steps, it
 predicts the step time of each choice of encoding, one for activations and one for gradients,
 among none, bf16 and one byte per value (block-wise, with error feedback for gradients) and takes the
 least lossy whose predicted time is within ``tolerance`` of the fastest. One byte is int8 or fp8
@@ -44,14 +45,14 @@ class AdaptiveCompression:
     """The encodings of activations and gradients, revised from the measured steps."""
 
     def __init__(self, allowed: Iterable[str], base: CompressionConfig | None = None, every: int = 8,
-                 tolerance: float = 0.05, window: int = 16) -> None:
+                 tolerance: float = 0.05, window: int = 16, first: int = 2) -> None:
         allowed = set(allowed) | {"none"}
         self.byte_modes = [m for m in BYTE_MODES if m in allowed]
         self.ladder = [m for m in LADDER if m in allowed or (m == "byte" and self.byte_modes)]
         # Each kind's one-byte encoding, revised from the sampled tensors (``sample``).
         self.byte_mode = {kind: (self.byte_modes or ["int8"])[0] for kind in KINDS}
         self.base = base or CompressionConfig()
-        self.every, self.tolerance = every, tolerance
+        self.every, self.first, self.tolerance = every, first, tolerance
         self.modes = {kind: "none" for kind in KINDS}
         self._steps: deque[dict[str, float]] = deque(maxlen=window)
         self._throughput: deque[float] = deque(maxlen=window)
@@ -85,7 +86,10 @@ class AdaptiveCompression:
 
     def wants_sample(self) -> bool:
         """Whether the next request should hand its tensor to ``sample``: the step before a revision."""
-        return len(self.byte_modes) > 1 and self._count % self.every == self.every - 1
+        return len(self.byte_modes) > 1 and self._revision_after(self._count + 1)
+
+    def _revision_after(self, steps: int) -> bool:
+        return steps == self.first or steps % self.every == 0
 
     def sample(self, kind: str, tensor: torch.Tensor) -> None:
         """Give ``kind`` the one-byte encoding that errs less on ``tensor`` (relative L2 error)."""
@@ -107,7 +111,7 @@ class AdaptiveCompression:
                 self._steps.append(self._step)
             self._step = self._new_step()
             self._count += 1
-        if self._count % self.every or not self._steps or not self._throughput:
+        if not self._revision_after(self._count) or not self._steps or not self._throughput:
             return False
         chosen = self.choose()
         changed = chosen != self.modes
