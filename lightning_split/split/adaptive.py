@@ -58,6 +58,9 @@ class AdaptiveCompression:
         self._throughput: deque[float] = deque(maxlen=window)
         self._step = self._new_step()
         self._count = 0
+        # Whether the link decided the step at the last revision: its transfers, in the encodings
+        # chosen, at least half the predicted step. More micro-batches in flight then (remote.py).
+        self.wire_bound = False
         self._lock = threading.Lock()  # replies are recorded by the client's reader thread
 
     @staticmethod
@@ -114,17 +117,20 @@ class AdaptiveCompression:
         if not self._revision_after(self._count) or not self._steps or not self._throughput:
             return False
         chosen = self.choose()
+        self.wire_bound = self._transfer_s(chosen) >= 0.5 * self.predicted(chosen)
         changed = chosen != self.modes
         self.modes = chosen
         return changed
 
+    def _transfer_s(self, modes: dict[str, str]) -> float:
+        """Seconds a measured step's bytes take on the link in the encodings ``modes``."""
+        rate = statistics.median(self._throughput)
+        return sum(statistics.median(s[k] for s in self._steps) * WIRE_FRACTION[modes[k]] for k in KINDS) / rate
+
     def predicted(self, modes: dict[str, str]) -> float:
         """The step time ``modes`` would give: the measured step with its transfer replaced."""
-        rate = statistics.median(self._throughput)
-        step = {k: statistics.median(s[k] for s in self._steps) for k in (*KINDS, "seconds")}
-        now = sum(step[k] * WIRE_FRACTION[self.modes[k]] for k in KINDS) / rate  # modes: the encodings in use
-        then = sum(step[k] * WIRE_FRACTION[modes[k]] for k in KINDS) / rate
-        return max(step["seconds"] - now, 0.0) + then
+        seconds = statistics.median(s["seconds"] for s in self._steps)
+        return max(seconds - self._transfer_s(self.modes), 0.0) + self._transfer_s(modes)
 
     def choose(self) -> dict[str, str]:
         """The least lossy encodings whose predicted step time is within ``tolerance`` of the best."""
