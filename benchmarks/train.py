@@ -227,7 +227,9 @@ def run_ours(args: Any, server: SplitServer, source: ModelSource, spec: SplitSpe
             extra.update(
                 adaptive_modes=dict(adaptive.modes),  # chosen at the end
                 adaptive_modes_each_step=modes,
-                # The timed steps that ran in the final encodings (the first ``every`` steps run uncompressed).
+                slow_link=adaptive.slow_link,  # measured slower than 25 MB/s: more micro-batches in flight
+                link_MB_s=(adaptive.link_bytes_per_s or 0) / 1e6,
+                # The timed steps that ran in the final encodings (the first ``first`` steps run uncompressed).
                 median_step_ms_final_modes=1e3 * median([t for t, m in zip(times[args.warmup:], timed_modes,
                                                                            strict=True) if m == adaptive.modes]),
             )
@@ -597,7 +599,8 @@ def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spe
         for mode in ours_wires:
             runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours {mode} wire", mode))
             chose, x = runs[-1].extra.get("adaptive_modes"), runs[-1].extra
-            said = (f" (chose activations {chose['activations']}, gradients {chose['gradients']}; "
+            said = (f" (chose activations {chose['activations']}, gradients {chose['gradients']}, slow link "
+                    f"{x['slow_link']} ({x['link_MB_s']:.1f} MB/s); "
                     f"median {x['median_step_ms_final_modes']:.1f} ms/step in those)") if chose else ""
             print(f"  ours {mode} wire {runs[-1].steps_per_s:8.2f} steps/s{said}", flush=True)
         if not args.no_lightning:

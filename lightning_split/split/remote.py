@@ -80,10 +80,9 @@ class RemoteSegment:
     # whose extra kernel launches on the server cost more than the transfers they hide (GPT-2
     # small, same host, before the graphs).
     PIPELINE_CHUNKS = 2
-    # Either kind, when the link decides the step (``AdaptiveCompression.wire_bound``): the pipeline
-    # fills and drains one micro-batch's transfer at each end, which more of them make shorter. GPT-2
-    # small, 8 x 512, int8 both ways over 100 Mbit/s (H200): 8 micro-batches 391 ms/step, 4 517 ms.
-    PIPELINE_CHUNKS_WIRE_BOUND = 8
+    # Either kind, over a slow link (``AdaptiveCompression.slow_link``): the pipeline fills and drains
+    # one micro-batch's transfer at each end, which more of them make shorter (figures in adaptive.py).
+    PIPELINE_CHUNKS_SLOW_LINK = 8
 
     def __init__(self, client: Any, proxy: SegmentProxy, cut: int, causal_lm: bool = False,
                  micro_batches: int | None = None) -> None:
@@ -160,8 +159,8 @@ class RemoteSegment:
         if hidden.numel() * hidden.element_size() < self.PIPELINE_MIN_BYTES:
             return 1
         chunks = self.PIPELINE_CHUNKS_FUSED if fused else self.PIPELINE_CHUNKS
-        if self.adaptive is not None and self.adaptive.wire_bound:
-            chunks = max(chunks, self.PIPELINE_CHUNKS_WIRE_BOUND)
+        if self.adaptive is not None and self.adaptive.slow_link:
+            chunks = max(chunks, self.PIPELINE_CHUNKS_SLOW_LINK)
         return max(1, min(chunks, batch))
 
     def micro_ranges(self, batch: int, chunks: int) -> list[tuple[int, int]]:
