@@ -312,6 +312,12 @@ CACHE_CASES: dict[str, tuple[int, Callable[[int], dict[str, Any]], S, str]] = {
     "batch_not_the_cache": (MessageType.INFER, lambda t: _decode_step(t, batch=5), S.FAILED_PRECONDITION,
                             "sequences"),
     "unknown_op": (MessageType.CACHE, lambda t: {"op": "shrink"}, S.INVALID_ARGUMENT, "op"),
+    # speculative decoding's crop: only ever to fewer tokens than held, and only as a bool
+    "crop_growing": (MessageType.INFER, lambda t: _decode_step(t + 3, crop=True), S.FAILED_PRECONDITION,
+                     "out of step"),
+    "crop_not_a_bool": (MessageType.INFER, lambda t: _decode_step(t - 1, crop="yes"), S.INVALID_ARGUMENT, "crop"),
+    "crop_then_refused": (MessageType.INFER, lambda t: _decode_step(t - 2, batch=5, crop=True),
+                          S.FAILED_PRECONDITION, "sequences"),
 }
 
 

@@ -171,12 +171,14 @@ def _check_forward(body: dict[str, Any], allow_nonfinite: bool) -> None:
     cache = body.get("cache")
     if cache is not None:
         if not isinstance(cache, dict):
-            raise SegmentError("cache must be a dict with past, new and an optional reorder")
+            raise SegmentError("cache must be a dict with past, new and an optional reorder and crop")
         integer(cache.get("past"), "cache past", 0, MAX_COUNT)
         if cache.get("new") is not None:
             integer(cache["new"], "cache new", 0, MAX_COUNT)
         if cache.get("reorder") is not None:
             check_beam_idx(cache["reorder"], 0)
+        if cache.get("crop") is not None and not isinstance(cache["crop"], bool):
+            raise SegmentError("cache crop must be a bool")
     kwargs = body.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise SegmentError("kwargs must be a dict")

@@ -3,10 +3,13 @@
 For GPT-2 and Llama the cache is a static one with CUDA-graph decode steps
 (``fast_decode.StaticDecoder``); otherwise, or when that path declines a step, Hugging Face's
 ``DynamicCache``. The client says how many tokens it expects the server to hold (``past``); the
-server counts the step's new tokens itself (the hidden state's length) and, before the step
-runs, checks both limits (``max_cache_tokens`` per sequence, ``max_cache_bytes`` for the whole
-batch) and charges the node's budget with what the cache will hold after the step (a static
-cache's whole capacity), so that a refused step allocates nothing.
+server counts the step's new tokens itself (the hidden state's length). A client decoding
+speculatively sends ``crop`` when it kept fewer tokens than it verified: the server then cuts its
+cache back to ``past``, which must be fewer than it holds (a cache never grows on the client's
+word). Before the step runs, it checks both limits (``max_cache_tokens`` per sequence,
+``max_cache_bytes`` for the whole batch) and charges the node's budget with what the cache will
+hold after the step (a static cache's whole capacity), so that a refused step allocates nothing
+and crops nothing.
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ class SessionCache:
             if not self.holds():
                 raise CacheError(f"the client expects {past} cached tokens, the server holds none")
             held = self.tokens()
-            if held != past:
+            crop = held != past and info.get("crop") is True and past < held
+            if held != past and not crop:
                 raise CacheError(f"KV cache out of step: the server holds {held} tokens, the client {past}")
             if batch != self.batch():
                 raise CacheError(f"the step brings {batch} sequences, the KV cache holds {self.batch()}")
         if past + new > self.max_tokens:
             raise CacheError(f"KV cache limit: {past + new} tokens > max_cache_tokens={self.max_tokens}")
         self.memory.charge_cache(self._projected(batch, past + new, fresh=past == 0), self.max_bytes)
+        if past > 0 and self.tokens() > past:  # checked above: the client asked for the crop
+            self.crop(past)  # speculative decoding: the client kept only the verified tokens
         if past == 0:
             self.dynamic = None
             if self.fast is not None:
@@ -86,6 +92,16 @@ class SessionCache:
         """The static path declined a step: its tokens move to a DynamicCache (charged already)."""
         self.dynamic = self.fast.to_dynamic()
         return self.dynamic
+
+    def crop(self, tokens: int) -> None:
+        """Keep the first ``tokens`` (0 < tokens < held) of every sequence: the rejected drafts go."""
+        if self.static() is not None:
+            self.fast.tokens = tokens  # the slots after are masked, and overwritten by the next step
+        else:  # per layer, by a negative count: what every transformers 5 release takes
+            for layer in self.dynamic.layers:
+                held = int(layer.get_seq_length()) if layer.is_initialized else 0
+                if held > tokens:
+                    layer.crop(tokens - held)
 
     def holds(self) -> bool:
         return self.dynamic is not None or self.static() is not None

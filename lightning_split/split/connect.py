@@ -18,6 +18,7 @@ import torch.nn as nn
 from lightning_split.channel import ChannelClient, ChannelConfig, TLSFiles
 from lightning_split.split.build import ModelSource
 from lightning_split.split.client_model import build_client_skeleton, materialise
+from lightning_split.split.decode_stats import install_generation_metrics
 from lightning_split.split.remote import RemoteSegment
 from lightning_split.split.shipping import fingerprint
 from lightning_split.split.spec import ResolvedSplit, SplitSpec
@@ -104,4 +105,5 @@ def open_split(
     runner = RemoteSegment(client, proxy, split.cut, causal_lm=split.causal_lm, micro_batches=micro_batches)
     proxy.runner = runner
     proxy.decode_top_k = int(decode_top_k)
+    install_generation_metrics(skeleton, runner.decode_log)
     return SplitModel(skeleton, proxy, runner, client, split, description)

@@ -20,6 +20,7 @@ import torch
 
 from lightning_split.channel.replies import body_bytes
 from lightning_split.split.adaptive import AdaptiveCompression
+from lightning_split.split.decode_stats import DecodeLog
 from lightning_split.split.remote_autograd import (
     MAX_PENDING_LOSS_STEPS,
     RemoteForward,
@@ -110,6 +111,7 @@ class RemoteSegment:
         self.feedback = ErrorFeedback()
         # compression="auto": each request's encoding and its reply's, revised from the steps (adaptive.py).
         self.adaptive: AdaptiveCompression | None = None
+        self.decode_log = DecodeLog()  # the cached calls of the sequence being generated (decode_stats.py)
         self._observed_step: int | None = None
         self._keys: tuple[str, ...] = ()
 
@@ -201,6 +203,12 @@ class RemoteSegment:
         new = hidden.shape[1]
         # The client's own layers already stored this call's tokens: the rest is the past.
         info: dict[str, Any] = {"past": int(cache.get_seq_length()) - new, "new": new}
+        # Speculative decoding crops the client's cache to the verified tokens (Hugging Face's
+        # assisted generation); the server's, which held every drafted token, follows.
+        if 0 < info["past"] < getattr(cache, "_split_server_tokens", 0):
+            info["crop"] = True
+        cache._split_server_tokens = info["past"] + new
+        self.decode_log.record(info["past"], new)
         pending = getattr(cache, "_split_pending_reorder", None)
         if pending is not None:
             info["reorder"] = pending

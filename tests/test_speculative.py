@@ -1,0 +1,133 @@
+"""Speculative decoding through the split: Hugging Face's assisted generation (a draft model the
+user passes as ``assistant_model``, or prompt lookup) on the client's split model. The server's
+segment verifies each round's drafts in one round trip and cuts its KV cache back to what the
+client kept (``cache.crop``). Greedy tokens equal local ``generate`` without drafting, seeded
+sampling equals local assisted sampling, on the dynamic and the static (graph-emulated) cache,
+and ``generation_metrics`` counts the round trips and accepted drafts."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from lightning_split.split.build import ModelSource, build_model
+from lightning_split.split.connect import open_split
+from lightning_split.split.decode_stats import SplitProgress
+from lightning_split.wire import MessageType
+from tests.split_cases import GPT2, LLAMA, SAMPLING
+from tests.test_generation import SPECS
+
+SOURCES = {"gpt2": GPT2, "llama": LLAMA}
+GREEDY = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+
+
+def _draft(family: str) -> torch.nn.Module:
+    """A smaller model of the same vocabulary (one block), as a user would pass as ``assistant_model``."""
+    src = SOURCES[family]
+    layers = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    return build_model(ModelSource(src.target, {**src.config, layers: 1}, seed=99)).eval()
+
+
+def _repeating_prompt() -> torch.Tensor:
+    """A phrase said three times: what prompt lookup finds its drafts in (an edit of a given text)."""
+    phrase = torch.randint(3, 128, (6,), generator=torch.Generator().manual_seed(5))
+    return torch.cat([phrase, phrase, phrase[:3]]).unsqueeze(0)
+
+
+def _drafting(kind: str, family: str) -> dict:
+    return {"prompt_lookup_num_tokens": 3} if kind == "prompt_lookup" else {"assistant_model": _draft(family)}
+
+
+@pytest.fixture
+def connect(split_server):  # noqa: ANN001
+    """``connect(family, spec, fast_decode) -> (local model, split model)``; the static cache's
+    graphs are emulated on CPU (test_fast_decode.py), so its capture and replay paths run too."""
+    made = []
+
+    def _make(family: str, spec: str, fast_decode: bool = False):  # noqa: ANN202
+        source = SOURCES[family]
+        address, tls_for = split_server(source, SPECS[spec], fast_decode=fast_decode)
+        remote = open_split(address, "alice", tls_for("alice"), source=source, spec=SPECS[spec])
+        made.append(remote)
+        if fast_decode:
+            split_server.segment(remote).fast.emulate_graphs = True
+        return build_model(source).eval(), remote
+
+    yield _make
+    for remote in made:
+        remote.close()
+
+
+@pytest.mark.parametrize("fast_decode", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("family", list(SOURCES))
+@pytest.mark.parametrize("drafting", ["prompt_lookup", "assistant"])
+def test_greedy_assisted_equals_local_plain(connect, drafting, family, spec, fast_decode) -> None:
+    local, remote = connect(family, spec, fast_decode)
+    ids = _repeating_prompt()
+    expected = local.generate(ids, **GREEDY)  # no drafting: what greedy decoding must give
+    model, before = remote.model.eval(), remote.client.stats.snapshot()
+    got = model.generate(ids, **GREEDY, **_drafting(drafting, family))
+    assert torch.equal(got, expected)
+    m = model.generation_metrics
+    # Each round trip yields one token of the server's own plus the drafts it confirmed.
+    assert m.new_tokens == GREEDY["max_new_tokens"] and m.accepted == m.new_tokens - m.round_trips
+    assert 0 < m.drafted and 0 <= m.accepted <= m.drafted and m.round_trips <= m.new_tokens
+    assert m.round_trips == (remote.client.stats - before).messages  # counted by the channel, reply by reply
+    # The server held every verified token; the rejected drafts of the last round are all it holds more.
+    held = remote.client.request(MessageType.CACHE, {"op": "info"}).body["tokens"]
+    assert got.shape[1] - 1 <= held <= got.shape[1] - 1 + 3
+
+
+def test_prompt_lookup_on_a_repeating_prompt_saves_round_trips(connect) -> None:
+    """A phrase repeated, and a model that continues it (a prompt of its own greedy output): the
+    lookup's drafts are right, and each round trip brings several tokens."""
+    local, remote = connect("gpt2", "u_shape")
+    start = _repeating_prompt()
+    said = local.generate(start, **{**GREEDY, "max_new_tokens": 15})  # the start and what follows it
+    ids = torch.cat([said, start], dim=1)  # then the start again: the lookup finds what followed it
+    greedy = {**GREEDY, "max_new_tokens": 15}
+    expected = local.generate(ids, **greedy)
+    model = remote.model.eval()
+    assert torch.equal(model.generate(ids, **greedy, prompt_lookup_num_tokens=5), expected)
+    m = model.generation_metrics
+    assert m.tokens_per_round_trip > 2 and m.acceptance_rate > 0.5, m
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_seeded_assisted_sampling_equals_local_assisted_sampling(connect, spec) -> None:
+    """Hugging Face's assisted-sampling rule runs on the client; the split's logits are the local
+    ones, so the same seed draws the same tokens."""
+    local, remote = connect("gpt2", spec)
+    draft, ids = _draft("gpt2"), _repeating_prompt()
+    torch.manual_seed(7)
+    expected = local.generate(ids, assistant_model=draft, **SAMPLING)
+    torch.manual_seed(7)
+    got = remote.model.eval().generate(ids, assistant_model=draft, **SAMPLING)
+    assert torch.equal(got, expected)
+
+
+def test_batched_drafting_fails_as_it_does_locally(connect) -> None:
+    """Assisted generation of more than one sequence: Hugging Face's own error, as without the split."""
+    local, remote = connect("gpt2", "two_part")
+    ids = _repeating_prompt().repeat(2, 1)
+    with pytest.raises(ValueError) as local_error:
+        local.generate(ids, **GREEDY, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError) as split_error:
+        remote.model.eval().generate(ids, **GREEDY, prompt_lookup_num_tokens=3)
+    assert str(split_error.value) == str(local_error.value)
+
+
+def test_progress_line_streams_the_figures(connect) -> None:
+    _, remote = connect("gpt2", "u_shape")
+    out = io.StringIO()
+    model = remote.model.eval()
+    model.generate(_repeating_prompt(), **GREEDY, prompt_lookup_num_tokens=3,
+                   streamer=SplitProgress(remote.runner.decode_log, out, every_s=0))
+    lines = out.getvalue().rstrip("\n").split("\r")[1:]
+    assert len(lines) > 2  # one per streamed round, and the last
+    last, done = lines[-1], model.generation_metrics.line()
+    assert last.startswith(f"{GREEDY['max_new_tokens']} tokens in") and "drafts accepted" in last
+    assert last.split("tokens/s), ")[1] == done.split("tokens/s), ")[1]  # the same figures but the time
