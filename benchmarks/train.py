@@ -85,7 +85,8 @@ from _common import (  # noqa: E402
     timed,
     write_json,
 )
-from link import Link, LinkError, enter_netns  # noqa: E402
+from _linked import LinkedServer  # noqa: E402
+from link import Link, LinkError  # noqa: E402
 
 from lightning_split.channel import ChannelConfig, client_tls  # noqa: E402
 from lightning_split.channel.config import LOSSY_MODES  # noqa: E402
@@ -278,41 +279,6 @@ def run_hand_built(args: Any, source: ModelSource, link: Link | None, wire: str 
     up, down = hand_built.wire_bytes(conf, source.config["n_embd"])  # payload; gloo adds a few bytes
     return Run(name, times[args.warmup:], losses, {"wire": wire, "sent_MB_per_step": up / 1e6,
                                                    "received_MB_per_step": down / 1e6})
-
-
-def _serve_in_netns(netns: str, host: str, *args: Any) -> None:
-    """_common._serve, from the link's server namespace and bound to the server's address there."""
-    import _common
-
-    enter_netns(netns)
-    channel_server = _common.ChannelServer
-    _common.ChannelServer = lambda service, _address, **kw: channel_server(service, f"{host}:0", **kw)
-    _common._serve(*args)
-
-
-class LinkedServer(SplitServer):
-    """A SplitServer whose process serves across ``link`` (clients dial ``address``, TLS name ``server_name``)."""
-
-    def __init__(self, link: Link, pki: Path, source: ModelSource, spec: SplitSpec, device: str) -> None:
-        import _common
-
-        self.link, serve = link, _common._serve
-        _common._serve = functools.partial(_serve_in_netns, link.server_ns_path, link.server_host)
-        try:  # SplitServer spawns _common._serve: this one, for this server only
-            super().__init__(pki, source, spec, device)
-        finally:
-            _common._serve = serve
-
-    @property
-    def address(self) -> str:
-        return self.link.client_addr(int(super().address.rsplit(":", 1)[1]))
-
-    @property
-    def server_name(self) -> str:
-        return self.link.server_name
-
-    def connect(self, *args: Any, **kwargs: Any) -> Any:
-        return super().connect(*args, server_name_override=self.link.server_name, **kwargs)
 
 
 # -- Lightning ---------------------------------------------------------------------------------------
