@@ -46,14 +46,14 @@ def connect(split_server):  # noqa: ANN001
     graphs are emulated on CPU (test_fast_decode.py), so its capture and replay paths run too."""
     made = []
 
-    def _make(family: str, spec: str, fast_decode: bool = False):  # noqa: ANN202
+    def _make(family: str, spec: str, fast_decode: bool = False, device: str = "cpu"):  # noqa: ANN202
         source = SOURCES[family]
-        address, tls_for = split_server(source, SPECS[spec], fast_decode=fast_decode)
-        remote = open_split(address, "alice", tls_for("alice"), source=source, spec=SPECS[spec])
+        address, tls_for = split_server(source, SPECS[spec], fast_decode=fast_decode, device=device)
+        remote = open_split(address, "alice", tls_for("alice"), source=source, spec=SPECS[spec], device=device)
         made.append(remote)
-        if fast_decode:
+        if fast_decode and device == "cpu":
             split_server.segment(remote).fast.emulate_graphs = True
-        return build_model(source).eval(), remote
+        return build_model(source, device=device).eval(), remote
 
     yield _make
     for remote in made:
@@ -131,3 +131,26 @@ def test_progress_line_streams_the_figures(connect) -> None:
     last, done = lines[-1], model.generation_metrics.line()
     assert last.startswith(f"{GREEDY['max_new_tokens']} tokens in") and "drafts accepted" in last
     assert last.split("tokens/s), ")[1] == done.split("tokens/s), ")[1]  # the same figures but the time
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_cuda_graphs_verify_drafts_exactly(connect, family, spec) -> None:
+    """On a GPU the server replays a CUDA graph per verify length on its static cache, cropped
+    between rounds: greedy tokens still equal local plain decoding (fp32, no TF32)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        local, remote = connect(family, spec, fast_decode=True, device="cuda")
+        ids = _repeating_prompt().cuda()
+        expected = local.generate(ids, **GREEDY)
+        model = remote.model.eval()
+        for drafting in ("prompt_lookup", "assistant"):
+            kw = _drafting(drafting, family)
+            if "assistant_model" in kw:
+                kw["assistant_model"] = kw["assistant_model"].cuda()
+            assert torch.equal(model.generate(ids, **GREEDY, **kw), expected), drafting
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
