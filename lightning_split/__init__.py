@@ -6,10 +6,12 @@ Importing the package registers the strategy, so that ``Trainer(strategy="split"
 """
 
 from lightning_split.split.build import ModelSource
+from lightning_split.split.decode_stats import GenerationMetrics, SplitProgress
 from lightning_split.split.spec import SplitSpec
 from lightning_split.strategy import SessionLost, SplitStrategy, register
 
 __version__ = "0.1.0"
-__all__ = ["SessionLost", "SplitStrategy", "SplitSpec", "ModelSource", "__version__"]
+__all__ = ["GenerationMetrics", "SessionLost", "SplitProgress", "SplitStrategy", "SplitSpec", "ModelSource",
+           "__version__"]
 
 register()
