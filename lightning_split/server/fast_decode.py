@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("gpt2", "llama")  # model types whose block arguments and masks this path was checked on
 ATTENTION = ("sdpa", "eager")  # attention implementations whose masks we know how to pad
+# Steps after the prompt with up to this many tokens (batch x new) replay graphs.
+MULTI_TOKEN_GRAPH_TOKENS = 64
 # Prompts up to this many tokens (batch x length), by default, replay graphs once their shape
 # recurs; longer ones keep GPU kernels busy enough eagerly, and would attend over the static
 # cache's empty slots.
@@ -59,7 +61,7 @@ def layer_index(block: nn.Module) -> int | None:
     return next((i for i in idx if isinstance(i, int)), None)
 
 
-def _mask_arg(block: nn.Module) -> int | None:
+def mask_arg(block: nn.Module) -> int | None:
     """Index of ``attention_mask`` among the block's positional arguments after the hidden state."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in inspect.signature(block.forward).parameters.values() if p.kind in kinds]
@@ -90,7 +92,7 @@ class StaticDecoder:
         self.prompt_graph_tokens = prompt_graph_tokens
         self.max_tokens, self.min_tokens, self.max_graphs = max_tokens, min_tokens, max_graphs
         self.layer_ids = [layer_index(b) for b in module.blocks]
-        self.mask_arg = _mask_arg(module.blocks[0])
+        self.mask_arg = mask_arg(module.blocks[0])
         self.sdpa = hf_config._attn_implementation == "sdpa"
         # A graph runs on one device: a segment spread over several GPUs decodes eagerly.
         self.use_graphs = graphs and len({p.device for p in module.parameters()}) == 1
@@ -110,7 +112,7 @@ class StaticDecoder:
         ids = [layer_index(b) for b in module.blocks]
         if (getattr(hf_config, "model_type", None) not in FAMILIES or not ids or None in ids
                 or getattr(hf_config, "_attn_implementation", None) not in ATTENTION
-                or getattr(hf_config, "add_cross_attention", False) or _mask_arg(module.blocks[0]) is None):
+                or getattr(hf_config, "add_cross_attention", False) or mask_arg(module.blocks[0]) is None):
             return False
         layers = StaticCache(config=hf_config, max_cache_len=1).layers  # allocates nothing yet
         # Plain full-attention layers only (a sliding-window layer would need another mask).
@@ -176,6 +178,10 @@ class StaticDecoder:
         graphs = (body.get("labels") is None and not self.module.training
                   and (self.emulate_graphs or (self.use_graphs and self.device.type == "cuda")))
         prompt = past == 0 and new > 1
+        # Past a prompt, a step of many tokens is a prefill's later chunk (split/prefill.py): eager,
+        # not a graph captured for a shape that will not come again; a few (speculative decoding's
+        # verify steps) replay graphs like a decode step.
+        graphs = graphs and (past == 0 or hidden.shape[0] * new <= MULTI_TOKEN_GRAPH_TOKENS)
         if prompt and not (graphs and self._recurring_prompt(hidden, kind, body) and self._ready(hidden.shape[0], new)):
             # Hugging Face's own path, then the keys and values move over.
             out = self._prefill(hidden, self._swap_mask(tree, mask)[1], body, new)

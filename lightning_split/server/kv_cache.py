@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lightning_split.server.checks import CacheError, SegmentError, check_beam_idx
-from lightning_split.server.fast_decode import StaticDecoder, layer_index
+from lightning_split.server.fast_decode import StaticDecoder, layer_index, mask_arg
 from lightning_split.server.session_memory import SessionMemory, kv_bytes_per_token
 from lightning_split.split.surgery import ServerSegment
 
@@ -166,3 +166,24 @@ class SessionCache:
         if self.fast is not None:
             self.fast.release()
         self.memory.release_cache()
+
+
+def causal_mask_if_none(block: torch.nn.Module, hf_config: Any, args: tuple, kwargs: dict[str, Any], past: int,
+                        new: int, device: torch.device) -> tuple[tuple, dict[str, Any]]:
+    """The block arguments of a cached step of several tokens after held ones, with the causal
+    mask made explicit where none came (a long prompt's later chunk, split/prefill.py: no padding).
+
+    Without one, SDPA's ``is_causal`` would align the mask at the top left, hiding from the step's
+    queries most of the tokens held before them; query i (position past + i) must see keys 0 ..
+    past + i. Eager attention always gets a mask from Hugging Face, flash attention aligns right."""
+    if past == 0 or new < 2 or getattr(hf_config, "_attn_implementation", None) != "sdpa":
+        return args, kwargs
+    slots = torch.arange(past + new, device=device)
+    mask = (slots <= (past + slots[:new]).unsqueeze(-1)).view(1, 1, new, past + new)
+    if "attention_mask" in kwargs:
+        return args, kwargs if kwargs["attention_mask"] is not None else {**kwargs, "attention_mask": mask}
+    i = mask_arg(block)
+    if i is not None and i < len(args) and args[i] is None:
+        return (*args[:i], mask, *args[i + 1:]), kwargs
+    return args, kwargs
+

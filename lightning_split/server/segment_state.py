@@ -24,7 +24,7 @@ import torch
 from lightning_split.server.call_grads import CallGradients
 from lightning_split.server.checks import AUTOCAST_DTYPES, SegmentError, embedding_rows, output_classes
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS, StaticDecoder
-from lightning_split.server.kv_cache import MAX_CACHE_BYTES, SessionCache
+from lightning_split.server.kv_cache import MAX_CACHE_BYTES, SessionCache, causal_mask_if_none
 from lightning_split.server.session_memory import (
     SavedBytes,
     SessionMemory,
@@ -135,6 +135,9 @@ class SessionSegment:
                 cache = self.kv.to_dynamic()
             hidden = body["hidden"].to(self.device, non_blocking=True)
             args, kwargs = self._block_arguments(body, grad_inputs, cache)
+            if cache is not None:
+                args, kwargs = causal_mask_if_none(self.module.blocks[0], self.kv.hf_config, args, kwargs, past, new,
+                                                   hidden.device)
             if not train:
                 with torch.no_grad():
                     return self._run(hidden, args, kwargs, body)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.channel import ChannelClient, ChannelConfig, TLSFiles
+from lightning_split.split.adaptive import is_loopback
 from lightning_split.split.build import ModelSource
 from lightning_split.split.client_model import build_client_skeleton, materialise
 from lightning_split.split.decode_stats import install_generation_metrics
@@ -40,6 +41,8 @@ class SplitModel:
     def close(self) -> None:
         self.client.close()
 
+
+PREFILL_CHUNK_BYTES = 1 << 20  # a prompt's hidden state above this, off loopback, goes in chunks
 
 # Code the client may import on the server's word: Hugging Face classes and our own examples.
 TRUSTED_TARGETS = ("transformers:", "lightning_split.examples.")
@@ -71,12 +74,16 @@ def open_split(
     server_name_override: str | None = None,
     micro_batches: int | None = None,
     decode_top_k: int = 0,
+    prefill_chunk_bytes: int | None = None,
 ) -> SplitModel:
     """Connect to a server, fetch and load the client's part, and return it wired up.
 
     ``decode_top_k``: in a two-part split, generation steps bring back the k best logits per
     sequence instead of the whole vocabulary row (exact for greedy decoding and for sampling with
     ``top_k <= k``; ~100x fewer bytes per token for GPT-2). 0 (default): whole rows.
+    ``prefill_chunk_bytes``: a prompt's hidden state larger than this crosses in chunks of the
+    sequence that overlap the server's compute of the earlier ones (prefill.py); None (default):
+    1 MiB for a server on another host, whole on this host's loopback; 0: always whole.
     """
     hello: dict[str, Any] = {"tail": tail or {"mode": "frozen"}}
     skeleton = proxy = split = None
@@ -105,5 +112,8 @@ def open_split(
     runner = RemoteSegment(client, proxy, split.cut, causal_lm=split.causal_lm, micro_batches=micro_batches)
     proxy.runner = runner
     proxy.decode_top_k = int(decode_top_k)
+    if prefill_chunk_bytes is None:
+        prefill_chunk_bytes = 0 if is_loopback(address) else PREFILL_CHUNK_BYTES
+    runner.prefill_chunk_bytes = int(prefill_chunk_bytes) or None
     install_generation_metrics(skeleton, runner.decode_log)
     return SplitModel(skeleton, proxy, runner, client, split, description)

@@ -98,7 +98,9 @@ class DecodeLog:
 
 def install_generation_metrics(model: Any, log: DecodeLog) -> None:
     """Wrap ``model.generate``: each call's ``GenerationMetrics`` land in ``model.generation_metrics``."""
-    generate = model.generate
+    generate = getattr(model, "generate", None)
+    if generate is None:  # not a generating model (a classifier, an nn.Sequential)
+        return
     model.generation_metrics = None
 
     @functools.wraps(generate)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lightning_split.channel.replies import body_bytes
+from lightning_split.split import prefill
 from lightning_split.split.adaptive import AdaptiveCompression
 from lightning_split.split.decode_stats import DecodeLog
 from lightning_split.split.remote_autograd import (
@@ -112,6 +113,9 @@ class RemoteSegment:
         # compression="auto": each request's encoding and its reply's, revised from the steps (adaptive.py).
         self.adaptive: AdaptiveCompression | None = None
         self.decode_log = DecodeLog()  # the cached calls of the sequence being generated (decode_stats.py)
+        # A prompt's hidden state larger than this goes in chunks in flight together (prefill.py);
+        # None: whole. open_split sets it for a server on another host.
+        self.prefill_chunk_bytes: int | None = None
         self._observed_step: int | None = None
         self._keys: tuple[str, ...] = ()
 
@@ -146,8 +150,13 @@ class RemoteSegment:
         keep = int(extra.get("keep_last", 0)) if not self.proxy.hand_off else 0
         if 0 < keep < hidden.shape[-2]:
             body["keep_last"] = keep
-        reply = self.client.request(MessageType.INFER, body)
-        out = {k: v.to(hidden.device, non_blocking=True) for k, v in reply.body.items()}
+        chunks = prefill.plan(body, self.prefill_chunk_bytes)
+        if chunks:  # a long prompt: its chunks in flight together (prefill.py)
+            futures = [self.client.submit(MessageType.INFER, chunk) for chunk in chunks]
+            replied = prefill.join(chunks, [f.result().body for f in futures], body)
+        else:
+            replied = self.client.request(MessageType.INFER, body).body
+        out = {k: v.to(hidden.device, non_blocking=True) for k, v in replied.items()}
         if body.get("keep_last"):  # the last positions only: in place in a full-length state
             last = out["output"]
             out["output"] = last.new_zeros((*hidden.shape[:-1], last.shape[-1]))
