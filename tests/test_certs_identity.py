@@ -291,3 +291,12 @@ def test_old_layout_folders_still_work(pki: Path, tmp_path: Path) -> None:
         assert (old / "crl.pem").is_file()
         time.sleep(1.1)  # the CRL is looked at once a second at most
         _refused(lambda: _client(server.port, "alice", client_tls(old, "alice")), grpc.StatusCode.PERMISSION_DENIED)
+
+
+
+def test_a_missing_client_certificate_is_named_with_the_command_that_makes_it(pki: Path) -> None:
+    """A node id without a certificate: the error names the id, the files and the ``certs`` command
+    (it was a FileNotFoundError deep in gRPC's TLS setup that never said which node id)."""
+    made_by = r"client node id 'nobody'.*lightning-split certs --out .* --client nobody"
+    with pytest.raises(FileNotFoundError, match=made_by):
+        client_tls(pki, "nobody")

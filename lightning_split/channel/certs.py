@@ -421,5 +421,14 @@ def server_tls(out_dir: str | os.PathLike) -> TLSFiles:
 
 
 def client_tls(out_dir: str | os.PathLike, node_id: str) -> TLSFiles:
+    """A client's TLS files under ``out_dir`` (``certs`` made them); a clear error naming the node
+    id and the command that makes them where one is missing."""
     cert, key = Layout.of(out_dir).client(node_id)
-    return TLSFiles(ca=Path(out_dir) / "ca.pem", cert=cert, key=key)
+    files = TLSFiles(ca=Path(out_dir) / "ca.pem", cert=cert, key=key)
+    missing = [str(p) for p in (files.ca, cert, key) if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no TLS files for client node id {node_id!r} ({', '.join(missing)} missing): make them with "
+            f"`lightning-split certs --out {out_dir} --client {node_id}`, or use the node id whose "
+            "certificate you have (SplitStrategy(node_id=...), Hydra: client.node_id=...)")
+    return files
