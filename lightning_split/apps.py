@@ -31,6 +31,24 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def share_cores(threads: int | None, address: str) -> int:
+    """Set torch's CPU threads: ``threads`` if given, else half the cores where ``address`` is this
+    host's loopback (client and server then share the host: two processes each on every core spin
+    against each other; the README's example took 171 s so, 36 s with one thread each), else
+    torch's default. Returns the number set."""
+    import os
+
+    import torch
+
+    from lightning_split.split.adaptive import is_loopback
+
+    if not threads and is_loopback(address):
+        threads = max(1, (os.cpu_count() or 2) // 2)
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 def build_server(cfg: DictConfig) -> Any:
     """A started ChannelServer serving the configured model's split."""
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
@@ -65,9 +83,7 @@ def build_server(cfg: DictConfig) -> Any:
 def serve(cfg: DictConfig) -> None:
     import torch
 
-    threads = cfg.server.get("torch_threads")
-    if threads:  # a CPU server on a host it shares with clients: its share of the cores
-        torch.set_num_threads(int(threads))
+    share_cores(cfg.server.get("torch_threads"), cfg.server.address)
     server = build_server(cfg)
     split = server.handler.description["resolved"]
     host = cfg.server.address.rsplit(":", 1)[0]
@@ -89,17 +105,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     L.seed_everything(cfg.seed, verbose=False)
     c = cfg.client
+    share_cores(c.get("torch_threads"), c.address)
     strategy = SplitStrategy(
         address=c.address, node_id=c.node_id, certs=c.certs, insecure=c.insecure, tail=_plain(c.tail),
         source=_plain(cfg.model.source), spec=_plain(cfg.model.split), channel=_plain(cfg.channel),
     )
     module = hydra.utils.instantiate(cfg.model.module)
     train_loader, val_loader = hydra.utils.instantiate(cfg.model.data)
-    trainer = L.Trainer(strategy=strategy, **_plain(cfg.trainer))
+    trainer = make_trainer(cfg.trainer, strategy)
     trainer.fit(module, train_loader, val_loader)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     strategy.close()
     return metrics
+
+
+def make_trainer(node: DictConfig, strategy: Any) -> Any:
+    """The ``trainer`` section instantiated the Hydra way: ``logger``, ``callbacks``, ``plugins`` given
+    with ``_target_`` become objects, and ``strategy`` (default: the client section's SplitStrategy)
+    may be replaced. Logs and checkpoints go under the Hydra run's folder unless ``default_root_dir``
+    says otherwise, so the jobs of a multirun keep theirs apart."""
+    from hydra.core.hydra_config import HydraConfig
+
+    spec = OmegaConf.to_container(node, resolve=False)
+    spec.setdefault("_target_", "lightning.Trainer")
+    if "default_root_dir" not in spec and HydraConfig.initialized():
+        spec["default_root_dir"] = HydraConfig.get().runtime.output_dir
+    extra = {} if "strategy" in spec else {"strategy": strategy}
+    return hydra.utils.instantiate(OmegaConf.create(spec), **extra)
 
 
 def _hydra_runner(config_name: str, task: Any) -> Runner:

@@ -60,6 +60,25 @@ def test_train_app_runs_a_trainer_through_the_server(pki, tmp_path, monkeypatch)
         server.stop(grace=0)
 
 
+def test_train_app_takes_a_logger_and_callbacks_the_hydra_way(pki, tmp_path, monkeypatch):
+    """``+trainer.logger._target_=...`` and ``+trainer.callbacks=[...]`` become objects (they were
+    passed to the Trainer as dicts and strings)."""
+    monkeypatch.chdir(tmp_path)
+    server = apps.build_server(_compose("serve", ["server.address=127.0.0.1:0", f"server.certs={pki}",
+                                                  f"server.state_dir={tmp_path}"]))
+    try:
+        cfg = _compose("train", [
+            f"client.address=127.0.0.1:{server.port}", f"client.certs={pki}", "client.node_id=alice",
+            "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
+            "+trainer.enable_checkpointing=false",
+            "+trainer.logger._target_=lightning.pytorch.loggers.CSVLogger", f"+trainer.logger.save_dir={tmp_path}/logs",
+            "+trainer.callbacks=[{_target_: lightning.pytorch.callbacks.LearningRateMonitor}]"])
+        apps.train(cfg)
+        assert list((tmp_path / "logs").rglob("metrics.csv")), "the CSVLogger wrote nothing"
+    finally:
+        server.stop(grace=0)
+
+
 RECIPES = str(Path(__file__).resolve().parents[1] / "recipes")
 
 
@@ -110,3 +129,21 @@ def test_serve_command_starts_serves_and_stops(pki, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_client_and_server_on_one_host_share_its_cores(monkeypatch):
+    """Both local: each takes half the cores by default; a server bound for other hosts, or a given
+    number, is left as said."""
+    import torch
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        assert apps.share_cores(None, "127.0.0.1:50051") == 4
+        assert apps.share_cores(None, "localhost:50051") == 4
+        assert apps.share_cores(3, "127.0.0.1:50051") == 3
+        torch.set_num_threads(before)
+        assert apps.share_cores(None, "10.0.0.5:50051") == before
+    finally:
+        torch.set_num_threads(before)
+
