@@ -94,8 +94,24 @@ def serve(cfg: DictConfig) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    every = float(cfg.server.get("status_every_s") or 0)
+    if every > 0:
+        threading.Thread(target=_status_lines, args=(server, every, stop), name="status", daemon=True).start()
     stop.wait()
     server.stop(grace=2)
+
+
+def _status_lines(server: Any, every: float, stop: threading.Event) -> None:
+    """The operator's periodic line: sessions, memory, steps/s and tokens/s (server/activity.py)."""
+    import logging
+
+    from lightning_split.server.activity import status_line
+
+    log, activity = logging.getLogger("lightning_split.serve"), server.handler.activity
+    since = activity.read()
+    while not stop.wait(every):
+        line, since = status_line(server, activity, since)
+        log.info("%s", line)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

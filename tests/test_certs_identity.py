@@ -300,3 +300,19 @@ def test_a_missing_client_certificate_is_named_with_the_command_that_makes_it(pk
     made_by = r"client node id 'nobody'.*lightning-split certs --out .* --client nobody"
     with pytest.raises(FileNotFoundError, match=made_by):
         client_tls(pki, "nobody")
+
+
+def test_tls_mismatches_say_which_side_refused_what(start_server, pki: Path, tmp_path: Path) -> None:
+    """gRPC says only ``UNAVAILABLE``; the client's error names the CA or certificate at fault."""
+    server = start_server(EchoHandler())
+    other = tmp_path / "other"
+    assert cli.main(["certs", "--out", str(other), "--client", "alice"]) == 0
+    trusts_another_ca = TLSFiles(ca=other / "ca.pem", cert=pki / "clients" / "alice.pem",
+                                 key=pki / "clients" / "alice.key")
+    message = _refused(lambda: _client(server.port, "alice", trusts_another_ca), grpc.StatusCode.UNAVAILABLE)
+    assert f"the server's certificate is not signed by the CA in {other / 'ca.pem'}" in message
+    signed_by_another_ca = TLSFiles(ca=pki / "ca.pem", cert=other / "clients" / "alice.pem",
+                                    key=other / "clients" / "alice.key")
+    message = _refused(lambda: _client(server.port, "alice", signed_by_another_ca), grpc.StatusCode.UNAVAILABLE)
+    assert "the server closed the connection on seeing this client's certificate" in message
+    assert str(other / "clients" / "alice.pem") in message

@@ -32,7 +32,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 from lightning_split.wire.compression import LOSSY_ENCODINGS
 
-from . import handshake
+from . import handshake, tls_probe
 from .bond import outbox_frames, send_whole
 from .certs import TLSFiles, validate_node_id
 from .client_stream import ClientStream, PendingRequest, RemoteError, fail_all, status_from_int
@@ -178,7 +178,15 @@ class ChannelClient(Resuming):
                                           checksum=self._verify)
             fut = self._enqueue(stream, pb.HANDSHAKE, hello, 0, self.config.handshake_timeout_s,
                                 CompressionConfig(), self.config.chunk_size)
-        reply = self._wait(fut, self.config.handshake_timeout_s)
+        try:
+            reply = self._wait(fut, self.config.handshake_timeout_s)
+        except RemoteError as e:
+            # The first handshake only (a reconnect's failure is the link's): say what TLS refused.
+            why = tls_probe.diagnose(self.address, self.tls, self.server_name_override) if (
+                e.code == grpc.StatusCode.UNAVAILABLE and self.tls is not None and not self.session_id) else None
+            if why is None:
+                raise
+            raise RemoteError(e.code, f"{e.message}: {why}") from e
         body = reply.body
         if not isinstance(body, dict) or not isinstance(body.get("session_id"), str):
             raise RemoteError(grpc.StatusCode.INTERNAL, "malformed welcome from the server")

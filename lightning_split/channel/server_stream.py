@@ -298,7 +298,8 @@ class ServerStream:
                          "a stream carries one session; open another stream for another session")
         assert self.session is not None
         if msg.type == pb.CLOSE:
-            self.srv.sessions.close(self.session.id)
+            if self.srv.sessions.close(self.session.id):
+                log.info("closed session %s of %s at its client's request", self.session.id[:8], self.identity)
             self.finished = True
             return self._reply(msg, {"closed": True})
         return self._dispatch(self.session, msg)

@@ -30,6 +30,7 @@ import torch
 
 from lightning_split.channel import HandlerError, Session
 from lightning_split.channel.budget import BudgetExceeded
+from lightning_split.server.activity import Activity
 from lightning_split.server.checks import CacheError, SegmentError, check_request, step_number
 from lightning_split.server.durable import DurableSessions
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
@@ -108,6 +109,7 @@ class SplitService:
         # Fused training micro-batches (the loss the only result) replay CUDA graphs once their
         # shape recurs (train_graphs.py); off: they always run eagerly.
         self.train_graphs = bool(train_graphs)
+        self.activity = Activity()  # steps and tokens, for the operator's status line (activity.py)
         self.description = {
             "model": describe_config(source),
             "split": spec.to_dict(),
@@ -220,6 +222,7 @@ class SplitService:
 
     def _stepped(self, session: Session, segment: SessionSegment) -> None:
         """A step was applied: keep the session on disk if it is due (before the step's reply)."""
+        self.activity.stepped()
         if self.durable is not None:
             self._durably(lambda: self.durable.after_step(session, segment), session)
 
@@ -270,7 +273,9 @@ class SplitService:
                     self._stepped(session, segment)
             return reply
         if kind == MessageType.INFER:
-            return segment.forward(body, train=False)
+            reply = segment.forward(body, train=False)
+            self.activity.inferred(body)
+            return reply
         if kind == MessageType.OPTIMIZER_STEP:
             if body.get("op") == "grad_norm":
                 return segment.grad_sq_norm()
