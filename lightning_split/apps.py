@@ -1,7 +1,8 @@
 """The Hydra apps behind ``lightning-split serve`` and ``lightning-split train``.
 
-Both read ``conf/`` (``serve.yaml``, ``train.yaml`` and a ``model/`` group); every key can be
-overridden on the command line the Hydra way (``model=gpt2_tiny trainer.max_epochs=1``).
+Both read the package's ``conf/`` (``serve.yaml``, ``train.yaml`` and a ``model/`` group), or a
+``./conf`` of the user's; every key can be overridden on the command line the Hydra way
+(``model=gpt2_tiny trainer.max_epochs=1``), and the package's ``recipes/`` are found by name.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 Runner = Callable[[list[str]], int]
 
 
+PACKAGE = Path(__file__).resolve().parent
+RECIPES = PACKAGE / "recipes"  # complete runs, found by name (``--config-name gpt2_lora_client``)
+
+
 def config_dir() -> str:
-    """``./conf`` if the working directory has one, else the repository's ``conf/``."""
+    """``./conf`` if the working directory has one (the user's own), else the package's ``conf/``
+    (installed with it: ``lightning-split serve`` works from any directory after ``pip install``)."""
     here = Path.cwd() / "conf"
     if (here / "serve.yaml").exists():
         return str(here)
-    return str(Path(__file__).resolve().parents[1] / "conf")
+    return str(PACKAGE / "conf")
 
 
 def _plain(node: Any) -> Any:
@@ -154,7 +160,10 @@ def _hydra_runner(config_name: str, task: Any) -> Runner:
     def run(argv: list[str]) -> int:
         app = hydra.main(config_path=config_dir(), config_name=config_name, version_base=None)(task)
         saved = sys.argv
-        sys.argv = [f"lightning-split {config_name}", *argv]
+        # The recipes' folder on the search path (an option: overrides may come anywhere after it).
+        own_dir = any(a.startswith("--config-dir") or a == "-cd" for a in argv)
+        searched = [] if own_dir else ["--config-dir", str(RECIPES)]
+        sys.argv = [f"lightning-split {config_name}", *searched, *argv]
         try:
             app()
         finally:

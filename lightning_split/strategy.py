@@ -174,7 +174,7 @@ class SplitStrategy(SingleDeviceStrategy):
 
     def setup_environment(self) -> None:
         # The device was guessed at construction (cuda:0 where there is one); a Trainer that asks
-        # for the CPU (``accelerator="cpu"``, as conf/train.yaml does) keeps the client there.
+        # for the CPU (``accelerator="cpu"``, as lightning_split/conf/train.yaml does) keeps the client there.
         from lightning.pytorch.accelerators import CPUAccelerator
 
         if isinstance(self.accelerator, CPUAccelerator) and self.root_device.type != "cpu":

@@ -15,7 +15,7 @@ from lightning_split.split.build import ModelSource, build_model
 from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(apps.__file__).resolve().parent / "conf")
 
 
 def _compose(name: str, overrides: list[str]):  # noqa: ANN202
@@ -79,7 +79,7 @@ def test_train_app_takes_a_logger_and_callbacks_the_hydra_way(pki, tmp_path, mon
         server.stop(grace=0)
 
 
-RECIPES = str(Path(__file__).resolve().parents[1] / "recipes")
+RECIPES = str(apps.RECIPES)
 
 
 @pytest.mark.parametrize("recipe,serve_model", [("gpt2_lora_client", "gpt2_tiny"),
@@ -147,3 +147,18 @@ def test_client_and_server_on_one_host_share_its_cores(monkeypatch):
     finally:
         torch.set_num_threads(before)
 
+
+
+def test_recipes_and_configs_are_found_by_name_from_any_directory(tmp_path):
+    """Configs and recipes ship inside the package: from a directory without ``conf/`` the train
+    command composes a recipe by its name, overrides after it as usual."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lightning_split.cli", "train", "--config-name", "gpt2_lora_client",
+           "client.node_id=alice", "--cfg", "job"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job = OmegaConf.create(out.stdout)
+    assert job.client.node_id == "alice" and job.client.tail.mode == "lora" and job.model.source.target.endswith(
+        "GPT2LMHeadModel")
