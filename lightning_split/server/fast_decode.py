@@ -56,9 +56,14 @@ Tree = tuple[tuple, dict]  # a block's (args, kwargs)
 
 
 def layer_index(block: nn.Module) -> int | None:
-    """The block's model-wide layer index (its place in a KV cache), None if it has no attention."""
-    idx = [getattr(getattr(block, name, None), "layer_idx", None) for name in ("attn", "self_attn")]
-    return next((i for i in idx if isinstance(i, int)), None)
+    """The block's model-wide layer index (its place in a KV cache), None if it has no attention:
+    the ``layer_idx`` Hugging Face gives a block's attention, whatever the module is called (``attn``,
+    ``self_attn``, GPT-NeoX's ``attention``...), or the block's own."""
+    for module in block.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return idx
+    return None
 
 
 def mask_arg(block: nn.Module) -> int | None:

@@ -42,6 +42,13 @@ KNOWN_FAMILIES: dict[str, Family] = {
 }
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal LM by its class's name (``...ForCausalLM``, ``...LMHeadModel``): its
+    loss shifts the labels by one. Other models leave it to ``SplitSpec(causal_lm=...)``."""
+    name = type(model).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """A cut through a model's block list.
@@ -68,7 +75,8 @@ class SplitSpec:
             )
         blocks_path = self.blocks if self.blocks is not None else family.blocks
         tail = tuple(self.tail) if self.tail is not None else (family.tail if family else ())
-        causal = self.causal_lm if self.causal_lm is not None else bool(family and family.causal_lm)
+        causal = self.causal_lm if self.causal_lm is not None else (
+            family.causal_lm if family is not None else is_causal_lm(model))
         blocks = model.get_submodule(blocks_path) if blocks_path else model
         if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             raise ValueError(f"{blocks_path!r} is a {type(blocks).__name__}, not a block list")
