@@ -123,8 +123,9 @@ def _status_lines(server: Any, every: float, stop: threading.Event) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
-    from lightning_split import SplitStrategy
+    from lightning_split.strategy import SplitStrategy, register
 
+    register()  # trainer.strategy=split resolves in the console script too (lightning_split/__init__.py)
     L.seed_everything(cfg.seed, verbose=False)
     c = cfg.client
     share_cores(c.get("torch_threads"), c.address)

@@ -162,3 +162,15 @@ def test_recipes_and_configs_are_found_by_name_from_any_directory(tmp_path):
     job = OmegaConf.create(out.stdout)
     assert job.client.node_id == "alice" and job.client.tail.mode == "lora" and job.model.source.target.endswith(
         "GPT2LMHeadModel")
+
+
+def test_the_console_script_helps_without_importing_torch_or_lightning():
+    """``lightning-split --help`` and ``certs`` need neither: they took 9-14 s when the package's
+    import pulled both in (lightning_split/__init__.py loads them when a command uses them)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; sys.argv[0] = 'lightning-split'; from lightning_split import cli; cli.main(['--help']); "
+             "print('HEAVY', sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
