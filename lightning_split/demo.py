@@ -88,7 +88,7 @@ def main() -> int:
                                 enable_model_summary=False, callbacks=[report])
             module = Classifier(lr=1e-2, optimizer="Adam")
             train, val = digits_loaders(32, shuffle=True)
-            trainer.fit(module, train)
+            trainer.fit(module, train, val)  # (without val, Lightning says it skips the val loop)
             metrics = trainer.validate(module, val, verbose=False)[0]
             stats = trainer.strategy.split.client.stats
             elapsed = time.perf_counter() - report.start
