@@ -51,8 +51,9 @@ def connect(split_server):  # noqa: ANN001
         address, tls_for = split_server(source, SPECS[spec], fast_decode=fast_decode, device=device)
         remote = open_split(address, "alice", tls_for("alice"), source=source, spec=SPECS[spec], device=device)
         made.append(remote)
-        if fast_decode and device == "cpu":
-            split_server.segment(remote).fast.emulate_graphs = True
+        if fast_decode:
+            remote.decoder = split_server.segment(remote).fast  # the server's static decoder
+            remote.decoder.emulate_graphs = device == "cpu"
         return build_model(source, device=device).eval(), remote
 
     yield _make
@@ -94,6 +95,23 @@ def test_prompt_lookup_on_a_repeating_prompt_saves_round_trips(connect) -> None:
     assert torch.equal(model.generate(ids, **greedy, prompt_lookup_num_tokens=5), expected)
     m = model.generation_metrics
     assert m.tokens_per_round_trip > 2 and m.acceptance_rate > 0.5, m
+
+
+def test_verify_steps_replay_graphs_only_for_shapes_that_recur(connect) -> None:
+    """Prompt lookup sends 1 + k tokens per round, k changing with what the prompt offers: a graph
+    per new length would cost a capture a round. Shapes seen before replay one; the others run
+    eagerly on the static cache, and the tokens stay local's."""
+    local, remote = connect("gpt2", "u_shape", fast_decode=True)
+    start = _repeating_prompt()
+    said = local.generate(start, **{**GREEDY, "max_new_tokens": 15})
+    ids = torch.cat([said, start], dim=1)
+    greedy = {**GREEDY, "max_new_tokens": 15}
+    model = remote.model.eval()
+    assert torch.equal(model.generate(ids, **greedy, prompt_lookup_num_tokens=5), local.generate(ids, **greedy))
+    stats, rounds = remote.decoder.stats, model.generation_metrics.round_trips
+    assert stats["declined"] == 0 and stats["static_steps"] == rounds
+    assert stats["captures"] < rounds - 1  # not one per verify step
+    assert stats["graph_steps"] > 0  # the recurring shapes replayed
 
 
 @pytest.mark.parametrize("spec", list(SPECS))

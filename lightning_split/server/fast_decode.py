@@ -183,11 +183,14 @@ class StaticDecoder:
         graphs = (body.get("labels") is None and not self.module.training
                   and (self.emulate_graphs or (self.use_graphs and self.device.type == "cuda")))
         prompt = past == 0 and new > 1
-        # Past a prompt, a step of many tokens is a prefill's later chunk (split/prefill.py): eager,
-        # not a graph captured for a shape that will not come again; a few (speculative decoding's
-        # verify steps) replay graphs like a decode step.
-        graphs = graphs and (past == 0 or hidden.shape[0] * new <= MULTI_TOKEN_GRAPH_TOKENS)
-        if prompt and not (graphs and self._recurring_prompt(hidden, kind, body) and self._ready(hidden.shape[0], new)):
+        if past and new > 1:
+            # Several tokens after held ones: speculative decoding's verify step (k drafts and the
+            # last token; k varies round to round) or a long prompt's later chunk (prefill.py). A
+            # graph only for few tokens whose shape came before: a capture costs several eager runs,
+            # and a session keeps at most max_graphs of them, the decode step's among them.
+            graphs = (graphs and hidden.shape[0] * new <= MULTI_TOKEN_GRAPH_TOKENS
+                      and self._recurring_shape(hidden, kind, body))
+        if prompt and not (graphs and self._recurring_shape(hidden, kind, body) and self._ready(hidden.shape[0], new)):
             # Hugging Face's own path, then the keys and values move over.
             out = self._prefill(hidden, self._swap_mask(tree, mask)[1], body, new)
             self.tokens = new
@@ -204,8 +207,9 @@ class StaticDecoder:
         self.stats["static_steps"] += 1
         return out
 
-    def _recurring_prompt(self, hidden: torch.Tensor, kind: str, body: dict[str, Any]) -> bool:
-        """Count this prompt's shape; True if it is short and came before (it may replay a graph)."""
+    def _recurring_shape(self, hidden: torch.Tensor, kind: str, body: dict[str, Any]) -> bool:
+        """Count this multi-token step's shape (a prompt, a verify step); True if it is short and came
+        before (it may replay a graph)."""
         if hidden.shape[0] * hidden.shape[1] > self.prompt_graph_tokens:
             return False
         if len(self.prompt_shapes) >= MAX_PROMPT_SHAPES:
