@@ -95,6 +95,8 @@ def test_prompt_lookup_on_a_repeating_prompt_saves_round_trips(connect) -> None:
     assert torch.equal(model.generate(ids, **greedy, prompt_lookup_num_tokens=5), expected)
     m = model.generation_metrics
     assert m.tokens_per_round_trip > 2 and m.acceptance_rate > 0.5, m
+    result = model.generate(ids, **greedy, prompt_lookup_num_tokens=5, return_dict_in_generate=True)
+    assert torch.equal(result.sequences, expected) and result.split_metrics.accepted == m.accepted
 
 
 def test_verify_steps_replay_graphs_only_for_shapes_that_recur(connect) -> None:

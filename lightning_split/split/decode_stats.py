@@ -10,7 +10,8 @@ alone give the acceptance, with the prompt's length for the first call (prompt a
 one) and the output's length for the last (no call follows it).
 
 ``install_generation_metrics`` wraps the split model's ``generate`` to fill
-``model.generation_metrics`` after each call; ``SplitProgress`` is a streamer that prints the same
+``model.generation_metrics`` after each call (and ``split_metrics`` of its result with
+``return_dict_in_generate=True``); ``SplitProgress`` is a streamer that prints the same
 figures on one line while tokens arrive.
 """
 
@@ -111,6 +112,8 @@ def install_generation_metrics(model: Any, log: DecodeLog) -> None:
         sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
         held = int(sequences.shape[-1]) - 1 if isinstance(sequences, torch.Tensor) and log.prompt else None
         model.generation_metrics = log.metrics(held) if log.calls else None
+        if sequences is not None and sequences is not out and model.generation_metrics is not None:
+            out["split_metrics"] = model.generation_metrics  # generate(return_dict_in_generate=True)'s result too
         return out
 
     model.generate = generate_with_metrics
