@@ -173,6 +173,12 @@ def split_train_step(split: Any, opt: torch.optim.Optimizer, i: int, ids: torch.
     return loss.detach()
 
 
+def greedy(model: torch.nn.Module, ids: torch.Tensor, n: int, **extra: Any) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``n`` tokens (``min_new_tokens``: a random model may emit EOS)."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, **extra)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
     base_parser,
     channel_rtt_ms,
     finish_args,
+    greedy,
     json_path,
     median,
     model_source,
@@ -57,12 +58,6 @@ from lightning_split.split.spec import SplitSpec  # noqa: E402
 QUICK = dict(model="tiny", seq=32, new_tokens=16, steps=5, warmup=1)
 FULL = dict(model="small", seq=128, new_tokens=64, steps=5, warmup=2)
 SHAPES = ("u_shape", "two_part")
-
-
-def generate(model: torch.nn.Module, ids: torch.Tensor, n: int, **extra: Any) -> torch.Tensor:
-    # min_new_tokens: a random model may emit EOS; every run must make exactly n tokens.
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0, **extra)
 
 
 class Engine:
@@ -85,11 +80,11 @@ class Engine:
             self._run(ids, n, device, record)
 
     def _run(self, ids: torch.Tensor, n: int, device: str, record: bool) -> None:
-        dt, _ = timed(lambda: generate(self.model, ids, 1, **self.extra), device)
+        dt, _ = timed(lambda: greedy(self.model, ids, 1, **self.extra), device)
         if record:
             self.ttft.append(dt)
         before = (self.split.client.stats.snapshot(), self.server.busy()) if self.split else None
-        dt, self.out = timed(lambda: generate(self.model, ids, n, **self.extra), device)
+        dt, self.out = timed(lambda: greedy(self.model, ids, n, **self.extra), device)
         if record:
             self.full.append(dt)
             if before is not None:

@@ -29,6 +29,7 @@ from _common import (  # noqa: E402
     base_parser,
     environment,
     finish_args,
+    greedy,
     json_path,
     median,
     model_source,
@@ -49,17 +50,12 @@ QUICK = dict(model="tiny", batch=8, seq=1024, steps=5, warmup=1)
 FULL = dict(model="small", batch=4, seq=1024, steps=5, warmup=1)
 
 
-def first_token(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                          pad_token_id=0)
-
-
 def ttft(name: str, model: torch.nn.Module, ids: torch.Tensor, args: Any, expected: torch.Tensor | None,
          split: bool) -> dict[str, Any]:
     times, out = [], None
     for r in range(args.warmup + args.steps):
         with split_threads(args.device) if split else contextlib.nullcontext():
-            dt, out = timed(lambda: first_token(model, ids), args.device)
+            dt, out = timed(lambda: greedy(model, ids, 1), args.device)
         if r >= args.warmup:
             times.append(dt)
     row = {"name": name, "ttft_ms": 1e3 * median(times), "ttft_ms_all": [1e3 * t for t in times],
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_split.split.build import build_model
 
         local = build_model(source, device=args.device).eval()
-        expected = first_token(local, ids)
+        expected = greedy(local, ids, 1)
         rows.append(ttft("local", local, ids, args, expected, split=False) | {"shape": None, "chunk_kib": None})
         pki = stack.enter_context(pki_dir())
         for shape in args.shapes:

@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     base_parser,
     environment,
     finish_args,
+    greedy,
     json_path,
     median,
     model_source,
@@ -74,14 +75,8 @@ def draft_source(source: ModelSource, layers: int) -> ModelSource:
 def repeating_prompt(model: torch.nn.Module, vocab: int, start: int, passage: int, device: str) -> torch.Tensor:
     """A start, the model's greedy continuation of it (``passage`` tokens), and the start again."""
     ids = torch.randint(3, vocab, (1, start), generator=torch.Generator().manual_seed(1)).to(device)
-    said = generate(model, ids, passage, {})
+    said = greedy(model, ids, passage)
     return torch.cat([said, ids], dim=1)
-
-
-def generate(model: torch.nn.Module, ids: torch.Tensor, n: int, drafting: dict[str, Any]) -> torch.Tensor:
-    # min_new_tokens: a random model may emit EOS; every run makes exactly n tokens.
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0, **drafting)
 
 
 def measure(name: str, model: torch.nn.Module, ids: torch.Tensor, drafting: dict[str, Any], args: Any,
@@ -90,7 +85,7 @@ def measure(name: str, model: torch.nn.Module, ids: torch.Tensor, drafting: dict
     times, metrics, out = [], [], None
     for r in range(args.warmup + args.steps):
         with split_threads(args.device) if split is not None else contextlib.nullcontext():
-            dt, out = timed(lambda: generate(model, ids, args.new_tokens, drafting), args.device)
+            dt, out = timed(lambda: greedy(model, ids, args.new_tokens, **drafting), args.device)
         if r >= args.warmup:
             times.append(dt)
             if split is not None and model.generation_metrics is not None:
@@ -143,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.dtype}, median of {args.steps}", flush=True)
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
-        expected = generate(local, ids, args.new_tokens, {})
+        expected = greedy(local, ids, args.new_tokens)
         rows += [measure(f"local {kind}", local, ids, d, args, expected) | {"drafting": kind, "rtt_ms": None}
                  for kind, d in draftings.items()]
         with pki_dir() as pki:

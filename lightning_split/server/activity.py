@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass
 class Reading:
@@ -38,7 +40,7 @@ class Activity:
         if not isinstance(cache, dict):
             return
         hidden = body.get("hidden")
-        rows = int(hidden.shape[0]) if getattr(hidden, "dim", lambda: 0)() >= 1 else 1
+        rows = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 else 1
         with self._lock:
             if int(cache.get("past", 0)):
                 self._now.tokens += rows * int(cache.get("new", 0))
@@ -62,8 +64,6 @@ def rss_bytes() -> int:
 def status_line(server: Any, activity: Activity, since: Reading) -> tuple[str, Reading]:
     """One line: sessions and nodes, memory (host, and each GPU in use), steps/s and tokens/s since
     ``since``; and the reading to pass next time."""
-    import torch
-
     now = activity.read()
     dt = max(now.at - since.at, 1e-9)
     sessions = server.sessions.snapshot()

@@ -66,6 +66,11 @@ def layer_index(block: nn.Module) -> int | None:
     return None
 
 
+def causal_allowed(slots: torch.Tensor, pos: int | torch.Tensor, new: int) -> torch.Tensor:
+    """A (1, 1, new, len(slots)) bool mask: query i (position pos + i) sees slots 0 .. pos + i."""
+    return (slots <= (pos + slots[:new]).unsqueeze(-1)).view(1, 1, new, slots.numel())
+
+
 def mask_arg(block: nn.Module) -> int | None:
     """Index of ``attention_mask`` among the block's positional arguments after the hidden state."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -280,7 +285,7 @@ class StaticDecoder:
     def _causal(self, pos: int | torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
         """Query i (position pos + i) sees slots 0..pos + i. ``pos`` may be a device tensor: a graph
         computes its mask from its input, with no host round trip."""
-        allowed = (self._slots <= (pos + self._slots[:new]).unsqueeze(-1)).view(1, 1, new, self.capacity)
+        allowed = causal_allowed(self._slots, pos, new)
         if self.sdpa:
             return allowed
         additive = torch.zeros(allowed.shape, dtype=dtype, device=self.device)  # eager attention adds it

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lightning_split.server.checks import CacheError, SegmentError, check_beam_idx
-from lightning_split.server.fast_decode import StaticDecoder, layer_index, mask_arg
+from lightning_split.server.fast_decode import StaticDecoder, causal_allowed, layer_index, mask_arg
 from lightning_split.server.session_memory import SessionMemory, kv_bytes_per_token
 from lightning_split.split.surgery import ServerSegment
 
@@ -52,6 +52,7 @@ class SessionCache:
         if info.get("new") is not None and int(info["new"]) != new:
             raise SegmentError(f"cache new={info['new']}, but the hidden state brings {new} tokens")
         self.per_token = self.per_token or kv_bytes_per_token(self.hf_config, self.module, hidden.shape[-1])
+        crop = False
         if past > 0:
             if info.get("reorder") is not None:
                 # Beam search reordered the client's cache since the last step: follow it.
@@ -67,8 +68,8 @@ class SessionCache:
         if past + new > self.max_tokens:
             raise CacheError(f"KV cache limit: {past + new} tokens > max_cache_tokens={self.max_tokens}")
         self.memory.charge_cache(self._projected(batch, past + new, fresh=past == 0), self.max_bytes)
-        if past > 0 and self.tokens() > past:  # checked above: the client asked for the crop
-            self.crop(past)  # speculative decoding: the client kept only the verified tokens
+        if crop:  # speculative decoding: the client kept only the verified tokens
+            self.crop(past)
         if past == 0:
             self.dynamic = None
             if self.fast is not None:
@@ -178,8 +179,7 @@ def causal_mask_if_none(block: torch.nn.Module, hf_config: Any, args: tuple, kwa
     past + i. Eager attention always gets a mask from Hugging Face, flash attention aligns right."""
     if past == 0 or new < 2 or getattr(hf_config, "_attn_implementation", None) != "sdpa":
         return args, kwargs
-    slots = torch.arange(past + new, device=device)
-    mask = (slots <= (past + slots[:new]).unsqueeze(-1)).view(1, 1, new, past + new)
+    mask = causal_allowed(torch.arange(past + new, device=device), past, new)
     if "attention_mask" in kwargs:
         return args, kwargs if kwargs["attention_mask"] is not None else {**kwargs, "attention_mask": mask}
     i = mask_arg(block)
