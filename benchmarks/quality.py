@@ -179,8 +179,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
+    first = min(row.get("seed", 0) for row in rows)
     for row in rows:
-        if row.get("seed", 0):
+        if row.get("seed", 0) != first:
             continue  # the first seed's curves; the table has every seed
         losses = torch.tensor(row["losses"])
         k = max(1, len(losses) // 50)  # a moving average, for legible curves
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, default=1, help="data orders per row (mean and spread in the table)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first data order (to spread seeds over processes: --first-seed 1 --seeds 1)")
     p.set_defaults(device="cpu")  # CPU unless asked: the exact sums (lossless equals local bit for bit)
     args = finish_args(p.parse_args(argv), quick={"steps": 60, "batch": 8, "seq": 128},
                        full={"steps": 500, "batch": 8, "seq": 128})
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     src = source(args.layers, args.width, args.seq)
     rows: list[dict[str, Any]] = []
     with pki_dir() as pki, SplitServer(pki, src, SPEC, args.device) as server:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             data = [ids.to(args.device) for ids in batches(train_windows, args.steps, args.batch, seed)]
             rows += [run_local(src, data, held, args) | {"seed": seed}]
             rows += [run_split(server, src, mode, data, held, args) | {"seed": seed} for mode in args.modes]

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                             label = f"split {shape} RTT {rtt:g}"
                             rows += [r | {"rtt_ms": rtt, "shape": shape}
                                      for r in split_rows(server, source, spec, label, ids, draftings, expected, args)]
+                        # every row so far, should a long run be cut short
+                        write_json(json_path(args, "speculative"), args, {"rows": rows, "partial": True})
     return report(args, rows, t_start)
 
 

@@ -540,46 +540,42 @@ def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spe
     hand_built_wires = list(dict.fromkeys([*bf16, *args.also_hand_built_wire]))
 
     runs: list[Run] = []
+    bench = "train" if link is None else f"train_link-{args.link.replace(',', '-')}"
+
+    def record(run: Run, note: str = "") -> None:
+        """Print a finished row and save every row so far: a run cut short keeps what it measured."""
+        runs.append(run)
+        print(f"  {run.name:<12s} {run.steps_per_s:8.2f} steps/s{note}", flush=True)
+        write_json(json_path(args, bench), args, {"runs": {r.name: r.as_dict() for r in runs}, "partial": True})
+
     with pki_dir() as pki, server_cls(pki, source, spec, args.server_device) as server:
-        runs.append(run_local(args, source, batches))
-        print(f"  local      {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
-        runs.append(run_ours(args, server, source, spec, batches, args.micro_batches))
-        print(f"  ours       {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        record(run_local(args, source, batches))
+        record(run_ours(args, server, source, spec, batches, args.micro_batches))
         for n in args.also_micro_batches:
-            runs.append(run_ours(args, server, source, spec, batches, n, f"ours mb={n}"))
-            print(f"  ours mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+            record(run_ours(args, server, source, spec, batches, n, f"ours mb={n}"))
         for n in args.also_ramped:
-            runs.append(run_ours(args, server, source, spec, batches, n, f"ours ramped mb={n}", ramp=True))
-            print(f"  ours ramped mb={n:<3d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+            record(run_ours(args, server, source, spec, batches, n, f"ours ramped mb={n}", ramp=True))
         for k in args.also_connections:
-            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours conn={k}",
-                                 connections=k))
-            print(f"  ours conn={k:<2d}{runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+            record(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours conn={k}",
+                            connections=k))
         if args.also_unfused:
-            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours unfused", fuse=False))
-            print(f"  ours unfused {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+            record(run_ours(args, server, source, spec, batches, args.micro_batches, "ours unfused", fuse=False))
         if args.also_eager_server:
-            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, "ours eager server",
-                                 train_graphs=False))
-            print(f"  ours eager server {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+            record(run_ours(args, server, source, spec, batches, args.micro_batches, "ours eager server",
+                            train_graphs=False))
         for mode in ours_wires:
-            runs.append(run_ours(args, server, source, spec, batches, args.micro_batches, f"ours {mode} wire", mode))
-            chose, x = runs[-1].extra.get("adaptive_modes"), runs[-1].extra
-            said = (f" (chose activations {chose['activations']}, gradients {chose['gradients']}, slow link "
-                    f"{x['slow_link']} ({x['link_MB_s']:.1f} MB/s); "
-                    f"median {x['median_step_ms_final_modes']:.1f} ms/step in those)") if chose else ""
-            print(f"  ours {mode} wire {runs[-1].steps_per_s:8.2f} steps/s{said}", flush=True)
+            run = run_ours(args, server, source, spec, batches, args.micro_batches, f"ours {mode} wire", mode)
+            chose, x = run.extra.get("adaptive_modes"), run.extra
+            record(run, (f" (chose activations {chose['activations']}, gradients {chose['gradients']}, slow link "
+                         f"{x['slow_link']} ({x['link_MB_s']:.1f} MB/s); "
+                         f"median {x['median_step_ms_final_modes']:.1f} ms/step in those)") if chose else "")
         if not args.no_lightning:
-            runs.append(run_lightning(args, source, batches))
-            runs.append(run_lightning(args, source, batches, server, spec))
-            print(f"  lightning  {runs[-2].steps_per_s:8.2f} local, {runs[-1].steps_per_s:.2f} ours steps/s",
-                  flush=True)
+            record(run_lightning(args, source, batches))
+            record(run_lightning(args, source, batches, server, spec))
     if not args.no_hand_built:
-        runs.append(run_hand_built(args, source, link))
-        print(f"  hand-built {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+        record(run_hand_built(args, source, link))
         for mode in hand_built_wires:
-            runs.append(run_hand_built(args, source, link, mode, f"hand-built {mode} wire"))
-            print(f"  hand-built {mode} wire {runs[-1].steps_per_s:8.2f} steps/s", flush=True)
+            record(run_hand_built(args, source, link, mode, f"hand-built {mode} wire"))
 
     by = {r.name: r for r in runs}
     local = by["local"]
@@ -620,7 +616,6 @@ def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spe
             ok = ratios["ours/local"] >= target and ratios.get("ours/hand-built", 1.0) > 1.0
             print(f"\ntarget (GPU): ours >= {target} x local and ahead of hand-built: "
                   f"{'MET' if ok else 'MISSED'}")
-    bench = "train" if link is None else f"train_link-{args.link.replace(',', '-')}"
     out = write_json(json_path(args, bench), args, {
         "runs": {r.name: r.as_dict() for r in runs}, "ratios": ratios, "targets": targets,
         "breakdowns": breakdowns,
