@@ -174,3 +174,27 @@ def test_the_console_script_helps_without_importing_torch_or_lightning():
              "print('HEAVY', sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_multirun_jobs_keep_their_logs_apart(pki, tmp_path):
+    """``lightning-split train -m seed=0,1``: the two jobs train one after the other through the
+    same server, and each writes its Lightning logs under its own job folder (not ./lightning_logs)."""
+    import subprocess
+    import sys
+
+    server = apps.build_server(_compose("serve", ["server.address=127.0.0.1:0", f"server.certs={pki}",
+                                                  f"server.state_dir={tmp_path / 'state'}"]))
+    try:
+        sweep = tmp_path / "sweep"
+        cmd = [sys.executable, "-m", "lightning_split.cli", "train", "-m", "seed=0,1",
+               f"client.address=127.0.0.1:{server.port}", f"client.certs={pki}", "client.node_id=alice",
+               "client.torch_threads=1", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+               "+trainer.limit_val_batches=1", "+trainer.enable_checkpointing=false", f"hydra.sweep.dir={sweep}"]
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        for job in ("0", "1"):
+            logs = sweep / job / "lightning_logs" / "version_0"  # Lightning's default logger, in the job's folder
+            assert logs.is_dir() and any(logs.iterdir()), f"job {job} logged nothing in its own folder"
+        assert not (tmp_path / "lightning_logs").exists()
+    finally:
+        server.stop(grace=0)
