@@ -179,6 +179,23 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, n: int, **extra: Any) -> t
                           do_sample=False, pad_token_id=0, **extra)
 
 
+def repeat_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int, args: Any, split: bool,
+                  after_timed: Callable[[], None] | None = None, **extra: Any) -> tuple[list[float], torch.Tensor]:
+    """``greedy`` ``args.warmup + args.steps`` times: the seconds of the timed runs, and the last
+    output. A split's client computes with its half of the cores (split_threads); ``after_timed``
+    runs after each timed generation (to read its metrics)."""
+    times: list[float] = []
+    out = ids
+    for r in range(args.warmup + args.steps):
+        with split_threads(args.device) if split else contextlib.nullcontext():
+            dt, out = timed(lambda: greedy(model, ids, n, **extra), args.device)
+        if r >= args.warmup:
+            times.append(dt)
+            if after_timed is not None:
+                after_timed()
+    return times, out
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -36,9 +36,8 @@ from _common import (  # noqa: E402
     pki_dir,
     print_table,
     random_batches,
+    repeat_greedy,
     shared_cpu_threads,
-    split_threads,
-    timed,
     write_json,
 )
 from _linked import LinkedServer  # noqa: E402
@@ -52,12 +51,7 @@ FULL = dict(model="small", batch=4, seq=1024, steps=5, warmup=1)
 
 def ttft(name: str, model: torch.nn.Module, ids: torch.Tensor, args: Any, expected: torch.Tensor | None,
          split: bool) -> dict[str, Any]:
-    times, out = [], None
-    for r in range(args.warmup + args.steps):
-        with split_threads(args.device) if split else contextlib.nullcontext():
-            dt, out = timed(lambda: greedy(model, ids, 1), args.device)
-        if r >= args.warmup:
-            times.append(dt)
+    times, out = repeat_greedy(model, ids, 1, args, split)
     row = {"name": name, "ttft_ms": 1e3 * median(times), "ttft_ms_all": [1e3 * t for t in times],
            "first_token_matches": bool(expected is None or torch.equal(out, expected))}
     print(f"  {name:<30} {row['ttft_ms']:9.1f} ms to the first token", flush=True)

@@ -49,9 +49,8 @@ from _common import (  # noqa: E402
     model_source,
     pki_dir,
     print_table,
+    repeat_greedy,
     shared_cpu_threads,
-    split_threads,
-    timed,
     write_json,
 )
 from _linked import LinkedServer  # noqa: E402
@@ -82,14 +81,13 @@ def repeating_prompt(model: torch.nn.Module, vocab: int, start: int, passage: in
 def measure(name: str, model: torch.nn.Module, ids: torch.Tensor, drafting: dict[str, Any], args: Any,
             expected: torch.Tensor | None, split: Any = None) -> dict[str, Any]:
     """Median over ``args.steps`` runs (after ``args.warmup``) of one way of generating."""
-    times, metrics, out = [], [], None
-    for r in range(args.warmup + args.steps):
-        with split_threads(args.device) if split is not None else contextlib.nullcontext():
-            dt, out = timed(lambda: greedy(model, ids, args.new_tokens, **drafting), args.device)
-        if r >= args.warmup:
-            times.append(dt)
-            if split is not None and model.generation_metrics is not None:
-                metrics.append(model.generation_metrics.as_dict())
+    metrics: list[dict[str, Any]] = []
+
+    def read_metrics() -> None:
+        if split is not None and model.generation_metrics is not None:
+            metrics.append(model.generation_metrics.as_dict())
+
+    times, out = repeat_greedy(model, ids, args.new_tokens, args, split is not None, read_metrics, **drafting)
     seconds = median(times)
     row: dict[str, Any] = {"name": name, "ms_per_token": 1e3 * seconds / args.new_tokens,
                            "tokens_per_s": args.new_tokens / seconds, "generate_ms_all": [1e3 * t for t in times]}
