@@ -43,7 +43,7 @@ Flood kinds (mallory's flood threads mostly wait on the network or on the server
 * streams:  cap+8 Exchange streams multiplexed on one TLS connection: two in three bind to a
   session with one request and then idle, one in three never says anything; each is reopened
   0.2 s after the server ends it (idle / handshake watchdog) or refuses it.
-* payloads: 3 threads, each sending one message (CACHE info carrying a junk tensor) per stream,
+* payloads: 3 threads, each sending one message (CACHE info carrying a junk tensor as its unused beam_idx) per stream,
   cycling through 0.3, 0.6, 0.9 and 1.25 x the node's memory budget, 2 s pause after each.
 * stalls:   6 streams, each binds to a session, then sends the first 2 fragments of a message of
   0.2 x the node's budget and nothing more (the stall watchdog should end it); reopened at once.
@@ -367,7 +367,7 @@ class RawStream:
 
 
 def _message(type_: int, body: Any, sid: str, seq: int) -> Message:
-    return Message(type=type_, body=body, session_id=sid, node_id="mallory", sequence=seq)
+    return Message(type=type_, body=body, session_id=sid, node_id="mallory", sequence=seq, typed=True)
 
 
 class Flood:
@@ -559,7 +559,7 @@ class Flood:
             r = self.raw(channel)
             with self.lock:
                 self.bytes_attempted += 4 * n
-            reply = r.request(_message(pb.CACHE, {"op": "info", "junk": self.junk[:n]}, anchor.session_id, 1),
+            reply = r.request(_message(pb.CACHE, {"op": "info", "beam_idx": self.junk[:n]}, anchor.session_id, 1),
                               timeout=120)
             if reply is not None and reply.type != pb.ERROR:
                 self.record("payloads", "OK")
@@ -585,7 +585,7 @@ class Flood:
             return
         channel = self.channel()
         sid = anchor.session_id
-        big = encode_frames(_message(pb.CACHE, {"op": "info", "junk": self.stall_junk}, sid, 2), None, 1 << 20,
+        big = encode_frames(_message(pb.CACHE, {"op": "info", "beam_idx": self.stall_junk}, sid, 2), None, 1 << 20,
                             False)
         first = [big.frame(0), big.frame(1)]  # fragments of a message that never completes
         workers = [threading.Thread(target=self._stall_slot, args=(channel, sid, first), daemon=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split._proto import split_pb2_grpc as pb_grpc
 from lightning_split.channel import ChannelConfig, HandlerError, Session, TLSFiles, client_tls
 from lightning_split.channel.handshake import build_hello
-from lightning_split.wire import CompressionConfig, Message, Reassembler, message_to_frames
+from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError, encode_body, message_to_frames
 
 
 class EchoHandler:
@@ -116,6 +117,19 @@ class RawStream:
     def send_message(self, msg: Message, compression: CompressionConfig | None = None,
                      chunk_size: int = 1 << 20) -> None:
         self.send(*message_to_frames(msg, compression, chunk_size=chunk_size))
+
+    def send_any(self, msg: Message) -> None:
+        """``msg`` with its typed body, or, where no typed message can say it (a hostile hello), its
+        body as an untyped Value tree, as a hostile client could send it."""
+        try:
+            self.send_message(msg)
+        except WireError:
+            meta, buffers = encode_body(msg.body)
+            data = meta + b"".join(bytes(b) for b in buffers)
+            header = pb.Header(protocol_version=msg.protocol_version, type=msg.type, node_id=msg.node_id,
+                               session_id=msg.session_id, sequence=msg.sequence)
+            self.send(pb.Frame(header=header, fragment_index=0, fragment_count=1, payload_bytes=len(data),
+                               meta_bytes=len(meta), crc32=zlib.crc32(data), data=data))
 
     def reply(self, timeout: float = 10.0) -> Message | None:
         return self._replies.get(timeout=timeout)

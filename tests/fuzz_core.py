@@ -594,6 +594,7 @@ def fragment(header: pb.Header, payload: bytes, meta_bytes: int, chunk: int) -> 
 
 
 def encode_frames_of(msg: Message, compression: CompressionConfig | None, chunk: int) -> list[pb.Frame]:
+    msg.typed = True  # every target is a split server: instructions take their typed bodies
     enc = encode_message(msg, compression, chunk_size=1 << 30, checksum=True)
     payload = bytes(enc.meta) + b"".join(bytes(b) for b in enc.buffers)
     return fragment(enc.header, payload, enc.meta_bytes, chunk)
@@ -623,10 +624,41 @@ def _values(v: pb.Value) -> Iterator[pb.Value]:
             yield from _values(item)
 
 
-def _tensor_metas(meta: pb.PayloadMeta | None) -> list[pb.TensorMeta]:
-    if meta is None or not meta.HasField("body"):
+def _submessages(m: Any) -> Iterator[Any]:
+    """Every message inside a typed body, depth first (map values and repeated items too)."""
+    yield m
+    for f, value in m.ListFields():
+        if f.message_type is None:
+            continue
+        if f.message_type.GetOptions().map_entry:
+            items = value.values() if f.message_type.fields_by_name["value"].message_type else []
+        else:
+            items = value if f.is_repeated else [value]
+        for item in items:
+            yield from _submessages(item)
+
+
+def _root(meta: pb.PayloadMeta | None) -> Any:
+    """The body's message (a Value or an instruction's typed message), or None."""
+    case = meta.WhichOneof("body") if meta is not None else None
+    return getattr(meta, case) if case else None
+
+
+def _body_values(meta: pb.PayloadMeta | None) -> list[pb.Value]:
+    """Every Value of the body: the untyped tree, or those inside a typed body's fields."""
+    root = _root(meta)
+    if root is None:
         return []
-    return [v.tensor for v in _values(meta.body) if v.WhichOneof("kind") == "tensor"]
+    tops = [m for m in _submessages(root) if isinstance(m, pb.Value)] if not isinstance(root, pb.Value) else [root]
+    return [v for top in tops for v in _values(top)]
+
+
+def _tensor_metas(meta: pb.PayloadMeta | None) -> list[pb.TensorMeta]:
+    root = _root(meta)
+    if root is None:
+        return []
+    typed = [m for m in _submessages(root) if isinstance(m, pb.TensorMeta)] if not isinstance(root, pb.Value) else []
+    return typed + [v.tensor for v in _body_values(meta) if v.WhichOneof("kind") == "tensor"]
 
 
 TM_VALUES: dict[str, list[Any]] = {
@@ -684,9 +716,10 @@ def pm_tensor_field(rng: random.Random, meta: pb.PayloadMeta | None, region: byt
 
 
 def pm_value_kind(rng: random.Random, meta: pb.PayloadMeta | None, region: bytearray) -> str | None:
-    if meta is None or not meta.HasField("body"):
+    values = _body_values(meta)
+    if not values:
         return None
-    v = rng.choice(list(_values(meta.body)))
+    v = rng.choice(values)
     r = rng.randrange(5)
     if r == 0:
         v.Clear()
@@ -705,7 +738,7 @@ def pm_value_kind(rng: random.Random, meta: pb.PayloadMeta | None, region: bytea
 
 
 def pm_map(rng: random.Random, meta: pb.PayloadMeta | None, region: bytearray) -> str | None:
-    maps = [v.dict for v in _values(meta.body)] if meta is not None and meta.HasField("body") else []
+    maps = [v.dict for v in _body_values(meta) if v.WhichOneof("kind") == "dict"]
     maps = [m for m in maps if m.keys]
     if not maps:
         return None
@@ -738,7 +771,7 @@ def pm_deep(rng: random.Random, meta: pb.PayloadMeta | None, region: bytearray) 
     if meta is None:
         return None
     depth = rng.choice([31, 32, 33, 40, 99, 100, 101, 150, 1000, 5000])
-    inner = meta.body.SerializeToString() if meta.HasField("body") else _varint((9 << 3) | 0) + b"\x01"
+    inner = meta.value.SerializeToString() if meta.HasField("value") else _varint((9 << 3) | 0) + b"\x01"
     for _ in range(depth):
         if rng.random() < 0.5:  # Value.list(2) { items(1): inner }
             inner = _len_field(2, _len_field(1, inner))
@@ -755,20 +788,21 @@ def pm_many(rng: random.Random, meta: pb.PayloadMeta | None, region: bytearray) 
     items = body.list.items
     for _ in range(n):
         items.add().none = True
-    if meta.HasField("body"):
-        items.add().CopyFrom(meta.body)
-    meta.body.CopyFrom(body)
+    if meta.HasField("value"):
+        items.add().CopyFrom(meta.value)
+    meta.value.CopyFrom(body)
     return f"body: a list of {n} values"
 
 
 def pm_long_string(rng: random.Random, meta: pb.PayloadMeta | None, region: bytearray) -> str | None:
-    if meta is None or not meta.HasField("body"):
+    values = _body_values(meta)
+    if not values:
         return None
     n = rng.choice([(1 << 20) - 1, 1 << 20, (1 << 20) + 1, 300_000])
     multibyte = rng.random() < 0.3
     s = ("\u00fc" * (n // 2)) if multibyte else "x" * n
-    vals = [v for v in _values(meta.body) if v.WhichOneof("kind") in ("string_value", "dict", "bytes_value")]
-    v = rng.choice(vals) if vals else meta.body
+    vals = [v for v in values if v.WhichOneof("kind") in ("string_value", "dict", "bytes_value")]
+    v = rng.choice(vals) if vals else values[0]
     if v.WhichOneof("kind") == "dict" and v.dict.keys:
         v.dict.keys[0] = s
         return f"a dict key of {len(s)} chars"

@@ -28,7 +28,7 @@ from lightning_split.channel import (
 from lightning_split.channel.certs import make_client_cert
 from lightning_split.channel.framing import encode_frames, fragment_plan
 from lightning_split.channel.handshake import build_hello
-from lightning_split.wire import CompressionConfig, Message, WireLimits, message_to_frames
+from lightning_split.wire import PROTOCOL_VERSION, CompressionConfig, Message, WireLimits, message_to_frames
 from tests.channel_util import EchoHandler, RawStream, open_raw, sample_body, secure_channel, wait_for
 
 FORWARD, STATE = pb.FORWARD, pb.STATE
@@ -143,7 +143,7 @@ def test_handshake_negotiation_and_extras(start_server, connect) -> None:
                         server_to_client=CompressionConfig(lossy="bf16", nthreads=200, level=9))
     client = connect(server.port, config=cfg, hello_extra={"tail": {"mode": "lora"}})
     w = client.welcome
-    assert w["protocol_version"] == 1 and len(w["session_id"]) == 32 and w["resumed"] is False
+    assert w["protocol_version"] == PROTOCOL_VERSION and len(w["session_id"]) == 32 and w["resumed"] is False
     assert w["chunk_size"] == 256 * 1024
     assert w["compression"]["client_to_server"]["lossless"] == "none"  # not allowed by the server
     assert w["compression"]["client_to_server"]["lossy"] == "none"

@@ -15,14 +15,14 @@ from lightning_split._proto import split_pb2 as pb
 from lightning_split.channel import ChannelClient, ChannelConfig, client_tls
 from lightning_split.channel.framing import encode_frames, identity, passthrough, split_frame
 from lightning_split.channel.server import EXCHANGE_METHOD
-from lightning_split.wire import Message, Reassembler, WireError, WireLimits
+from lightning_split.wire import PROTOCOL_VERSION, Message, Reassembler, WireError, WireLimits
 from tests.channel_util import EchoHandler, secure_channel
 
 S = grpc.StatusCode
 
 
 def header(**kw: object) -> pb.Header:
-    fields = dict(protocol_version=1, type=pb.FORWARD, node_id="alice", session_id="s" * 32, step=3,
+    fields = dict(protocol_version=PROTOCOL_VERSION, type=pb.FORWARD, node_id="alice", session_id="s" * 32, step=3,
                   sequence=9)
     fields.update(kw)
     return pb.Header(**fields)

@@ -16,7 +16,13 @@ import torch
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.channel import ChannelClient, ChannelConfig, client_tls
 from lightning_split.channel.handshake import build_hello
-from lightning_split.wire import CompressionConfig, Message, WireLimits, message_to_frames
+from lightning_split.wire import (
+    PROTOCOL_VERSION,
+    CompressionConfig,
+    Message,
+    WireLimits,
+    message_to_frames,
+)
 from tests.channel_util import EchoHandler, RawStream, open_raw, secure_channel, wait_for
 
 CHUNK = 64 * 1024
@@ -30,7 +36,7 @@ S = grpc.StatusCode
 
 def frame(meta: bytes, buffers: bytes = b"", *, sid: str, node: str = "alice", seq: int = 2,
           type: int = pb.FORWARD, index: int = 0, count: int = 1, payload_bytes: int | None = None,
-          crc: int | None = None, version: int = 1) -> pb.Frame:
+          crc: int | None = None, version: int = PROTOCOL_VERSION) -> pb.Frame:
     data = meta + buffers
     return pb.Frame(
         header=pb.Header(protocol_version=version, type=type, node_id=node, session_id=sid, sequence=seq),
@@ -40,7 +46,7 @@ def frame(meta: bytes, buffers: bytes = b"", *, sid: str, node: str = "alice", s
 
 
 def tensor_meta(**fields: object) -> bytes:
-    return pb.PayloadMeta(body=pb.Value(tensor=pb.TensorMeta(**fields))).SerializeToString()
+    return pb.PayloadMeta(value=pb.Value(tensor=pb.TensorMeta(**fields))).SerializeToString()
 
 
 def valid_frames(sid: str, body: object, chunk: int = CHUNK, comp: CompressionConfig | None = None,
@@ -169,13 +175,13 @@ def test_first_message_must_be_handshake(server, pki) -> None:
 
 
 @pytest.mark.parametrize("hello", [
-    None, [1, 2], {"protocol_version": 1, "capabilities": "x"},
-    {"protocol_version": 1, "capabilities": {"chunk_size": 10}},
-    {"protocol_version": 1, "compression": {"client_to_server": {"codec": "EVIL"}}},
+    None, [1, 2], {"protocol_version": PROTOCOL_VERSION, "capabilities": "x"},
+    {"protocol_version": PROTOCOL_VERSION, "capabilities": {"chunk_size": 10}},
+    {"protocol_version": PROTOCOL_VERSION, "compression": {"client_to_server": {"codec": "EVIL"}}},
 ])
 def test_malformed_hello(server, pki, hello) -> None:
     raw = open_raw(server.port, pki)
-    raw.send_message(Message(type=pb.HANDSHAKE, body=hello, node_id="alice"))
+    raw.send_any(Message(type=pb.HANDSHAKE, body=hello, node_id="alice"))
     got, details = raw.finish()
     raw.close()
     assert got in (S.INVALID_ARGUMENT, S.FAILED_PRECONDITION), (got, details)

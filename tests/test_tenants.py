@@ -251,7 +251,7 @@ def _hello(**changes: object) -> dict:
 def test_malformed_hellos_get_invalid_argument(start_server, pki, hello, caplog) -> None:
     server = start_server(EchoHandler())
     raw = open_raw(server.port, pki, "mallory")
-    raw.send_message(Message(type=pb.HANDSHAKE, body=hello, node_id="mallory", sequence=1))
+    raw.send_any(Message(type=pb.HANDSHAKE, body=hello, node_id="mallory", sequence=1))
     code, details = raw.finish()
     assert code == S.INVALID_ARGUMENT and "bad HANDSHAKE" in details
     refusals = [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -256,7 +256,7 @@ def test_limits_on_first_fragment_before_allocation(monkeypatch):
     lim = WireLimits(max_payload_bytes=1000, max_fragments=8)
 
     def first(**kw) -> pb.Frame:
-        f = pb.Frame(header=pb.Header(protocol_version=1, type=MessageType.FORWARD), fragment_index=0,
+        f = pb.Frame(header=pb.Header(protocol_version=PROTOCOL_VERSION, type=MessageType.FORWARD), fragment_index=0,
                      fragment_count=1, payload_bytes=10, meta_bytes=0, data=b"")
         for k, v in kw.items():
             if k == "header":
@@ -280,10 +280,10 @@ def test_limits_on_first_fragment_before_allocation(monkeypatch):
     expect_error([first(fragment_count=0)], INVALID, "fragment_count", r)
     expect_error([first(fragment_count=5, payload_bytes=3)], INVALID, "fragment_count", r)
     expect_error([first(meta_bytes=11)], INVALID, "meta_bytes", r)
-    expect_error([first(header=pb.Header(protocol_version=1, type=0))], INVALID, "Header.type", r)
-    expect_error([first(header=pb.Header(protocol_version=1, type=42))], INVALID, "Header.type", r)
-    expect_error([first(header=pb.Header(protocol_version=2, type=4))], grpc.StatusCode.FAILED_PRECONDITION,
-                 "protocol version", r)
+    expect_error([first(header=pb.Header(protocol_version=PROTOCOL_VERSION, type=0))], INVALID, "Header.type", r)
+    expect_error([first(header=pb.Header(protocol_version=PROTOCOL_VERSION, type=42))], INVALID, "Header.type", r)
+    newer = pb.Header(protocol_version=PROTOCOL_VERSION + 1, type=4)
+    expect_error([first(header=newer)], grpc.StatusCode.FAILED_PRECONDITION, "protocol version", r)
 
 
 def test_fragment_flood_over_max_fragments():

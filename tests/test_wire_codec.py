@@ -180,7 +180,7 @@ def test_device_argument_cpu():
 def test_offsets_are_aligned():
     meta, _ = encode_body([torch.randn(3), torch.randn(5), torch.ones(1, dtype=torch.int8), torch.randn(2)])
     m = pb.PayloadMeta.FromString(meta)
-    offsets = [v.tensor.offset for v in m.body.list.items]
+    offsets = [v.tensor.offset for v in m.value.list.items]
     assert all(o % 64 == 0 for o in offsets)
 
 
@@ -223,7 +223,7 @@ def test_encode_rejects_deep_and_cyclic_bodies():
 def tensor_meta_bytes(**fields) -> bytes:
     shape = fields.pop("shape", [4])
     m = pb.PayloadMeta()
-    tm = m.body.tensor
+    tm = m.value.tensor
     tm.dtype = fields.pop("dtype", pb.FLOAT32)
     tm.shape.extend(shape)
     for k, v in fields.items():
@@ -282,7 +282,7 @@ def test_hostile_offsets():
     # two tensors sharing bytes
     m = pb.PayloadMeta()
     for off in (0, 8):
-        tm = m.body.list.items.add().tensor
+        tm = m.value.list.items.add().tensor
         tm.dtype, tm.offset, tm.nbytes = pb.FLOAT32, off, 16
         tm.shape.append(4)
     expect(INVALID, m.SerializeToString(), bytes(64), match="overlap")
@@ -343,12 +343,12 @@ def test_hostile_zip_bomb_limited_by_decoded_bytes():
     chunk = blosc2.compress2(np.zeros(1 << 20, np.float32), typesize=4)  # 4 MiB of zeros in 32 bytes
     m = pb.PayloadMeta()
     for _ in range(10):
-        tm = m.body.list.items.add().tensor
+        tm = m.value.list.items.add().tensor
         tm.dtype, tm.blosc2, tm.nbytes, tm.offset = pb.FLOAT32, True, len(chunk), 0
         tm.shape.append(1 << 20)
     lim = WireLimits(max_decoded_bytes=16 << 20)
     # (the overlap check would also catch reuse; give each its own copy)
-    for i, item in enumerate(m.body.list.items):
+    for i, item in enumerate(m.value.list.items):
         item.tensor.offset = 64 * i
     region = b"".join(chunk + bytes(64 - len(chunk)) for _ in range(10))
     expect(EXHAUSTED, m.SerializeToString(), region, lim, match="max_decoded_bytes")
@@ -365,7 +365,7 @@ def varint(n: int) -> bytes:
 
 def test_hostile_structure_limits():
     deep = pb.PayloadMeta()
-    v = deep.body
+    v = deep.value
     for _ in range(40):
         v = v.list.items.add()
     v.none = True
@@ -380,17 +380,17 @@ def test_hostile_structure_limits():
 
     many = pb.PayloadMeta()
     for i in range(101):
-        many.body.list.items.add().int_value = i
+        many.value.list.items.add().int_value = i
     expect(EXHAUSTED, many.SerializeToString(), limits=WireLimits(max_values=100), match="values")
     assert len(decode_body(many.SerializeToString(), b"", WireLimits(max_values=102))) == 101
 
     s = pb.PayloadMeta()
-    s.body.string_value = "x" * 11
+    s.value.string_value = "x" * 11
     expect(EXHAUSTED, s.SerializeToString(), limits=WireLimits(max_string_bytes=10))
-    s.body.string_value = "é" * 6  # 12 UTF-8 bytes in 6 characters
+    s.value.string_value = "é" * 6  # 12 UTF-8 bytes in 6 characters
     expect(EXHAUSTED, s.SerializeToString(), limits=WireLimits(max_string_bytes=10))
     b = pb.PayloadMeta()
-    b.body.bytes_value = b"x" * 11
+    b.value.bytes_value = b"x" * 11
     expect(EXHAUSTED, b.SerializeToString(), limits=WireLimits(max_string_bytes=10))
     expect(EXHAUSTED, b.SerializeToString(), limits=WireLimits(max_meta_bytes=10), match="max_meta_bytes")
 
@@ -398,14 +398,14 @@ def test_hostile_structure_limits():
 def test_hostile_malformed_values():
     expect(INVALID, b"\xff\xff\xff", match="parse")
     unset = pb.PayloadMeta()
-    unset.body.list.items.add()  # a Value with no kind
+    unset.value.list.items.add()  # a Value with no kind
     expect(INVALID, unset.SerializeToString(), match="kind")
     d = pb.PayloadMeta()
-    d.body.dict.keys.extend(["a", "b"])
-    d.body.dict.values.add().none = True
+    d.value.dict.keys.extend(["a", "b"])
+    d.value.dict.values.add().none = True
     expect(INVALID, d.SerializeToString(), match="keys")
-    d.body.dict.values.add().none = True
-    d.body.dict.keys[1] = "a"
+    d.value.dict.values.add().none = True
+    d.value.dict.keys[1] = "a"
     expect(INVALID, d.SerializeToString(), match="duplicates")
 
 

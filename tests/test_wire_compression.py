@@ -20,7 +20,7 @@ INTS = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bo
 def encode(t: torch.Tensor, cfg: CompressionConfig):
     meta, buffers = encode_body(t, cfg)
     region = bytearray(b"".join(bytes(b) for b in buffers))
-    tm = pb.PayloadMeta.FromString(meta).body.tensor
+    tm = pb.PayloadMeta.FromString(meta).value.tensor
     return tm, decode_body(meta, region, WireLimits(), allowed=cfg)
 
 

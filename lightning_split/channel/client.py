@@ -35,7 +35,7 @@ from lightning_split.wire.compression import LOSSY_ENCODINGS
 from . import handshake, tls_probe
 from .bond import outbox_frames, send_whole
 from .certs import TLSFiles, validate_node_id
-from .client_stream import ClientStream, PendingRequest, RemoteError, fail_all, status_from_int
+from .client_stream import ClientStream, PendingRequest, RemoteError, error_text, fail_all, status_from_int
 from .config import ChannelConfig
 from .framing import encode_frames, identity, passthrough, split_frame
 from .journal import TRAINING, Journal, kind_of
@@ -152,7 +152,7 @@ class ChannelClient(Resuming):
             finally:
                 give_up.cancel()
             if got.type == pb.ERROR:
-                raise RemoteError(status_from_int(got.code), str(got.body))
+                raise RemoteError(status_from_int(got.code), error_text(got))
             stream.dealer.attach(index, outbox)
             stream.rr.attach(index, call)
 
@@ -214,7 +214,8 @@ class ChannelClient(Resuming):
                  compression: CompressionConfig, chunk_size: int, reply_encoding: int = 0) -> Future:
         seq = next(self._seq)
         msg = Message(type=type_, body=body, session_id=self.session_id, step=step, sequence=seq,
-                      node_id=self.node_id, acked=self._acked(seq), reply_encoding=reply_encoding)
+                      node_id=self.node_id, acked=self._acked(seq), reply_encoding=reply_encoding,
+                      typed=bool(self.welcome and self.welcome.get("typed_bodies")))
         # Encode here, in the caller's thread: an unencodable body raises to the caller. The frames
         # themselves are cut lazily by the sending thread.
         # The hello always carries CRCs: the server may want them, and we don't know yet.
@@ -341,7 +342,7 @@ class ChannelClient(Resuming):
             return
         self.stats.record_reply(msg.wire_bytes, msg.raw_bytes, time.monotonic() - pending.sent_at)
         if msg.type == pb.ERROR:
-            pending.future.set_exception(RemoteError(status_from_int(msg.code), str(msg.body)))
+            pending.future.set_exception(RemoteError(status_from_int(msg.code), error_text(msg)))
         else:
             pending.future.set_result(msg)
 

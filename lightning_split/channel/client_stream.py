@@ -26,6 +26,12 @@ _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 BOND_STATUS_GRACE_S = 0.5
 
 
+def error_text(msg: Message) -> str:
+    """The text of an ERROR reply (ErrorBody.message)."""
+    body = msg.body
+    return str(body.get("message", "")) if isinstance(body, dict) else str(body)
+
+
 def status_from_int(value: int) -> grpc.StatusCode:
     return _STATUS_BY_VALUE.get(int(value), grpc.StatusCode.UNKNOWN)
 

@@ -3,18 +3,19 @@
 TLS has already authenticated both ends and agreed the keys; this step agrees what the two ends
 will *say*: the protocol version, the chunk size, the compression per direction and the limits.
 
-hello (client -> server, the body of a HANDSHAKE)::
+hello (client -> server, the body of a HANDSHAKE, a ``Hello`` in split.proto)::
 
-    {"protocol_version": 1, "node_id": "alice",
+    {"protocol_version": 2, "node_id": "alice",
      "capabilities": {"lossless": [...], "lossy": [...], "chunk_size": int, "max_payload_bytes": int,
                       "checksum": bool, "connections": int},
      "compression": {"client_to_server": {...}, "server_to_client": {...}},
-     "session_id": "..." (optional: resume), **handler-specific keys}
+     "session_id": "..." (optional: resume), the split protocol's "tail" and "fingerprint",
+     **a handler's own keys (Hello.extensions)}
 
-welcome (server -> client, the body of the RESULT)::
+welcome (server -> client, the body of the RESULT, a ``Welcome``)::
 
     {"session_id", "protocol_version", "chunk_size", "checksum", "compression": {...}, "limits": {...},
-     "resumed": bool, **handler extras}
+     "resumed": bool, "lossy_modes": [...], "typed_bodies": bool, **handler extras}
     + {"connections": K, "bond_token": str} when the stream is bonded over K > 1 connections (bond.py)
 """
 
@@ -32,9 +33,7 @@ from .config import LOSSLESS_MODES, LOSSY_MODES, ChannelConfig
 from .session import HandlerError
 
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
-CORE_WELCOME_KEYS = ("session_id", "protocol_version", "chunk_size", "checksum", "compression", "limits",
-                     "resumed")
-_HELLO_KEYS = ("protocol_version", "node_id", "capabilities", "compression", "session_id")
+_HELLO_KEYS = ("protocol_version", "node_id", "capabilities", "compression", "session_id", "join", "index")
 
 
 def build_hello(config: ChannelConfig, node_id: str, extra: dict[str, Any] | None = None,
@@ -121,7 +120,7 @@ def negotiate(hello: Any, identity: str, config: ChannelConfig, checksum: bool) 
 
 def _negotiate(hello: dict[str, Any], identity: str, config: ChannelConfig, checksum: bool) -> dict[str, Any]:
     version = hello.get("protocol_version")
-    if version not in SUPPORTED_VERSIONS:
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise HandlerError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"protocol version {version!r} is not supported (server speaks {sorted(SUPPORTED_VERSIONS)})",
@@ -164,7 +163,7 @@ def _negotiate(hello: dict[str, Any], identity: str, config: ChannelConfig, chec
 
 
 def welcome(session_id: str, agreed: dict[str, Any], config: ChannelConfig,
-            extras: dict[str, Any] | None, resumed: bool) -> dict[str, Any]:
+            extras: dict[str, Any] | None, resumed: bool, typed_bodies: bool = False) -> dict[str, Any]:
     body = dict(extras or {})
     # The channel's own keys win over a handler extra of the same name.
     body.update(
@@ -180,5 +179,6 @@ def welcome(session_id: str, agreed: dict[str, Any], config: ChannelConfig,
         resumed=resumed,
         # Lossy modes a request may use and ask its reply to use (adaptive compression).
         lossy_modes=sorted(agreed["reply_lossy"]),
+        typed_bodies=typed_bodies,
     )
     return body

@@ -33,6 +33,7 @@ import grpc
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError
 from lightning_split.wire.compression import AcceptedEncodings
+from lightning_split.wire.typed_body import expected_case
 
 from . import handshake
 from .bond import ABORT, CLOSE, JOIN_GRACE_S, Bond, FrameDealer, RoundRobinReader, send_whole
@@ -73,7 +74,7 @@ def shortened(text: str, limit: int = MAX_DETAILS) -> str:
 
 
 def error_message(request: Message, code: grpc.StatusCode, text: str) -> Message:
-    return Message(type=pb.ERROR, body=shortened(text), code=code.value[0], session_id=request.session_id,
+    return Message(type=pb.ERROR, body={"message": shortened(text)}, code=code.value[0], session_id=request.session_id,
                    step=request.step, sequence=request.sequence, node_id=SERVER_NODE_ID)
 
 
@@ -83,6 +84,9 @@ class ServerStream:
     def __init__(self, server: ChannelServer, context: grpc.ServicerContext,
                  requests: Iterator[bytes]) -> None:
         self.srv = server
+        # The handler's instructions take typed bodies (the split protocol's do; a channel that
+        # carries another protocol may send untyped Value trees).
+        self.typed = bool(getattr(server.handler, "typed_bodies", False))
         self.cfg = server.config
         self.context = context
         self.requests = requests
@@ -341,6 +345,8 @@ class ServerStream:
             reply = Message(type=pb.RESULT, body=body)
         reply.session_id = request.session_id or (self.session.id if self.session else "")
         reply.sequence, reply.step, reply.node_id = request.sequence, request.step, SERVER_NODE_ID
+        reply.answers = request.type  # which picks the reply body's message (typed_body.py)
+        reply.typed = self.typed
         return reply
 
     def _dispatch(self, session: Session, msg: Message) -> Message:
@@ -371,6 +377,11 @@ class ServerStream:
             table.end(session)
 
     def _run(self, session: Session, msg: Message) -> Message:
+        want = expected_case(msg.type, self.typed)
+        if want is not None and msg.body_case not in (want, None):
+            return error_message(msg, grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"a {pb.MessageType.Name(msg.type)} body is a {want} message (PayloadMeta.body), "
+                                 f"not {msg.body_case}")
         try:
             started = time.perf_counter()
             reply = self._reply(msg, self.srv.handler.handle(session, msg))
@@ -388,6 +399,8 @@ class ServerStream:
         assert self.identity is not None
         table, handler = self.srv.sessions, self.srv.handler
         try:
+            if msg.body_case != "hello":
+                raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "bad HANDSHAKE: the body must be a Hello")
             agreed = handshake.negotiate(msg.body, self.identity, self.cfg, self.verify)
             resume_id = msg.body.get("session_id") or msg.session_id
             if not isinstance(resume_id, str):
@@ -426,7 +439,7 @@ class ServerStream:
             raise
         self._bind(session)
         log.info("%s session %s for %s", "resumed" if resumed else "opened", session.id[:8], self.identity)
-        body = handshake.welcome(session.id, agreed, self.cfg, extras, resumed)
+        body = handshake.welcome(session.id, agreed, self.cfg, extras, resumed, self.typed)
         if agreed["connections"] > 1:
             self.bond = self.srv.bonds.open(self._owner(), agreed["connections"], self.reader, self.dealer)
             self.bond_token = self.bond.token

@@ -56,6 +56,8 @@ HOSTILE_VALUE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, Runtime
 class SplitService:
     """Holds the target model's segment and one SessionSegment per client session."""
 
+    typed_bodies = True  # each instruction's body is its typed message in split.proto
+
     def __init__(
         self,
         source: ModelSource,
@@ -162,7 +164,7 @@ class SplitService:
         restored = bool(session.state.pop("restored", False))
         segment = session.state["segment"]
         return {"split": self.description["resolved"], "fingerprint": self.client_fingerprint,
-                "last_step": segment.last_step, "restored": restored, "trains": segment.trainable}
+                "last_step": segment.last_step, "restored": restored, "trains": bool(segment.trainable)}
 
     def close_session(self, session: Session) -> None:
         segment = session.state.get("segment")

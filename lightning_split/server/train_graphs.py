@@ -90,7 +90,7 @@ class TrainGraphs:
             body: dict[str, Any], weight: torch.Tensor, call: int) -> dict[str, Any] | None:
         """The fused micro-batch's reply, its parameter gradients added to ``call``'s; or None when
         the eager path must run it (not CUDA, a first occurrence, not a loss-only step)."""
-        loss_only = "result" in body and body["result"] in (None, "loss") and body.get("labels") is not None
+        loss_only = "result" in body and body["result"] in (None, "auto", "loss") and body.get("labels") is not None
         if not (self.enabled or self.emulate) or not loss_only:
             return None
         input_grad = bool(body.get("input_grad", True))

@@ -67,7 +67,7 @@ def open_split(
     *,
     source: ModelSource | None = None,
     spec: SplitSpec | None = None,
-    tail: dict[str, Any] | None = None,
+    tail: dict[str, Any] | str | None = None,
     config: ChannelConfig | None = None,
     insecure: bool = False,
     device: str | torch.device = "cpu",
@@ -85,7 +85,7 @@ def open_split(
     sequence that overlap the server's compute of the earlier ones (prefill.py); None (default):
     1 MiB for a server on another host, whole on this host's loopback; 0: always whole.
     """
-    hello: dict[str, Any] = {"tail": tail or {"mode": "frozen"}}
+    hello: dict[str, Any] = {"tail": {"mode": tail} if isinstance(tail, str) else (tail or {"mode": "frozen"})}
     skeleton = proxy = split = None
     if source is not None:
         if spec is None:

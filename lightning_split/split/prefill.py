@@ -71,7 +71,7 @@ def _earlier_asks(body: dict[str, Any], last: int) -> dict[str, Any] | None | bo
     result, keep = body.get("result"), int(body.get("logits_to_keep") or 0)
     if result == "topk":  # the last position's best logits
         return {}
-    if result in (None, "logits"):
+    if result in (None, "auto", "logits"):
         return None if keep == 0 else ({"logits_to_keep": 1} if keep <= last else False)
     return None if result == "hidden_states" else False
 

@@ -127,7 +127,7 @@ class RemoteSegment:
             # The server runs its blocks under the same mixed precision as the client's forward.
             body["autocast"] = str(torch.get_autocast_dtype(hidden.device.type)).removeprefix("torch.")
         if self.proxy.hand_off:
-            body["result"] = extra.get("result")
+            body["result"] = extra.get("result") or "auto"  # the loss with labels, else logits
             body["labels"] = extra.get("labels")
             body["top_k"] = int(extra.get("top_k", 0))
             body["logits_to_keep"] = int(extra.get("logits_to_keep", 0))
@@ -194,7 +194,7 @@ class RemoteSegment:
         result is the loss alone (Hugging Face's default with labels), cut into micro-batches along
         the labels' batch dimension."""
         labels = body.get("labels")
-        return (self.fuse_loss_backward and self.proxy.hand_off and body.get("result") in (None, "loss")
+        return (self.fuse_loss_backward and self.proxy.hand_off and body.get("result") in (None, "auto", "loss")
                 and isinstance(labels, torch.Tensor) and labels.dim() >= 1 and labels.shape[0] == batch
                 and len(self.pending_loss_steps) < MAX_PENDING_LOSS_STEPS)
 

@@ -61,7 +61,7 @@ def segment_results(
     ``logits_to_keep > 0`` runs the output layer on the last positions only (generation needs the
     last one): a prefill of T tokens then returns one row of logits, not T.
     """
-    if result is None:
+    if result in (None, "auto"):
         result = "loss" if labels is not None else "logits"
     if result == "hidden_states":
         return {"hidden_states": hidden}

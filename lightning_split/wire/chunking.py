@@ -40,6 +40,7 @@ from .errors import WireError, exhausted, invalid
 from .limits import WireLimits
 from .message import PROTOCOL_VERSION, Message
 from .tensor_codec import ALIGN, _decode, _encode
+from .typed_body import body_case
 
 __all__ = ["message_to_frames", "encode_message", "EncodedMessage", "FrameIterator", "Reassembler",
            "message_header"]
@@ -158,7 +159,8 @@ def encode_message(msg: Message, compression: CompressionConfig | None = None, c
     micro-batch took 172 ms, not 33). Cut into K, it crosses in the order it was sent.
     """
     header = message_header(msg)
-    meta, buffers, raw, pending = _encode(msg.body, compression, limits, defer)
+    case = body_case(msg.type, msg.answers, msg.typed)
+    meta, buffers, raw, pending = _encode(msg.body, compression, limits, defer, case)
     return EncodedMessage(header, meta, buffers, raw, chunk_size, checksum, pending, stripes)
 
 
@@ -356,11 +358,11 @@ class Reassembler:
 
             def charge(extra: int) -> None:
                 charge_total(held + extra)
-        body, raw = _decode(meta, region, self.limits, self.device, self.compression_allowed, self.nthreads,
+        body, raw, case = _decode(meta, region, self.limits, self.device, self.compression_allowed, self.nthreads,
                             charge)
         h = first.header
         return Message(type=h.type, body=body, session_id=h.session_id, step=h.step, sequence=h.sequence,
                        acked=h.acked, code=h.code, node_id=h.node_id, protocol_version=h.protocol_version,
                        reply_encoding=h.reply_encoding, server_us=h.server_us, wire_bytes=first.payload_bytes,
-                       raw_bytes=raw)
+                       raw_bytes=raw, body_case=case)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["Message", "PROTOCOL_VERSION"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: typed bodies (PayloadMeta.body is a oneof)
 
 
 @dataclass
@@ -25,3 +25,6 @@ class Message:
     protocol_version: int = PROTOCOL_VERSION
     wire_bytes: int = 0  # set by the receiver: bytes of the data part as they crossed the wire
     raw_bytes: int = 0  # set by the receiver: bytes of the tensors before compression
+    answers: int = 0  # a RESULT: the type of the request it answers, which picks its body's message
+    typed: bool = False  # the sender writes an instruction's body as its typed message (typed_body.py)
+    body_case: str | None = None  # set by the receiver: the PayloadMeta.body message the body came as

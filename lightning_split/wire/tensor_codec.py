@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from lightning_split._proto import split_pb2 as pb
 
+from . import typed_body
 from .compression import (
     DTYPE_TO_PB,
     PB_TO_DTYPE,
@@ -55,14 +56,17 @@ class _Encoder:
         self.raw_bytes = 0
         self.nodes = 0
 
-    def fill(self, v: pb.Value, x: Any, depth: int, path: str) -> None:
+    def count(self, depth: int, path: str) -> None:
         self.nodes += 1
         if self.nodes > self.limits.max_values:
             raise exhausted(f"body has more than {self.limits.max_values} values")
         if depth > self.limits.max_depth:
             raise exhausted(f"body nesting deeper than {self.limits.max_depth} at {path}")
+
+    def fill(self, v: pb.Value, x: Any, depth: int, path: str) -> None:
+        self.count(depth, path)
         if isinstance(x, torch.Tensor):
-            self._tensor(v.tensor, x)
+            self.tensor(v.tensor, x)
         elif x is None:
             v.none = True
         elif isinstance(x, bool):  # before int: bool is an int subclass
@@ -78,11 +82,11 @@ class _Encoder:
                 n = len(x.encode("utf-8"))
             except UnicodeEncodeError as e:
                 raise invalid(f"str at {path} is not valid UTF-8: {e}") from e
-            self._check_len(n, path)
+            self.check_len(n, path)
             v.string_value = x
         elif isinstance(x, (bytes, bytearray, memoryview)):
             b = bytes(x)
-            self._check_len(len(b), path)
+            self.check_len(len(b), path)
             v.bytes_value = b
         elif isinstance(x, (tuple, list)):
             lst = v.tuple if isinstance(x, tuple) else v.list
@@ -94,18 +98,18 @@ class _Encoder:
             for k, item in x.items():
                 if not isinstance(k, str):
                     raise invalid(f"dict key {k!r} at {path} is not a str")
-                self._check_len(len(k.encode("utf-8")), f"{path} key")
+                self.check_len(len(k.encode("utf-8")), f"{path} key")
                 v.dict.keys.append(k)
                 self.fill(v.dict.values.add(), item, depth + 1, f"{path}[{k!r}]")
         else:
             raise invalid(f"cannot send a {type(x).__name__} at {path} (allowed: tensors, tuple, list, "
                           "dict with str keys, int, float, bool, str, bytes, None)")
 
-    def _check_len(self, n: int, path: str) -> None:
+    def check_len(self, n: int, path: str) -> None:
         if n > self.limits.max_string_bytes:
             raise exhausted(f"string/bytes at {path} has {n} bytes > {self.limits.max_string_bytes}")
 
-    def _tensor(self, tm: pb.TensorMeta, t: torch.Tensor) -> None:
+    def tensor(self, tm: pb.TensorMeta, t: torch.Tensor) -> None:
         et = encode_tensor(t, self.cfg, self.defer)
         if et.ready is not None:
             self.pending.append(et.ready)
@@ -126,25 +130,29 @@ class _Encoder:
         self.raw_bytes += et.raw_nbytes
 
 
-def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits | None, defer: bool = False
-            ) -> tuple[bytes, list[memoryview], int, list[Any]]:
+def _encode(body: Any, compression: CompressionConfig | None, limits: WireLimits | None, defer: bool = False,
+            case: str = typed_body.GENERIC) -> tuple[bytes, list[memoryview], int, list[Any]]:
     """(meta, buffers, raw bytes, pending): with ``defer``, the buffers of CUDA tensors may still be
-    filling; ``pending`` holds the events to wait for before reading them."""
+    filling; ``pending`` holds the events to wait for before reading them. ``case``: the
+    PayloadMeta.body message the body is written as (typed_body.body_case)."""
     enc = _Encoder(compression or _DEFAULT_COMPRESSION, limits or _DEFAULT_LIMITS, defer)
     if body is None:
         return b"", [], 0, []  # an empty PayloadMeta decodes to None: an empty body costs 0 bytes
     meta = pb.PayloadMeta()
     try:
-        enc.fill(meta.body, body, 0, "body")
+        if case == typed_body.GENERIC:
+            enc.fill(meta.value, body, 0, "body")
+        else:
+            typed_body.fill(enc, getattr(meta, case), body, 0, case)
     except RecursionError as e:  # pragma: no cover - only with a raised max_depth
         raise exhausted("body nested too deeply") from e
     except (ValueError, TypeError) as e:  # protobuf range/type errors
         raise invalid(f"cannot encode body: {e}") from e
-    return meta.SerializeToString(), enc.buffers, enc.raw_bytes, enc.pending
+    return meta.SerializeToString(deterministic=True), enc.buffers, enc.raw_bytes, enc.pending
 
 
 def encode_body(body: Any, compression: CompressionConfig | None = None, *,
-                limits: WireLimits | None = None) -> tuple[bytes, list[memoryview]]:
+                limits: WireLimits | None = None, case: str = typed_body.GENERIC) -> tuple[bytes, list[memoryview]]:
     """Encode ``body`` into (serialized PayloadMeta, buffers).
 
     The buffers (memoryviews, some of them zero-copy views of CPU tensors; do not modify those
@@ -153,7 +161,7 @@ def encode_body(body: Any, compression: CompressionConfig | None = None, *,
     sending side too, so an over-deep or self-referencing body fails here and not at the peer.
     Raises WireError for anything not encodable.
     """
-    meta, buffers, _, _ = _encode(body, compression, limits)
+    meta, buffers, _, _ = _encode(body, compression, limits, case=case)
     return meta, buffers
 
 
@@ -177,17 +185,20 @@ class _Validator:
         self.alloc_bytes = 0  # what decoding allocates beyond the payload (RAW tensors are views)
         self.plans: list[_Plan] = []
 
-    def walk(self, v: pb.Value, depth: int) -> None:
+    def count(self, depth: int) -> None:
         self.nodes += 1
         if self.nodes > self.limits.max_values:
             raise exhausted(f"body has more than {self.limits.max_values} values")
         if depth > self.limits.max_depth:
             raise exhausted(f"body nesting deeper than {self.limits.max_depth}")
+
+    def walk(self, v: pb.Value, depth: int) -> None:
+        self.count(depth)
         kind = v.WhichOneof("kind")
         if kind is None:
             raise invalid("Value.kind is not set")
         if kind == "tensor":
-            self._tensor(v.tensor)
+            self.tensor(v.tensor)
         elif kind in ("list", "tuple"):
             for item in getattr(v, kind).items:
                 self.walk(item, depth + 1)
@@ -196,24 +207,26 @@ class _Validator:
             if len(d.keys) != len(d.values):
                 raise invalid(f"ValueMap has {len(d.keys)} keys but {len(d.values)} values")
             for k in d.keys:
-                self._string(k, "ValueMap.keys")
+                self.string(k, "ValueMap.keys")
             if len(set(d.keys)) != len(d.keys):
                 raise invalid("ValueMap.keys has duplicates")
             for item in d.values:
                 self.walk(item, depth + 1)
         elif kind == "string_value":
-            self._string(v.string_value, "Value.string_value")
+            self.string(v.string_value, "Value.string_value")
         elif kind == "bytes_value":
-            if len(v.bytes_value) > self.limits.max_string_bytes:
-                raise exhausted(f"Value.bytes_value has {len(v.bytes_value)} bytes > "
-                                f"{self.limits.max_string_bytes}")
+            self.byte_string(v.bytes_value, "Value.bytes_value")
 
-    def _string(self, s: str, field: str) -> None:
+    def byte_string(self, b: bytes, field: str) -> None:
+        if len(b) > self.limits.max_string_bytes:
+            raise exhausted(f"{field} has {len(b)} bytes > {self.limits.max_string_bytes}")
+
+    def string(self, s: str, field: str) -> None:
         limit = self.limits.max_string_bytes
         if len(s) > limit or (4 * len(s) > limit and len(s.encode("utf-8")) > limit):
             raise exhausted(f"{field} longer than {limit} bytes")
 
-    def _tensor(self, tm: pb.TensorMeta) -> None:
+    def tensor(self, tm: pb.TensorMeta) -> None:
         lim = self.limits
         dtype = PB_TO_DTYPE.get(tm.dtype)
         if dtype is None:
@@ -301,7 +314,8 @@ def decode_alloc_bytes(dtype: torch.dtype, numel: int, encoding: int, enc_bytes:
 
 def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | None,
             device: torch.device | str | None, allowed: CompressionConfig | None, nthreads: int,
-            charge: Callable[[int], None] | None = None) -> tuple[Any, int]:
+            charge: Callable[[int], None] | None = None) -> tuple[Any, int, str | None]:
+    """(body, decoded bytes, the PayloadMeta.body case it came as: None for an empty body)."""
     limits = limits or _DEFAULT_LIMITS
     if len(meta_bytes) > limits.max_meta_bytes:
         raise exhausted(f"PayloadMeta of {len(meta_bytes)} bytes > max_meta_bytes {limits.max_meta_bytes}")
@@ -310,12 +324,17 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
         meta.ParseFromString(meta_bytes)
     except (DecodeError, ValueError, RuntimeError) as e:
         raise invalid(f"PayloadMeta does not parse: {e}") from e
-    if not meta.HasField("body"):
-        return None, 0
+    case = meta.WhichOneof("body")
+    if case is None:
+        return None, 0, None
+    root = getattr(meta, case)
     region = _as_region(buffer)
     val = _Validator(limits, region, allowed)
     try:
-        val.walk(meta.body, 0)
+        if case == typed_body.GENERIC:
+            val.walk(root, 0)
+        else:
+            typed_body.walk(val, root, 0)
     except RecursionError as e:  # pragma: no cover - protobuf's own nesting limit comes first
         raise exhausted("body nested too deeply") from e
     val.check_overlap()
@@ -330,7 +349,9 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
         if dev is not None and t.device != dev:
             t = t.to(dev, non_blocking=True)  # async from pinned payloads; pageable ones are staged
         tensors.append(t)
-    return _build(meta.body, tensors, [0]), val.decoded_bytes
+    if case == typed_body.GENERIC:
+        return _build(root, tensors, [0]), val.decoded_bytes, case
+    return typed_body.build(root, tensors, [0], _build), val.decoded_bytes, case
 
 
 def decode_body(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | None = None,
@@ -343,5 +364,5 @@ def decode_body(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits 
     immutable memory). ``allowed``: if given, tensor encodings it does not accept are rejected.
     ``device``: tensors are moved there (lossy decoding happens on it). Raises WireError.
     """
-    body, _ = _decode(meta_bytes, buffer, limits, device, allowed, nthreads)
+    body, _, _ = _decode(meta_bytes, buffer, limits, device, allowed, nthreads)
     return body
