@@ -104,8 +104,8 @@ from lightning_split.channel.server import EXCHANGE_METHOD  # noqa: E402
 from lightning_split.split.build import ModelSource  # noqa: E402
 from lightning_split.split.connect import open_split  # noqa: E402
 from lightning_split.split.spec import SplitSpec  # noqa: E402
-from lightning_split.split.surgery import KV_CACHE  # noqa: E402
 from lightning_split.wire import Message, MessageType, Reassembler  # noqa: E402
+from lightning_split.wire.markers import KV_CACHE  # noqa: E402
 
 MIB = 1 << 20
 LR = 1e-4

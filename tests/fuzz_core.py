@@ -63,6 +63,7 @@ from lightning_split.channel.framing import split_frame
 from lightning_split.channel.handshake import build_hello
 from lightning_split.channel.server import EXCHANGE_METHOD
 from lightning_split.wire import CompressionConfig, Message, Reassembler, WireError, encode_message
+from lightning_split.wire.markers import KV_CACHE, GradInputRef, KvCacheRef
 
 NODE = "fuzz"  # the recording client's node id (its certificate's CN)
 OTHER_NODE = "fuzz-other"  # a node id no certificate has, to name in headers
@@ -317,6 +318,10 @@ STRINGS = ["", "x", "<kv-cache>", "<grad-input:0>", "<grad-input:1>", "<grad-inp
            "none", "blosc2", "ZSTD", "EVIL", "\u00fc\u00df\u2603", "\x00", "c_attn", "nonexistent", "L" * 20_000]
 
 
+# The places the server fills (Value.marker): the cache, grad inputs in and out of range.
+MARKERS = [KV_CACHE, GradInputRef(0), GradInputRef(1), GradInputRef(99), GradInputRef(2**32 - 1)]
+
+
 def _copy_tree(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _copy_tree(v) for k, v in x.items()}
@@ -396,8 +401,10 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice(BIG_INTS)
     if r == 3:
         return rng.choice([0.0, -1.0, 0.5, 1e308, -1e-308, math.nan, math.inf, -math.inf])
-    if r in (4, 5):
+    if r == 4:
         return rng.choice(STRINGS)
+    if r == 5:
+        return rng.choice(STRINGS + MARKERS)
     if r == 6:
         return rng.choice([b"", b"\x00\xff", bytes(1000)])
     if r in (7, 8, 9):
@@ -515,10 +522,10 @@ def bm_add_key(rng: random.Random, body: Any) -> tuple[Any, str] | None:
 
 
 def bm_string(rng: random.Random, body: Any) -> tuple[Any, str] | None:
-    hit = _pick(rng, body, lambda v: isinstance(v, str))
+    hit = _pick(rng, body, lambda v: isinstance(v, (str, KvCacheRef, GradInputRef)))
     if hit is None:
         return None
-    new = rng.choice(STRINGS)
+    new = rng.choice(STRINGS + MARKERS)
     return _replace(body, hit[0], new), f"{_path(hit[0])}: {hit[1]!r} -> {new!r}"
 
 

@@ -24,8 +24,8 @@ from lightning_split.channel import ChannelConfig, RemoteError
 from lightning_split.server.session_memory import tail_bytes
 from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
-from lightning_split.split.surgery import KV_CACHE
 from lightning_split.wire import MessageType, WireError
+from lightning_split.wire.markers import KV_CACHE
 from tests.channel_util import wait_for
 from tests.split_cases import GPT2
 

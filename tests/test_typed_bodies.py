@@ -142,3 +142,20 @@ def test_the_split_server_refuses_an_untyped_instruction_body(split_server) -> N
         assert "output" in out.body
     finally:
         remote.close()
+
+
+def test_markers_are_values_of_their_own_and_strings_stay_strings() -> None:
+    from lightning_split.wire.markers import KV_CACHE, GradInputRef
+
+    args = (KV_CACHE, GradInputRef(0), GradInputRef(7), "<kv-cache>", "<grad-input:0>")
+    back = _round_trip({"hidden": torch.ones(1, 1, 2), "args": args}, "forward")
+    assert back["args"] == args and isinstance(back["args"][3], str)
+    meta, _ = encode_body({"args": args}, case="forward")
+    kinds = [v.WhichOneof("kind") for v in pb.PayloadMeta.FromString(meta).forward.args.tuple.items]
+    assert kinds == ["marker", "marker", "marker", "string_value", "string_value"]
+    with pytest.raises(WireError, match="outside"):
+        encode_body({"args": (GradInputRef(-1),)}, case="forward")
+    unset = pb.PayloadMeta()
+    unset.forward.args.tuple.items.add().marker.SetInParent()  # a marker of no kind
+    with pytest.raises(WireError, match="marker.kind"):
+        decode_body(unset.SerializeToString(), b"")

@@ -135,7 +135,7 @@ class TensorMeta(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., block_size: _Optional[int] = ..., blosc2: _Optional[bool] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "list", "tuple", "dict", "int_value", "float_value", "bool_value", "string_value", "none", "bytes_value")
+    __slots__ = ("tensor", "list", "tuple", "dict", "int_value", "float_value", "bool_value", "string_value", "none", "bytes_value", "marker")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
     TUPLE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class Value(_message.Message):
     STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
     NONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MARKER_FIELD_NUMBER: _ClassVar[int]
     tensor: TensorMeta
     list: ValueList
     tuple: ValueList
@@ -156,7 +157,16 @@ class Value(_message.Message):
     string_value: str
     none: bool
     bytes_value: bytes
-    def __init__(self, tensor: _Optional[_Union[TensorMeta, _Mapping]] = ..., list: _Optional[_Union[ValueList, _Mapping]] = ..., tuple: _Optional[_Union[ValueList, _Mapping]] = ..., dict: _Optional[_Union[ValueMap, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., none: _Optional[bool] = ..., bytes_value: _Optional[bytes] = ...) -> None: ...
+    marker: Marker
+    def __init__(self, tensor: _Optional[_Union[TensorMeta, _Mapping]] = ..., list: _Optional[_Union[ValueList, _Mapping]] = ..., tuple: _Optional[_Union[ValueList, _Mapping]] = ..., dict: _Optional[_Union[ValueMap, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., none: _Optional[bool] = ..., bytes_value: _Optional[bytes] = ..., marker: _Optional[_Union[Marker, _Mapping]] = ...) -> None: ...
+
+class Marker(_message.Message):
+    __slots__ = ("kv_cache", "grad_input")
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    kv_cache: bool
+    grad_input: int
+    def __init__(self, kv_cache: _Optional[bool] = ..., grad_input: _Optional[int] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("items",)

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tree_leaves
 from lightning_split.split.results import segment_reply
-from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves
+from lightning_split.split.surgery import ServerSegment, map_leaves
+from lightning_split.wire.markers import KV_CACHE, GradInputRef, KvCacheRef
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +181,9 @@ class StaticDecoder:
         hidden = body["hidden"]
         mask, tree = self._swap_mask((tuple(body.get("args", ())), dict(body.get("kwargs") or {})), None)
         kind = self._mask_kind(mask, hidden, past, new)
-        strings = [v for v in tree_leaves(tree) if isinstance(v, str)]
-        if (kind is None or body.get("grad_inputs") or body.get("autocast") or KV_CACHE not in strings
-                or any(grad_input_index(s) is not None for s in strings) or (past and hidden.shape[0] != self.batch)):
+        markers = [v for v in tree_leaves(tree) if isinstance(v, (KvCacheRef, GradInputRef))]
+        if (kind is None or body.get("grad_inputs") or body.get("autocast") or KV_CACHE not in markers
+                or any(isinstance(m, GradInputRef) for m in markers) or (past and hidden.shape[0] != self.batch)):
             self.stats["declined"] += 1
             return None
         graphs = (body.get("labels") is None and not self.module.training
@@ -304,7 +305,7 @@ class StaticDecoder:
         def fix(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return tensor(v)
-            return cache if isinstance(v, str) and v == KV_CACHE else v
+            return cache if isinstance(v, KvCacheRef) else v
 
         args, kwargs = map_leaves(fix, tree)
         if "use_cache" in kwargs:

@@ -35,7 +35,8 @@ from lightning_split.server.session_memory import (
 from lightning_split.server.tail import make_optimizer, session_weights
 from lightning_split.server.train_graphs import TrainGraphs
 from lightning_split.split.results import check_labels, in_range, segment_reply
-from lightning_split.split.surgery import KV_CACHE, ServerSegment, grad_input_index, map_leaves, squared_grad_norm
+from lightning_split.split.surgery import ServerSegment, grad_input_index, map_leaves, squared_grad_norm
+from lightning_split.wire.markers import KvCacheRef
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class SessionSegment:
         use_cache = body.get("cache") is not None
 
         def fix(value: Any) -> Any:
-            if isinstance(value, str) and value == KV_CACHE:
+            if isinstance(value, KvCacheRef):
                 return cache
             index = grad_input_index(value)
             if index is not None:

@@ -29,9 +29,10 @@ from lightning_split.split.remote_autograd import (
     batch_ranges,
     weighted_mean,
 )
-from lightning_split.split.surgery import GRAD_INPUT, KV_CACHE, SegmentProxy, map_leaves
+from lightning_split.split.surgery import SegmentProxy, map_leaves
 from lightning_split.wire import CompressionConfig, MessageType
 from lightning_split.wire.error_feedback import ErrorFeedback
+from lightning_split.wire.markers import KV_CACHE, GradInputRef
 
 
 def _is_cache(value: Any) -> bool:
@@ -58,7 +59,7 @@ def wire_arguments(
         if isinstance(value, torch.Tensor):
             if value.requires_grad and torch.is_grad_enabled():
                 differentiable.append(value)
-                return GRAD_INPUT.format(len(differentiable) - 1)
+                return GradInputRef(len(differentiable) - 1)
             return value.detach()
         if value is None or isinstance(value, (bool, int, float, str, bytes)):
             return value

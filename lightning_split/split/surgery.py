@@ -21,22 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_split.split.spec import ResolvedSplit
+from lightning_split.wire.markers import GradInputRef
 
-# Stands on the wire where the client's forward passed its KV-cache object: the server puts the
-# session's own cache for its layers there.
-KV_CACHE = "<kv-cache>"
-# Stands where a block argument needs a gradient (besides the hidden state): the tensor travels in
-# the body's ``grad_inputs`` list at this index, and its gradient comes back in ``grad_extra``.
-GRAD_INPUT = "<grad-input:{}>"
-_GRAD_INPUT_PREFIX, _GRAD_INPUT_SUFFIX = GRAD_INPUT.split("{}")
 IGNORE_INDEX = -100  # a label the loss skips (padding, the prompt), as in Hugging Face's losses
 
 
 def grad_input_index(value: Any) -> int | None:
-    """The index a GRAD_INPUT marker refers to, or None if ``value`` is no such marker."""
-    if isinstance(value, str) and value.startswith(_GRAD_INPUT_PREFIX) and value.endswith(_GRAD_INPUT_SUFFIX):
-        return int(value[len(_GRAD_INPUT_PREFIX) : -len(_GRAD_INPUT_SUFFIX)])
-    return None
+    """The index a grad-input marker refers to, or None if ``value`` is no such marker."""
+    return value.index if isinstance(value, GradInputRef) else None
 
 
 def squared_grad_norm(params: Any) -> float:

@@ -35,6 +35,7 @@ from .compression import (
 )
 from .errors import exhausted, invalid
 from .limits import WireLimits
+from .markers import KV_CACHE, GradInputRef, KvCacheRef
 
 __all__ = ["encode_body", "decode_body", "DTYPE_TO_PB", "PB_TO_DTYPE", "ALIGN"]
 
@@ -67,6 +68,12 @@ class _Encoder:
         self.count(depth, path)
         if isinstance(x, torch.Tensor):
             self.tensor(v.tensor, x)
+        elif isinstance(x, KvCacheRef):
+            v.marker.kv_cache = True
+        elif isinstance(x, GradInputRef):
+            if not 0 <= x.index < 2**32:
+                raise invalid(f"grad-input marker index {x.index} at {path} is outside 0..2^32-1")
+            v.marker.grad_input = x.index
         elif x is None:
             v.none = True
         elif isinstance(x, bool):  # before int: bool is an int subclass
@@ -103,7 +110,7 @@ class _Encoder:
                 self.fill(v.dict.values.add(), item, depth + 1, f"{path}[{k!r}]")
         else:
             raise invalid(f"cannot send a {type(x).__name__} at {path} (allowed: tensors, tuple, list, "
-                          "dict with str keys, int, float, bool, str, bytes, None)")
+                          "dict with str keys, int, float, bool, str, bytes, None, markers)")
 
     def check_len(self, n: int, path: str) -> None:
         if n > self.limits.max_string_bytes:
@@ -216,6 +223,8 @@ class _Validator:
             self.string(v.string_value, "Value.string_value")
         elif kind == "bytes_value":
             self.byte_string(v.bytes_value, "Value.bytes_value")
+        elif kind == "marker" and v.marker.WhichOneof("kind") is None:
+            raise invalid("Value.marker.kind is not set")
 
     def byte_string(self, b: bytes, field: str) -> None:
         if len(b) > self.limits.max_string_bytes:
@@ -282,6 +291,8 @@ def _build(v: pb.Value, tensors: list[torch.Tensor], pos: list[int]) -> Any:
         return {k: _build(i, tensors, pos) for k, i in zip(v.dict.keys, v.dict.values, strict=True)}
     if kind == "none":
         return None
+    if kind == "marker":
+        return KV_CACHE if v.marker.WhichOneof("kind") == "kv_cache" else GradInputRef(v.marker.grad_input)
     return getattr(v, kind)  # int_value / float_value / bool_value / string_value / bytes_value
 
 
