@@ -620,19 +620,9 @@ def _groups(frames: list[pb.Frame]) -> list[list[int]]:
 # payload mutators: (rng, meta: pb.PayloadMeta | None, region: bytearray) -> description | None
 
 
-def _values(v: pb.Value) -> Iterator[pb.Value]:
-    yield v
-    kind = v.WhichOneof("kind")
-    if kind in ("list", "tuple"):
-        for item in getattr(v, kind).items:
-            yield from _values(item)
-    elif kind == "dict":
-        for item in v.dict.values:
-            yield from _values(item)
-
-
 def _submessages(m: Any) -> Iterator[Any]:
-    """Every message inside a typed body, depth first (map values and repeated items too)."""
+    """Every message of a body, depth first: its typed fields, map values and repeated items, and
+    the Values and TensorMetas of its untyped trees."""
     yield m
     for f, value in m.ListFields():
         if f.message_type is None:
@@ -645,27 +635,18 @@ def _submessages(m: Any) -> Iterator[Any]:
             yield from _submessages(item)
 
 
-def _root(meta: pb.PayloadMeta | None) -> Any:
-    """The body's message (a Value or an instruction's typed message), or None."""
+def _body_messages(meta: pb.PayloadMeta | None, kind: type) -> list[Any]:
+    """The body's messages of one kind (pb.Value, pb.TensorMeta), whichever PayloadMeta.body case it is."""
     case = meta.WhichOneof("body") if meta is not None else None
-    return getattr(meta, case) if case else None
+    return [m for m in _submessages(getattr(meta, case)) if isinstance(m, kind)] if case else []
 
 
 def _body_values(meta: pb.PayloadMeta | None) -> list[pb.Value]:
-    """Every Value of the body: the untyped tree, or those inside a typed body's fields."""
-    root = _root(meta)
-    if root is None:
-        return []
-    tops = [m for m in _submessages(root) if isinstance(m, pb.Value)] if not isinstance(root, pb.Value) else [root]
-    return [v for top in tops for v in _values(top)]
+    return _body_messages(meta, pb.Value)
 
 
 def _tensor_metas(meta: pb.PayloadMeta | None) -> list[pb.TensorMeta]:
-    root = _root(meta)
-    if root is None:
-        return []
-    typed = [m for m in _submessages(root) if isinstance(m, pb.TensorMeta)] if not isinstance(root, pb.Value) else []
-    return typed + [v.tensor for v in _body_values(meta) if v.WhichOneof("kind") == "tensor"]
+    return _body_messages(meta, pb.TensorMeta)
 
 
 TM_VALUES: dict[str, list[Any]] = {

@@ -46,23 +46,30 @@ _DEFAULT_LIMITS = WireLimits()
 _DEFAULT_COMPRESSION = CompressionConfig()
 
 
-class _Encoder:
-    def __init__(self, compression: CompressionConfig, limits: WireLimits, defer: bool) -> None:
-        self.cfg = compression
+class _NodeCount:
+    """The body's size and depth, counted node by node against the limits (both directions)."""
+
+    def __init__(self, limits: WireLimits) -> None:
         self.limits = limits
+        self.nodes = 0
+
+    def count(self, depth: int, path: str = "") -> None:
+        self.nodes += 1
+        if self.nodes > self.limits.max_values:
+            raise exhausted(f"body has more than {self.limits.max_values} values")
+        if depth > self.limits.max_depth:
+            raise exhausted(f"body nesting deeper than {self.limits.max_depth}" + (f" at {path}" if path else ""))
+
+
+class _Encoder(_NodeCount):
+    def __init__(self, compression: CompressionConfig, limits: WireLimits, defer: bool) -> None:
+        super().__init__(limits)
+        self.cfg = compression
         self.defer = defer
         self.buffers: list[memoryview] = []  # each view keeps its staging tensor / bytes alive
         self.pending: list[Any] = []  # CUDA events of device->host copies still running
         self.offset = 0
         self.raw_bytes = 0
-        self.nodes = 0
-
-    def count(self, depth: int, path: str) -> None:
-        self.nodes += 1
-        if self.nodes > self.limits.max_values:
-            raise exhausted(f"body has more than {self.limits.max_values} values")
-        if depth > self.limits.max_depth:
-            raise exhausted(f"body nesting deeper than {self.limits.max_depth} at {path}")
 
     def fill(self, v: pb.Value, x: Any, depth: int, path: str) -> None:
         self.count(depth, path)
@@ -180,24 +187,17 @@ class _Plan:
         self.offset, self.nbytes = tm.offset, tm.nbytes
 
 
-class _Validator:
+class _Validator(_NodeCount):
     """Pass 1: checks everything, allocates nothing but the plan list."""
 
     def __init__(self, limits: WireLimits, region: torch.Tensor, allowed: CompressionConfig | None) -> None:
-        self.limits, self.allowed = limits, allowed
+        super().__init__(limits)
+        self.allowed = allowed
         self.region_np = region.numpy()
         self.region_len = len(region)
-        self.nodes = 0
         self.decoded_bytes = 0
         self.alloc_bytes = 0  # what decoding allocates beyond the payload (RAW tensors are views)
         self.plans: list[_Plan] = []
-
-    def count(self, depth: int) -> None:
-        self.nodes += 1
-        if self.nodes > self.limits.max_values:
-            raise exhausted(f"body has more than {self.limits.max_values} values")
-        if depth > self.limits.max_depth:
-            raise exhausted(f"body nesting deeper than {self.limits.max_depth}")
 
     def walk(self, v: pb.Value, depth: int) -> None:
         self.count(depth)

@@ -22,6 +22,7 @@ from the ``PayloadMeta.body`` oneof and checks it against the header's type (``e
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -78,13 +79,14 @@ class Encoder(Protocol):  # tensor_codec._Encoder, seen from here
 
 
 class Validator(Protocol):  # tensor_codec._Validator, seen from here
-    def count(self, depth: int) -> None: ...
+    def count(self, depth: int, path: str = "") -> None: ...
     def string(self, s: str, field: str) -> None: ...
     def byte_string(self, b: bytes, field: str) -> None: ...
     def tensor(self, tm: pb.TensorMeta) -> None: ...
     def walk(self, v: pb.Value, depth: int) -> None: ...
 
 
+@functools.cache  # on every field of every message sent or received: asked once per field
 def _is_map(f: FieldDescriptor) -> bool:
     return f.message_type is not None and f.message_type.GetOptions().map_entry
 
