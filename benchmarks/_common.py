@@ -76,10 +76,12 @@ def model_source(name: str, dtype: str = "fp32") -> ModelSource:
 
 # -- command line ------------------------------------------------------------------------------------
 
-def base_parser(doc: str | None) -> argparse.ArgumentParser:
+def base_parser(doc: str | None, models: list[str] | None = None) -> argparse.ArgumentParser:
+    """The flags every benchmark takes; ``models``: the names ``--model`` takes (default: GPT-2's)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, few steps (< 90 s on a 2-core CPU)")
-    p.add_argument("--model", choices=list(MODELS), default=None, help="default: tiny (--quick), small")
+    p.add_argument("--model", choices=models or list(MODELS), default=None,
+                   help="default: tiny (--quick), else the benchmark's own")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None, help="sequence (prompt) length")
     p.add_argument("--cut", type=int, default=2, help="first block on the server (default 2)")

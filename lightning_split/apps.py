@@ -77,6 +77,8 @@ def build_server(cfg: DictConfig) -> Any:
         fast_decode=s.get("fast_decode"),
         prompt_graph_tokens=s.get("prompt_graph_tokens", 4096),
         train_graphs=s.get("train_graphs", True),
+        batch_window_ms=s.get("batch_window_ms"),
+        max_batch=s.get("max_batch", 64),
         persist_sessions_s=s.get("persist_sessions_s"),
     )
     tls = None if s.insecure else server_tls(s.certs)
@@ -132,6 +134,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     strategy = SplitStrategy(
         address=c.address, node_id=c.node_id, certs=c.certs, insecure=c.insecure, tail=_plain(c.tail),
         source=_plain(cfg.model.source), spec=_plain(cfg.model.split), channel=_plain(cfg.channel),
+        privacy=_plain(c.get("privacy")),
     )
     module = hydra.utils.instantiate(cfg.model.module)
     train_loader, val_loader = hydra.utils.instantiate(cfg.model.data)

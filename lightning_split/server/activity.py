@@ -22,6 +22,9 @@ class Reading:
     tokens: int = 0  # tokens generated: cached INFER steps after the prompt (past > 0), their new tokens
     prompt_tokens: int = 0  # tokens of prompts (cached INFER steps with past 0)
     at: float = field(default_factory=time.monotonic)
+    batches: int = 0  # batched forwards of several sessions' steps (batching.py), and the steps they ran
+    batched_steps: int = 0
+    batch_wait_s: float = 0.0  # the steps' summed wait for their batch
 
 
 class Activity:
@@ -65,6 +68,9 @@ def status_line(server: Any, activity: Activity, since: Reading) -> tuple[str, R
     """One line: sessions and nodes, memory (host, and each GPU in use), steps/s and tokens/s since
     ``since``; and the reading to pass next time."""
     now = activity.read()
+    batcher = getattr(server.handler, "batcher", None)
+    if batcher is not None:
+        now.batches, now.batched_steps, now.batch_wait_s = batcher.stats.read()
     dt = max(now.at - since.at, 1e-9)
     sessions = server.sessions.snapshot()
     nodes = len({s.node_id for s in sessions.values()})
@@ -75,4 +81,12 @@ def status_line(server: Any, activity: Activity, since: Reading) -> tuple[str, R
     line = (f"status: {len(sessions)} session(s) of {nodes} node(s), RSS {rss_bytes() / 2**30:.2f} GiB{gpus}, "
             f"{(now.steps - since.steps) / dt:.2f} steps/s, {(now.tokens - since.tokens) / dt:.1f} tokens/s generated, "
             f"{(now.prompt_tokens - since.prompt_tokens) / dt:.0f} prompt tokens/s over {dt:.0f} s")
+    caches = [s.state["segment"].kv.nbytes() for s in sessions.values() if "segment" in s.state]
+    if caches:
+        line += f", KV cache {sum(caches) / len(caches) / 2**20:.1f} MiB/session (max {max(caches) / 2**20:.1f})"
+    batches = now.batches - since.batches
+    if batches:
+        steps = now.batched_steps - since.batched_steps
+        line += (f", {batches} batches of {steps / batches:.1f} sessions' steps on average, "
+                 f"{(now.batch_wait_s - since.batch_wait_s) / steps * 1e3:.2f} ms queue wait")
     return line, now

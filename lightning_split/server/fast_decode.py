@@ -179,7 +179,7 @@ class StaticDecoder:
     def run(self, body: dict[str, Any], past: int, new: int) -> dict[str, Any] | None:
         """Serve one INFER step on the static cache, or None (nothing changed) to decline it."""
         hidden = body["hidden"]
-        mask, tree = self._swap_mask((tuple(body.get("args", ())), dict(body.get("kwargs") or {})), None)
+        mask, tree = self.swap_mask((tuple(body.get("args", ())), dict(body.get("kwargs") or {})), None)
         kind = self._mask_kind(mask, hidden, past, new)
         markers = [v for v in tree_leaves(tree) if isinstance(v, (KvCacheRef, GradInputRef))]
         if (kind is None or body.get("grad_inputs") or body.get("autocast") or KV_CACHE not in markers
@@ -196,15 +196,15 @@ class StaticDecoder:
             # and a session keeps at most max_graphs of them, the decode step's among them.
             graphs = (graphs and hidden.shape[0] * new <= MULTI_TOKEN_GRAPH_TOKENS
                       and self._recurring_shape(hidden, kind, body))
-        if prompt and not (graphs and self._recurring_shape(hidden, kind, body) and self._ready(hidden.shape[0], new)):
+        if prompt and not (graphs and self._recurring_shape(hidden, kind, body) and self.ready(hidden.shape[0], new)):
             # Hugging Face's own path, then the keys and values move over.
-            out = self._prefill(hidden, self._swap_mask(tree, mask)[1], body, new)
+            out = self._prefill(hidden, self.swap_mask(tree, mask)[1], body, new)
             self.tokens = new
             self.stats["static_steps"] += 1
             return out
         self._reserve(hidden.shape[0], past, new)
         out = None
-        if graphs and self._ready(hidden.shape[0], past + new):
+        if graphs and self.ready(hidden.shape[0], past + new):
             out = self._graph_step(hidden, tree, mask, kind, past, body)
             self.stats["graph_prompts"] += int(prompt and out is not None)
         if out is None:
@@ -225,7 +225,7 @@ class StaticDecoder:
         self.prompt_shapes[shape] += 1
         return self.prompt_shapes[shape] > 1
 
-    def _swap_mask(self, tree: Tree, mask: Any) -> tuple[Any, Tree]:
+    def swap_mask(self, tree: Tree, mask: Any = None) -> tuple[Any, Tree]:
         """The attention mask found in ``tree``, and ``tree`` with ``mask`` in its place."""
         args, kwargs = tree
         if "attention_mask" in kwargs or self.mask_arg >= len(args):
@@ -279,7 +279,7 @@ class StaticDecoder:
         """The cache is allocated for ``batch`` sequences and has room for ``tokens``."""
         return self.cache is not None and batch == self.batch and tokens <= self.capacity
 
-    def _ready(self, batch: int, tokens: int) -> bool:
+    def ready(self, batch: int, tokens: int) -> bool:
         """A graph may run now: the cache fits and every layer is allocated (a capture needs them)."""
         return self._fits(batch, tokens) and all(layer.is_initialized for layer in self._layers())
 
@@ -325,7 +325,7 @@ class StaticDecoder:
             padded[..., : past + new].copy_(mask, non_blocking=True)
         for layer in self._layers():  # where each layer writes (StaticLayer keeps it on the device)
             layer.cumulative_length.fill_(past)
-        _, tree = self._swap_mask(self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True)), padded)
+        _, tree = self.swap_mask(self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True)), padded)
         return self._results(self.module(hidden, *tree), body)
 
     def _prefill(self, hidden: torch.Tensor, tree: Tree, body: dict[str, Any], new: int) -> dict[str, Any]:
@@ -403,7 +403,7 @@ class StaticDecoder:
             for layer in layers:
                 layer.cumulative_length.copy_(g.pos)
             attn_mask = g.mask if kind == "given" else self._causal(g.pos, new, inputs[0].dtype)
-            _, args = self._swap_mask(static_tree, attn_mask)
+            _, args = self.swap_mask(static_tree, attn_mask)
             return self._results(self.module(inputs[0], *args), options)
 
         self._stage(g, leaves, mask, past)

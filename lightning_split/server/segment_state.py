@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lightning_split.server.batching import Batcher
 from lightning_split.server.call_grads import CallGradients
 from lightning_split.server.checks import AUTOCAST_DTYPES, SegmentError, embedding_rows, output_classes
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS, StaticDecoder
@@ -62,6 +63,7 @@ class SessionSegment:
         max_cache_bytes: int = MAX_CACHE_BYTES,
         account: Any = None,
         session_id: str = "",
+        batcher: Batcher | None = None,
     ) -> None:
         """``account``: the node's share of the server's memory budget (``budget.NodeAccount``),
         charged under ``session_id`` for what the session holds; None: counted, not charged."""
@@ -99,6 +101,8 @@ class SessionSegment:
                                  prompt_graph_tokens=prompt_graph_tokens)
         self.kv = SessionCache(self.module, hf_config, self.device, self.memory, max_cache_tokens, max_cache_bytes,
                                fast)
+        # INFER steps of sessions on the shared (frozen) segment run batched with other sessions' (batching.py).
+        self.batcher = batcher if self.mode == "frozen" else None
 
     @property
     def fast(self) -> StaticDecoder | None:
@@ -124,6 +128,10 @@ class SessionSegment:
             # A frozen segment is shared by every session and always runs in eval mode (no
             # dropout, fixed norm statistics): flipping a shared module's mode would race.
             self.module.train(bool(body.get("training", train)))
+        if self.batcher is not None and not train and (cache is None or cache is self.kv.static()):
+            out = self.batcher.run(self, body, None if cache is None else self.fast, past, new)
+            if out is not None:
+                return out
         with _autocast(body.get("autocast"), self.device):
             if cache is not None and cache is self.kv.static():
                 out = None
@@ -320,6 +328,8 @@ class SessionSegment:
     def close(self) -> None:
         """The session ends: free what it holds at once (not at a later garbage collection), and
         give its charges back."""
+        if self.batcher is not None:
+            self.batcher.forget(self, self.fast)
         self.graphs.clear()
         self.call_grads.clear()
         self.train_graphs.release()

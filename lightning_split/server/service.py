@@ -31,6 +31,7 @@ import torch
 from lightning_split.channel import HandlerError, Session
 from lightning_split.channel.budget import BudgetExceeded
 from lightning_split.server.activity import Activity
+from lightning_split.server.batching import Batcher
 from lightning_split.server.checks import CacheError, SegmentError, check_request, step_number
 from lightning_split.server.durable import DurableSessions
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
@@ -74,6 +75,8 @@ class SplitService:
         max_cache_bytes: int = MAX_CACHE_BYTES,
         allow_nonfinite: bool = False,
         persist_sessions_s: float | None = None,
+        batch_window_ms: float | None = None,
+        max_batch: int = 64,
     ) -> None:
         self.source = source
         model = build_model(source, device=device)
@@ -111,6 +114,14 @@ class SplitService:
         # Fused training micro-batches (the loss the only result) replay CUDA graphs once their
         # shape recurs (train_graphs.py); off: they always run eagerly.
         self.train_graphs = bool(train_graphs)
+        # INFER steps of frozen-tail sessions (decode steps, stateless inference) that arrive within
+        # batch_window_ms of each other run as one forward (batching.py). None: on where the segment
+        # is on a GPU (there one token leaves the chip idle); 0: off.
+        device0 = next(self.segment.parameters()).device
+        if batch_window_ms is None:
+            batch_window_ms = 2.0 if device0.type == "cuda" else 0.0
+        self.batcher = (Batcher(self.segment, device0, batch_window_ms / 1000, max_batch)
+                        if batch_window_ms > 0 else None)
         self.activity = Activity()  # steps and tokens, for the operator's status line (activity.py)
         self.description = {
             "model": describe_config(source),
@@ -144,7 +155,7 @@ class SplitService:
             session.state["segment"] = SessionSegment(
                 self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode,
                 self.prompt_graph_tokens, self.train_graphs, max_cache_bytes=self.max_cache_bytes,
-                account=session.account, session_id=session.id,
+                account=session.account, session_id=session.id, batcher=self.batcher,
             )
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e

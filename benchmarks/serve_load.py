@@ -1,0 +1,260 @@
+"""The server under load: many generating clients at once, with and without batching their steps.
+
+One server (its own process) holds a Llama-architecture model's middle (every block but the first
+and the last: the U-shape, the clients keep embeddings, the first and last blocks and the output
+layer). N client processes (each with its own certificate, real mutual TLS, one session each)
+generate at the same time; each reports its ms per generated token, and the run its aggregate
+tokens/s. Every N runs twice in the same server: steps batched across sessions (``batching.py``)
+and each session's steps alone (the batcher paused), so the ratio is the batching's alone.
+Greedy tokens are checked equal between the two (and, for N = 1, the baseline is the solo path).
+
+    python benchmarks/serve_load.py --quick                     # tiny Llama on CPU, 1/2/4 clients
+    python benchmarks/serve_load.py --device cuda               # ~1B Llama, 1/4/16/64 clients
+
+Targets (issue #19, GPU): with 16 clients, aggregate tokens/s >= 8x one client's, each client's
+ms/token <= 2x its solo figure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import base_parser, environment, finish_args, json_path, print_table, write_json  # noqa: E402
+
+from lightning_split.split.build import ModelSource  # noqa: E402
+from lightning_split.split.spec import SplitSpec  # noqa: E402
+
+LLAMA = {
+    # ~1.1 B parameters: Llama-3.2-1B's widths and depth, a 32k vocabulary
+    "1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(num_hidden_layers=6, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=1024, max_position_embeddings=1024),
+}
+QUICK = dict(model="tiny", clients=[1, 2, 4], seq=16, new_tokens=24, steps=1)
+FULL = dict(model="1b", clients=[1, 4, 16, 64], seq=32, new_tokens=64, steps=2)
+
+
+def source_for(args: Any) -> ModelSource:
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    return ModelSource("transformers:LlamaForCausalLM", {**LLAMA[args.model], "attn_implementation": "sdpa"},
+                       seed=0, dtype=dtype)
+
+
+def spec_for(args: Any) -> SplitSpec:
+    return SplitSpec(cut=1, end=LLAMA[args.model]["num_hidden_layers"] - 1, shape="u_shape")
+
+
+# -- the server process ---------------------------------------------------------------------------
+
+def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, ready: Any, control: Any,
+           stats: Any) -> None:
+    from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
+    from lightning_split.server.service import SplitService
+
+    service = SplitService(ModelSource.from_dict(source), SplitSpec.from_dict(spec), device=device,
+                           batch_window_ms=window_ms, fast_decode=True, max_batch=64)
+    config = ChannelConfig(max_sessions=128, max_sessions_per_node=2)
+    server = ChannelServer(service, "127.0.0.1:0", tls=server_tls(pki), config=config, max_workers=256)
+    ready.put(server.start())
+    while True:  # commands from the benchmark: batching on/off, read the stats, stop
+        cmd = control.get()
+        if cmd == "stop":
+            break
+        if cmd in ("on", "off"):
+            service.batcher.enabled = cmd == "on"
+        b = service.batcher.stats
+        stats.put({"batches": b.batches, "rows": b.rows, "solo": b.solo, "wait_s": b.wait_s,
+                   "sizes": dict(b.sizes)})
+    server.stop(grace=0)
+
+
+# -- a client process -----------------------------------------------------------------------------
+
+def _client(i: int, pki: str, address: str, source: dict, spec: dict, args: dict, go: Any, out: Any) -> None:
+    from lightning_split.channel import ChannelConfig, client_tls
+    from lightning_split.split.connect import open_split
+
+    torch.set_num_threads(1)
+    device = args["client_device"]
+    try:
+        split = open_split(address, f"c{i}", client_tls(pki, f"c{i}"), source=ModelSource.from_dict(source),
+                           spec=SplitSpec.from_dict(spec), device=device, config=ChannelConfig(connections=1))
+        model = split.model.eval()
+        g = torch.Generator().manual_seed(1000 + i)
+        ids = torch.randint(3, LLAMA[args["model"]]["vocab_size"], (1, args["seq"]), generator=g).to(device)
+        kw = {"max_new_tokens": args["new_tokens"], "min_new_tokens": args["new_tokens"], "do_sample": False,
+              "pad_token_id": 0}
+        with torch.inference_mode():
+            model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: graphs, caches
+            out.put(("ready", i, None))
+            while True:
+                cmd = go.get()
+                if cmd is None:
+                    break
+                t0 = time.perf_counter()
+                tokens = model.generate(ids, **kw)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                out.put(("done", i, {"seconds": time.perf_counter() - t0, "start": t0,
+                                     "tokens": tokens[0, ids.shape[1]:].tolist()}))
+        split.close()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops the run
+        out.put(("error", i, f"{type(e).__name__}: {e}"))
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+class Load:
+    def __init__(self, args: Any, pki: Path) -> None:
+        ctx = mp.get_context("spawn")
+        self.args, self.ctx = args, ctx
+        source, spec = source_for(args).to_dict(), spec_for(args).to_dict()
+        self.ready, self.control, self.stats = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        self.server = ctx.Process(target=_serve, daemon=True, args=(str(pki), source, spec, args.device,
+                                                                     args.window_ms, self.ready, self.control,
+                                                                     self.stats))
+        self.server.start()
+        port = self.ready.get(timeout=600)
+        address = f"127.0.0.1:{port}"
+        self.out = ctx.Queue()
+        self.gos: list[Any] = []
+        self.clients: list[Any] = []
+        client_args = {"client_device": args.client_device, "model": args.model, "seq": args.seq,
+                       "new_tokens": args.new_tokens}
+        for i in range(max(args.clients)):
+            go = ctx.Queue()
+            p = ctx.Process(target=_client, daemon=True,
+                            args=(i, str(pki), address, source, spec, client_args, go, self.out))
+            p.start()
+            self.gos.append(go)
+            self.clients.append(p)
+        for _ in self.clients:
+            self._expect("ready")
+
+    def _expect(self, kind: str) -> tuple[int, Any]:
+        while True:
+            try:
+                got, i, payload = self.out.get(timeout=5)
+            except queue.Empty:
+                if not self.server.is_alive() or not all(p.is_alive() for p in self.clients):
+                    raise RuntimeError("a process of the load run died") from None
+                continue
+            if got == "error":
+                raise RuntimeError(f"client {i}: {payload}")
+            if got == kind:
+                return i, payload
+
+    def server_stats(self, cmd: str = "read") -> dict[str, Any]:
+        self.control.put(cmd)
+        return self.stats.get(timeout=60)
+
+    def round(self, n: int, batching: bool) -> dict[str, Any]:
+        """n clients generate at once; the round's figures."""
+        before = self.server_stats("on" if batching else "off")
+        t0 = time.perf_counter()
+        for go in self.gos[:n]:
+            go.put("go")
+        results = dict(self._expect("done") for _ in range(n))
+        wall = time.perf_counter() - t0
+        after = self.server_stats()
+        per_token = [1e3 * r["seconds"] / self.args.new_tokens for r in results.values()]
+        batches = after["batches"] - before["batches"]
+        return {"clients": n, "batching": batching, "wall_s": wall,
+                "aggregate_tokens_per_s": n * self.args.new_tokens / wall,
+                "ms_per_token_median": statistics.median(per_token), "ms_per_token_max": max(per_token),
+                "batches": batches,
+                "mean_batch": (after["rows"] - before["rows"]) / batches if batches else 0.0,
+                "queue_wait_ms": (1e3 * (after["wait_s"] - before["wait_s"]) / max(after["rows"] - before["rows"], 1)),
+                "tokens": {i: r["tokens"] for i, r in results.items()}}
+
+    def close(self) -> None:
+        for go in self.gos:
+            go.put(None)
+        self.control.put("stop")
+        for p in [*self.clients, self.server]:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__, models=list(LLAMA))
+    p.add_argument("--clients", type=int, nargs="+", default=None, help="concurrent clients per round")
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--window-ms", type=float, default=None, help="the server's batch window (default 2; CPU 20)")
+    p.add_argument("--client-device", default=None, help="where the clients' parts run (default: --device)")
+    args = finish_args(p.parse_args(argv), QUICK, FULL)
+    args.client_device = args.client_device or args.device
+    if args.window_ms is None:
+        args.window_ms = 2.0 if torch.device(args.device).type == "cuda" else 20.0
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    print(f"serve_load: Llama {args.model}, server holds blocks 1..{LLAMA[args.model]['num_hidden_layers'] - 2}, "
+          f"prompt {args.seq}, {args.new_tokens} new tokens, clients {args.clients}, {args.device} {args.dtype}, "
+          f"clients on {args.client_device}, window {args.window_ms} ms", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ls-load-pki-") as d:
+        from lightning_split.channel import make_certs
+
+        make_certs(d, client_ids=[f"c{i}" for i in range(max(args.clients))])
+        load = Load(args, Path(d))
+        try:
+            print(f"  {max(args.clients)} clients connected ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            for n in args.clients:
+                for batching in (False, True):
+                    for _ in range(args.steps):  # the last repeat is kept (the first may capture graphs)
+                        row = load.round(n, batching)
+                    rows.append(row)
+                    print(f"  {n:3d} clients, batching {'on ' if batching else 'off'}: "
+                          f"{row['aggregate_tokens_per_s']:8.1f} tokens/s, {row['ms_per_token_median']:.2f} ms/token "
+                          f"(max {row['ms_per_token_max']:.2f}), mean batch {row['mean_batch']:.1f}", flush=True)
+                    write_json(json_path(args, "serve_load"), args, {"rows": rows, "partial": True})
+        finally:
+            load.close()
+    return report(args, rows, t_start)
+
+
+def report(args: Any, rows: list[dict[str, Any]], t_start: float) -> int:
+    solo = next(r for r in rows if r["clients"] == 1 and not r["batching"])
+    by = {(r["clients"], r["batching"]): r for r in rows}
+    table, targets, same = [], [], True
+    for r in rows:
+        r["x_solo_aggregate"] = r["aggregate_tokens_per_s"] / solo["aggregate_tokens_per_s"]
+        r["x_solo_ms_per_token"] = r["ms_per_token_median"] / solo["ms_per_token_median"]
+        unbatched = by[(r["clients"], False)]
+        r["tokens_equal_unbatched"] = r["tokens"] == unbatched["tokens"]
+        same &= r["tokens_equal_unbatched"]
+        table.append([r["clients"], "on" if r["batching"] else "off", r["aggregate_tokens_per_s"],
+                      r["x_solo_aggregate"], r["ms_per_token_median"], r["x_solo_ms_per_token"],
+                      r["mean_batch"], r["queue_wait_ms"], "yes" if r["tokens_equal_unbatched"] else "NO"])
+        if r["clients"] == 16 and r["batching"]:
+            targets += [{"what": "16 clients: aggregate tokens/s >= 8x one client's", "value": r["x_solo_aggregate"],
+                         "met": r["x_solo_aggregate"] >= 8},
+                        {"what": "16 clients: ms/token <= 2x solo", "value": r["x_solo_ms_per_token"],
+                         "met": r["x_solo_ms_per_token"] <= 2}]
+    print_table(f"serve_load: Llama {args.model}, {args.new_tokens} new tokens per client, {args.device} {args.dtype}",
+                ["clients", "batching", "tokens/s", "x solo", "ms/token", "x solo", "mean batch", "queue ms",
+                 "tokens = unbatched"], table)
+    for t in targets:
+        print(f"target: {t['what']}: {t['value']:.2f} {'MET' if t['met'] else 'MISSED'}")
+    out = write_json(json_path(args, "serve_load"), args, {"environment": environment(args.device), "rows": rows,
+                                                          "targets": targets,
+                                                          "seconds": time.perf_counter() - t_start})
+    print(f"\nwrote {out} ({time.perf_counter() - t_start:.0f} s)")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
