@@ -90,7 +90,9 @@ def _client(i: int, pki: str, address: str, source: dict, spec: dict, args: dict
     device = args["client_device"]
     try:
         split = open_split(address, f"c{i}", client_tls(pki, f"c{i}"), source=ModelSource.from_dict(source),
-                           spec=SplitSpec.from_dict(spec), device=device, config=ChannelConfig(connections=1))
+                           spec=SplitSpec.from_dict(spec), device=device,
+                           # a server shipping the client part to many clients at once answers late
+                           config=ChannelConfig(connections=1, keepalive_timeout_s=60))
         model = split.model.eval()
         g = torch.Generator().manual_seed(1000 + i)
         ids = torch.randint(3, LLAMA[args["model"]]["vocab_size"], (1, args["seq"]), generator=g).to(device)
@@ -140,7 +142,10 @@ class Load:
             p.start()
             self.gos.append(go)
             self.clients.append(p)
-        for _ in self.clients:
+            if len(self.clients) % args.connect_wave == 0:  # each LOAD ships the client's part: a few at a time
+                for _ in range(args.connect_wave):
+                    self._expect("ready")
+        for _ in range(len(self.clients) % args.connect_wave):
             self._expect("ready")
 
     def _expect(self, kind: str) -> tuple[int, Any]:
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=None, help="concurrent clients per round")
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--window-ms", type=float, default=None, help="the server's batch window (default 2; CPU 20)")
+    p.add_argument("--connect-wave", type=int, default=8, help="clients connecting (and loading) at once")
     p.add_argument("--client-device", default=None, help="where the clients' parts run (default: --device)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     args.client_device = args.client_device or args.device
