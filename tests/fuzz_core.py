@@ -301,7 +301,8 @@ WIRE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torc
                torch.int16, torch.int8, torch.uint8, torch.bool]
 BIG_INTS = [-1, -100, 0, 1, 127, 128, 129, 255, 4095, 4096, 4097, 10**6, 2**31 - 1, -(2**31), 2**32,
             2**62, 2**63 - 1, -(2**63)]
-KEYS = ["hidden", "args", "kwargs", "training", "id", "input_grad", "fused", "call", "weight", "scale",
+KEYS = ["hidden", "block", "extra", "rotary", "kv_cache", "cache_position", "training", "id", "input_grad",
+        "fused", "call", "weight", "scale",
         "grads", "output", "logits", "loss", "then_step", "step", "lr", "clip_coef", "op", "optimizer",
         "name", "betas", "momentum", "tag", "beam_idx", "cache", "past", "new", "reorder", "result",
         "labels", "top_k", "logits_to_keep", "keep_last", "autocast", "grad_inputs", "attention_mask",

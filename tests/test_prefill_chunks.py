@@ -73,12 +73,13 @@ def test_chunked_prompt_returns_every_position(connect, family, spec) -> None:
 
 def test_an_argument_of_unknown_layout_sends_the_prompt_whole() -> None:
     hidden = torch.randn(1, 64, 8)
-    body = {"hidden": hidden, "args": (), "kwargs": {"odd": torch.zeros(2, 64, 3, 5)}, "cache": {"past": 0, "new": 64}}
+    body = {"hidden": hidden, "block": {"extra": {"odd": torch.zeros(2, 64, 3, 5)}}, "cache": {"past": 0, "new": 64}}
     assert prefill.plan(body, 1) is None
-    body["kwargs"] = {"position_ids": torch.arange(64)[None], "mask": torch.ones(1, 1, 64, 64, dtype=torch.bool)}
+    body["block"] = {"position_ids": torch.arange(64)[None],
+                     "attention_mask": torch.ones(1, 1, 64, 64, dtype=torch.bool)}
     chunks = prefill.plan(body, 1)
     assert [c["cache"] for c in chunks] == [{"past": 0, "new": 16}, {"past": 16, "new": 16}, {"past": 32, "new": 16},
                                             {"past": 48, "new": 16}]
-    assert chunks[2]["kwargs"]["mask"].shape == (1, 1, 16, 48)
-    assert torch.equal(chunks[2]["kwargs"]["position_ids"], torch.arange(32, 48)[None])
+    assert chunks[2]["block"]["attention_mask"].shape == (1, 1, 16, 48)
+    assert torch.equal(chunks[2]["block"]["position_ids"], torch.arange(32, 48)[None])
     assert prefill.plan({**body, "cache": {"past": 5, "new": 64}}, 1) is None  # not a prefill

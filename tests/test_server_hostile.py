@@ -25,7 +25,6 @@ from lightning_split.server.session_memory import tail_bytes
 from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
 from lightning_split.wire import MessageType, WireError
-from lightning_split.wire.markers import KV_CACHE
 from tests.channel_util import wait_for
 from tests.split_cases import GPT2
 
@@ -109,7 +108,7 @@ def _fused(call: int | None = None, batch: int = 2, length: int = 8, **changes: 
     g = torch.Generator().manual_seed(call)
     labels = torch.randint(0, VOCAB, (batch, length), generator=g)
     body = {"hidden": torch.randn(batch, length, WIDTH, generator=g), "id": call, "labels": labels,
-            "result": "auto", "top_k": 0, "logits_to_keep": 0, "args": (), "kwargs": {}, "training": True,
+            "result": "auto", "top_k": 0, "logits_to_keep": 0, "block": {}, "training": True,
             "input_grad": True, "fused": {"call": call, "weight": torch.tensor(1.0)}}
     body.update(changes)
     return body
@@ -139,8 +138,11 @@ TRAINING_CASES: dict[str, tuple[int, Callable[[], Any], int, S, str]] = {
                          S.INVALID_ARGUMENT, "labels"),
     "labels_very_negative": (MessageType.FORWARD, lambda: _fused(labels=torch.full((2, 8), -(2**62))), 0,
                              S.INVALID_ARGUMENT, "labels"),
-    "string_for_the_cache": (MessageType.FORWARD, lambda: _plain(7, args=("grad_norm",)), 0, S.INVALID_ARGUMENT,
-                             "AttributeError"),  # found by the fuzzer: a string where a block wants its cache
+    # found by the fuzzer (protocol 2): a string where a block wants its cache
+    "string_for_the_cache": (MessageType.FORWARD, lambda: _plain(7, block={"extra": {"cache": "grad_norm"}}), 0,
+                             S.INVALID_ARGUMENT, "field of its own"),
+    "cache_by_another_name": (MessageType.FORWARD, lambda: _plain(7, block={"extra": {"layer_past": 3}}), 0,
+                              S.INVALID_ARGUMENT, "field of its own"),
     "labels_float": (MessageType.FORWARD, lambda: _fused(labels=torch.zeros(2, 8)), 0, S.INVALID_ARGUMENT, "int64"),
     "labels_int32": (MessageType.FORWARD, lambda: _fused(labels=torch.zeros(2, 8, dtype=torch.int32)), 0,
                      S.INVALID_ARGUMENT, "int64"),
@@ -151,7 +153,7 @@ TRAINING_CASES: dict[str, tuple[int, Callable[[], Any], int, S, str]] = {
                                  S.INVALID_ARGUMENT, "labels"),
     "top_k_past_vocab": (MessageType.INFER, lambda: _plain(1, result="topk", top_k=VOCAB + 1), 0,
                          S.INVALID_ARGUMENT, "top_k"),
-    "negative_position_ids": (MessageType.FORWARD, lambda: _fused(kwargs={"position_ids": torch.full((1, 8), -3)}),
+    "negative_position_ids": (MessageType.FORWARD, lambda: _fused(block={"position_ids": torch.full((1, 8), -3)}),
                               0, S.INVALID_ARGUMENT, "position_ids"),
     "integer_hidden": (MessageType.FORWARD, lambda: _fused(hidden=torch.zeros(2, 8, WIDTH, dtype=torch.long)), 0,
                        S.INVALID_ARGUMENT, "floating point"),
@@ -285,7 +287,7 @@ def test_a_malformed_tail_option_is_refused_at_the_handshake(split_server, tail:
 
 def _decode_step(past: int, batch: int = 2, **cache: Any) -> dict[str, Any]:
     """An INFER generation step of one new token on the session's cache."""
-    return {"hidden": torch.randn(batch, 1, WIDTH), "args": (KV_CACHE,), "kwargs": {"use_cache": True},
+    return {"hidden": torch.randn(batch, 1, WIDTH), "block": {"kv_cache": True, "use_cache": True},
             "result": "logits", "top_k": 0, "logits_to_keep": 1, "cache": {"past": past, "new": 1, **cache}}
 
 

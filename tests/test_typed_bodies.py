@@ -30,15 +30,14 @@ def _frame_bytes(msg: Message) -> bytes:
 # (and bump PROTOCOL_VERSION): a third-party client must change with it.
 GOLDEN = {
     "forward": (
-        "0a0f080210041a05616c696365300138031801204828303589d2e22c3a484a2e0a0908011203010203381812021a001a"
-        "11220f0a097573655f6361636865120238003a046175746f480060076801000000000000803f0000004000004040000080"
-        "400000a040"
+        "0a0f080310041a05616c6963653001380318012036281e35033f551c3a364a1c0a090801120301020338183a046175746f"
+        "4800600768018201023000000000000000803f0000004000004040000080400000a040"
     ),
 }
 
 
 def _forward() -> Message:
-    body = {"hidden": torch.arange(6, dtype=torch.float32).view(1, 2, 3), "args": (), "kwargs": {"use_cache": False},
+    body = {"hidden": torch.arange(6, dtype=torch.float32).view(1, 2, 3), "block": {"use_cache": False},
             "result": "auto", "top_k": 0, "id": 7, "input_grad": True}
     return Message(type=pb.FORWARD, body=body, sequence=3, step=1, node_id="alice", typed=True)
 
@@ -56,6 +55,7 @@ def test_golden_forward_frame() -> None:
     assert fwd.hidden.dtype == pb.FLOAT32 and fwd.hidden.nbytes == 24 and fwd.hidden.offset == 0
     assert fwd.HasField("top_k") and fwd.top_k == 0 and fwd.id == 7 and fwd.result == "auto"
     assert not fwd.HasField("labels") and not fwd.HasField("keep_last")
+    assert fwd.block.HasField("use_cache") and fwd.block.use_cache is False and not fwd.block.HasField("kv_cache")
     region = frame.data[frame.meta_bytes:]
     assert torch.equal(torch.frombuffer(bytearray(region[:24]), dtype=torch.float32), torch.arange(6.0))
 
@@ -64,7 +64,7 @@ def test_forward_body_round_trips_with_its_zeros_and_types() -> None:
     body = _forward().body
     back = _round_trip(body, "forward")
     assert back["top_k"] == 0 and back["id"] == 7 and back["input_grad"] is True and back["result"] == "auto"
-    assert back["args"] == () and back["kwargs"] == {"use_cache": False}  # tuple stays a tuple in a Value
+    assert back["block"] == {"use_cache": False}  # a sent False comes back
     assert torch.equal(back["hidden"], body["hidden"])
 
 
@@ -138,7 +138,7 @@ def test_the_split_server_refuses_an_untyped_instruction_body(split_server) -> N
             client.request(MessageType.INFER, {"hidden": torch.randn(2, 32)})
         assert err.value.code.name == "INVALID_ARGUMENT" and "forward message" in err.value.message
         client.welcome["typed_bodies"] = True
-        out = client.request(MessageType.INFER, {"hidden": torch.randn(2, 32), "args": (), "kwargs": {}})
+        out = client.request(MessageType.INFER, {"hidden": torch.randn(2, 32)})
         assert "output" in out.body
     finally:
         remote.close()
@@ -148,14 +148,15 @@ def test_markers_are_values_of_their_own_and_strings_stay_strings() -> None:
     from lightning_split.wire.markers import KV_CACHE, GradInputRef
 
     args = (KV_CACHE, GradInputRef(0), GradInputRef(7), "<kv-cache>", "<grad-input:0>")
-    back = _round_trip({"hidden": torch.ones(1, 1, 2), "args": args}, "forward")
-    assert back["args"] == args and isinstance(back["args"][3], str)
-    meta, _ = encode_body({"args": args}, case="forward")
-    kinds = [v.WhichOneof("kind") for v in pb.PayloadMeta.FromString(meta).forward.args.tuple.items]
+    block = {"extra": {"odd": args}}
+    back = _round_trip({"hidden": torch.ones(1, 1, 2), "block": block}, "forward")
+    assert back["block"] == block and isinstance(back["block"]["extra"]["odd"][3], str)
+    meta, _ = encode_body({"block": block}, case="forward")
+    kinds = [v.WhichOneof("kind") for v in pb.PayloadMeta.FromString(meta).forward.block.extra["odd"].tuple.items]
     assert kinds == ["marker", "marker", "marker", "string_value", "string_value"]
     with pytest.raises(WireError, match="outside"):
-        encode_body({"args": (GradInputRef(-1),)}, case="forward")
+        encode_body({"block": {"rotary": (GradInputRef(-1),)}}, case="forward")
     unset = pb.PayloadMeta()
-    unset.forward.args.tuple.items.add().marker.SetInParent()  # a marker of no kind
+    unset.forward.block.extra["odd"].marker.SetInParent()  # a marker of no kind
     with pytest.raises(WireError, match="marker.kind"):
         decode_body(unset.SerializeToString(), b"")

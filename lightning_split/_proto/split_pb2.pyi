@@ -496,11 +496,35 @@ class FusedCall(_message.Message):
     weight: Value
     def __init__(self, call: _Optional[int] = ..., weight: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
+class BlockArguments(_message.Message):
+    __slots__ = ("attention_mask", "position_ids", "rotary", "cache_position", "kv_cache", "use_cache", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROTARY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    USE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    attention_mask: Value
+    position_ids: Value
+    rotary: Value
+    cache_position: Value
+    kv_cache: bool
+    use_cache: bool
+    extra: _containers.MessageMap[str, Value]
+    def __init__(self, attention_mask: _Optional[_Union[Value, _Mapping]] = ..., position_ids: _Optional[_Union[Value, _Mapping]] = ..., rotary: _Optional[_Union[Value, _Mapping]] = ..., cache_position: _Optional[_Union[Value, _Mapping]] = ..., kv_cache: _Optional[bool] = ..., use_cache: _Optional[bool] = ..., extra: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "args", "kwargs", "grad_inputs", "training", "autocast", "result", "labels", "top_k", "logits_to_keep", "keep_last", "id", "input_grad", "fused", "cache")
+    __slots__ = ("hidden", "block", "grad_inputs", "training", "autocast", "result", "labels", "top_k", "logits_to_keep", "keep_last", "id", "input_grad", "fused", "cache")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    ARGS_FIELD_NUMBER: _ClassVar[int]
-    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     AUTOCAST_FIELD_NUMBER: _ClassVar[int]
@@ -514,8 +538,7 @@ class ForwardRequest(_message.Message):
     FUSED_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     hidden: TensorMeta
-    args: Value
-    kwargs: Value
+    block: BlockArguments
     grad_inputs: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     training: bool
     autocast: str
@@ -528,7 +551,7 @@ class ForwardRequest(_message.Message):
     input_grad: bool
     fused: FusedCall
     cache: CacheStep
-    def __init__(self, hidden: _Optional[_Union[TensorMeta, _Mapping]] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., grad_inputs: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., training: _Optional[bool] = ..., autocast: _Optional[str] = ..., result: _Optional[str] = ..., labels: _Optional[_Union[TensorMeta, _Mapping]] = ..., top_k: _Optional[int] = ..., logits_to_keep: _Optional[int] = ..., keep_last: _Optional[int] = ..., id: _Optional[int] = ..., input_grad: _Optional[bool] = ..., fused: _Optional[_Union[FusedCall, _Mapping]] = ..., cache: _Optional[_Union[CacheStep, _Mapping]] = ...) -> None: ...
+    def __init__(self, hidden: _Optional[_Union[TensorMeta, _Mapping]] = ..., block: _Optional[_Union[BlockArguments, _Mapping]] = ..., grad_inputs: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., training: _Optional[bool] = ..., autocast: _Optional[str] = ..., result: _Optional[str] = ..., labels: _Optional[_Union[TensorMeta, _Mapping]] = ..., top_k: _Optional[int] = ..., logits_to_keep: _Optional[int] = ..., keep_last: _Optional[int] = ..., id: _Optional[int] = ..., input_grad: _Optional[bool] = ..., fused: _Optional[_Union[FusedCall, _Mapping]] = ..., cache: _Optional[_Union[CacheStep, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("output", "hidden_states", "logits", "loss", "topk_scores", "topk_ids", "grad_input", "grad_extra")

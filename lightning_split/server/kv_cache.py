@@ -180,10 +180,10 @@ def causal_mask_if_none(block: torch.nn.Module, hf_config: Any, args: tuple, kwa
     if past == 0 or new < 2 or getattr(hf_config, "_attn_implementation", None) != "sdpa":
         return args, kwargs
     mask = causal_allowed(torch.arange(past + new, device=device), past, new)
-    if "attention_mask" in kwargs:
-        return args, kwargs if kwargs["attention_mask"] is not None else {**kwargs, "attention_mask": mask}
+    if kwargs.get("attention_mask") is not None:
+        return args, kwargs
     i = mask_arg(block)
-    if i is not None and i < len(args) and args[i] is None:
-        return (*args[:i], mask, *args[i + 1:]), kwargs
-    return args, kwargs
+    if i is not None and i < len(args):  # passed by position
+        return ((*args[:i], mask, *args[i + 1:]), kwargs) if args[i] is None else (args, kwargs)
+    return args, {**kwargs, "attention_mask": mask}  # by keyword (block_args.py: absent is None)
 

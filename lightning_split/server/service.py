@@ -39,6 +39,7 @@ from lightning_split.server.kv_cache import MAX_CACHE_BYTES
 from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
 from lightning_split.server.state_store import StateDamaged, StateStore
 from lightning_split.server.tail import TAIL_MODES, check_tail
+from lightning_split.split.block_args import BlockSignature, from_neutral
 from lightning_split.split.build import ModelSource, build_model, describe_config
 from lightning_split.split.shipping import fingerprint, pack_part
 from lightning_split.split.spec import SplitSpec
@@ -84,6 +85,7 @@ class SplitService:
         self.split = spec.resolve(model)
         cut = cut_model(model, self.split)
         self.segment = cut.segment
+        self.block_signature = BlockSignature.of(self.segment.blocks[0])
         if device_map:  # spread the segment's blocks over several devices
             self.segment.place({int(k): v for k, v in device_map.items()})
         # The shared segment is the model owner's: sessions train copies or adapters, never it.
@@ -251,6 +253,10 @@ class SplitService:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "a request body must be a dict")
         segment: SessionSegment = session.state["segment"]
         try:
+            if request.type in (MessageType.FORWARD, MessageType.INFER):
+                # The block arguments by meaning, as keywords of this server's blocks (block_args.py).
+                body = {**body, "args": (), "kwargs": from_neutral(self.block_signature, body.get("block"))}
+                body.pop("block", None)
             check_request(request.type, body, request.step, self.allow_nonfinite)
             return self._dispatch(session, segment, request, body)
         except CacheError as e:

@@ -53,8 +53,8 @@ def plan(body: dict[str, Any], chunk_bytes: int | None) -> list[dict[str, Any]] 
     try:
         requests = []
         for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
-            args, kwargs = map_leaves(lambda v, a=a, b=b: _cut(v, tokens, a, b), (body["args"], body["kwargs"]))
-            request = {**body, "hidden": hidden[:, a:b], "args": args, "kwargs": kwargs,
+            block = map_leaves(lambda v, a=a, b=b: _cut(v, tokens, a, b), body["block"])
+            request = {**body, "hidden": hidden[:, a:b], "block": block,
                        "cache": {"past": a, "new": b - a}}
             requests.append(request if i == chunks - 1 or earlier is None else {**request, **earlier})
     except _Uncuttable:

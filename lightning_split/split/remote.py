@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from lightning_split.channel.replies import body_bytes
 from lightning_split.split import prefill
 from lightning_split.split.adaptive import AdaptiveCompression
+from lightning_split.split.block_args import to_neutral
 from lightning_split.split.decode_stats import DecodeLog
 from lightning_split.split.remote_autograd import (
     MAX_PENDING_LOSS_STEPS,
@@ -119,11 +121,20 @@ class RemoteSegment:
         self.prefill_chunk_bytes: int | None = None
         self._observed_step: int | None = None
         self._keys: tuple[str, ...] = ()
+        # What leaves for the server, seen (and changed) on the client first, in list order, with
+        # autograd: the hidden state of every call, and each output gradient of a BACKWARD.
+        # lightning_split/privacy/ puts its defenses first (noise, label protection) and its
+        # report's tap last, so the tap sees what the server receives.
+        self.send_hooks: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.gradient_hooks: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
     def __call__(self, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
+        for hook in self.send_hooks:
+            hidden = hook(hidden)
         args, kwargs, cache, differentiable = wire_arguments(args, kwargs)
         extra = self.proxy.extra
-        body: dict[str, Any] = {"args": args, "kwargs": kwargs, "training": self.proxy.training}
+        body: dict[str, Any] = {"block": to_neutral(self.proxy.signature, args, kwargs),
+                                "training": self.proxy.training}
         if torch.is_autocast_enabled(hidden.device.type):
             # The server runs its blocks under the same mixed precision as the client's forward.
             body["autocast"] = str(torch.get_autocast_dtype(hidden.device.type)).removeprefix("torch.")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_split.split.block_args import BlockSignature
 from lightning_split.split.spec import ResolvedSplit
 from lightning_split.wire.markers import GradInputRef
 
@@ -79,6 +80,7 @@ class SegmentProxy(nn.Module):
         self.last_cache: Any = None  # the client's KV cache of the last call, for a two-part output
         # Two-part decode steps ask for the k best logits only (0: the whole vocabulary row).
         self.decode_top_k = 0
+        self.signature: BlockSignature | None = None  # the server's first block's parameters (cut_model)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.runner is None:
@@ -173,6 +175,7 @@ def cut_model(model: nn.Module, split: ResolvedSplit) -> CutResult:
     tail = [model.get_submodule(path) for path in split.tail]
 
     proxy = SegmentProxy(hand_off=split.shape == "two_part")
+    proxy.signature = BlockSignature.of(server_blocks[0])  # names the arguments it is called with
     blocks[split.cut] = proxy
     for i in range(split.cut + 1, split.end):
         blocks[i] = PassThrough()

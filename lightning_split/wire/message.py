@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["Message", "PROTOCOL_VERSION"]
 
-PROTOCOL_VERSION = 2  # 2: typed bodies (PayloadMeta.body is a oneof)
+PROTOCOL_VERSION = 3  # 2: typed bodies (PayloadMeta.body is a oneof); 3: block arguments by meaning (BlockArguments)
 
 
 @dataclass
