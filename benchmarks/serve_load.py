@@ -42,8 +42,10 @@ LLAMA = {
     "tiny": dict(num_hidden_layers=6, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=1024, max_position_embeddings=1024),
 }
-QUICK = dict(model="tiny", clients=[1, 2, 4], seq=16, new_tokens=24, steps=1)
-FULL = dict(model="1b", clients=[1, 4, 16, 64], seq=32, new_tokens=64, steps=2)
+QUICK = dict(model="tiny", clients=[1, 2, 4], seq=16, new_tokens=24, steps=1, train_clients=[1, 2], train_steps=3,
+             train_seq=32)
+FULL = dict(model="1b", clients=[1, 4, 16, 64], seq=32, new_tokens=64, steps=2, train_clients=[1, 8],
+            train_steps=10, train_seq=128)
 
 
 def source_for(args: Any) -> ModelSource:
@@ -100,20 +102,61 @@ def _client(i: int, pki: str, address: str, source: dict, spec: dict, args: dict
               "pad_token_id": 0}
         with torch.inference_mode():
             model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: graphs, caches
-            out.put(("ready", i, None))
-            while True:
-                cmd = go.get()
-                if cmd is None:
-                    break
-                t0 = time.perf_counter()
+        out.put(("ready", i, None))
+        trainer = None
+        while True:
+            cmd = go.get()
+            if cmd is None:
+                break
+            if cmd == "train":  # a session of its own with a trainable tail (the server copies the segment)
+                if trainer is None:
+                    trainer = _Trainer(i, pki, address, source, spec, args)
+                out.put(("done", i, trainer.run(args["train_steps"])))
+                continue
+            t0 = time.perf_counter()
+            with torch.inference_mode():
                 tokens = model.generate(ids, **kw)
-                if torch.device(device).type == "cuda":
-                    torch.cuda.synchronize(device)
-                out.put(("done", i, {"seconds": time.perf_counter() - t0, "start": t0,
-                                     "tokens": tokens[0, ids.shape[1]:].tolist()}))
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            out.put(("done", i, {"seconds": time.perf_counter() - t0, "start": t0,
+                                 "tokens": tokens[0, ids.shape[1]:].tolist()}))
         split.close()
+        if trainer is not None:
+            trainer.split.close()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops the run
         out.put(("error", i, f"{type(e).__name__}: {e}"))
+
+
+class _Trainer:
+    """A client's training session: SGD on both sides, the server's step riding on the backward."""
+
+    def __init__(self, i: int, pki: str, address: str, source: dict, spec: dict, args: dict) -> None:
+        from lightning_split.channel import ChannelConfig, client_tls
+        from lightning_split.split.connect import open_split
+
+        self.device = args["client_device"]
+        tail = {"mode": "trainable", "optimizer": {"name": "SGD", "lr": 1e-3}}
+        self.split = open_split(address, f"c{i}", client_tls(pki, f"c{i}"), source=ModelSource.from_dict(source),
+                                spec=SplitSpec.from_dict(spec), device=self.device, tail=tail,
+                                config=ChannelConfig(connections=1, keepalive_timeout_s=60))
+        self.model = self.split.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(2000 + i)
+        vocab = LLAMA[args["model"]]["vocab_size"]
+        self.ids = torch.randint(3, vocab, (args["train_batch"], args["train_seq"]), generator=g).to(self.device)
+        self.step = 0
+        self.run(1)  # warm-up
+
+    def run(self, steps: int) -> dict[str, Any]:
+        from _common import split_train_step
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step += 1
+            loss = split_train_step(self.split, self.opt, self.step, self.ids)
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"seconds": time.perf_counter() - t0, "start": t0, "steps": steps, "loss": float(loss)}
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -134,7 +177,8 @@ class Load:
         self.gos: list[Any] = []
         self.clients: list[Any] = []
         client_args = {"client_device": args.client_device, "model": args.model, "seq": args.seq,
-                       "new_tokens": args.new_tokens}
+                       "new_tokens": args.new_tokens, "train_steps": args.train_steps,
+                       "train_batch": args.train_batch, "train_seq": args.train_seq}
         for i in range(max(args.clients)):
             go = ctx.Queue()
             p = ctx.Process(target=_client, daemon=True,
@@ -184,6 +228,18 @@ class Load:
                 "queue_wait_ms": (1e3 * (after["wait_s"] - before["wait_s"]) / max(after["rows"] - before["rows"], 1)),
                 "tokens": {i: r["tokens"] for i, r in results.items()}}
 
+    def train_round(self, n: int) -> dict[str, Any]:
+        """n clients train their own trainable tails at once; the round's figures."""
+        t0 = time.perf_counter()
+        for go in self.gos[:n]:
+            go.put("train")
+        results = dict(self._expect("done") for _ in range(n))
+        wall = time.perf_counter() - t0
+        steps = self.args.train_steps
+        per_step = [1e3 * r["seconds"] / steps for r in results.values()]
+        return {"clients": n, "training": True, "wall_s": wall, "aggregate_steps_per_s": n * steps / wall,
+                "ms_per_step_median": statistics.median(per_step), "ms_per_step_max": max(per_step)}
+
     def close(self) -> None:
         for go in self.gos:
             go.put(None)
@@ -199,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=None, help="concurrent clients per round")
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--window-ms", type=float, default=None, help="the server's batch window (default 2; CPU 20)")
+    p.add_argument("--train-clients", type=int, nargs="*", default=None,
+                   help="training rows: this many clients with trainable tails at once (default 1 8; none: skip)")
+    p.add_argument("--train-steps", type=int, default=None)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-seq", type=int, default=None)
     p.add_argument("--connect-wave", type=int, default=8, help="clients connecting (and loading) at once")
     p.add_argument("--client-device", default=None, help="where the clients' parts run (default: --device)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
@@ -226,12 +287,20 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['aggregate_tokens_per_s']:8.1f} tokens/s, {row['ms_per_token_median']:.2f} ms/token "
                           f"(max {row['ms_per_token_max']:.2f}), mean batch {row['mean_batch']:.1f}", flush=True)
                     write_json(json_path(args, "serve_load"), args, {"rows": rows, "partial": True})
+            for n in args.train_clients:
+                row = load.train_round(n)
+                rows.append(row)
+                print(f"  {n:3d} clients training: {row['aggregate_steps_per_s']:.2f} steps/s in all, "
+                      f"{row['ms_per_step_median']:.1f} ms/step (max {row['ms_per_step_max']:.1f})", flush=True)
+                write_json(json_path(args, "serve_load"), args, {"rows": rows, "partial": True})
         finally:
             load.close()
     return report(args, rows, t_start)
 
 
 def report(args: Any, rows: list[dict[str, Any]], t_start: float) -> int:
+    training = [r for r in rows if r.get("training")]
+    rows = [r for r in rows if not r.get("training")]
     solo = next(r for r in rows if r["clients"] == 1 and not r["batching"])
     by = {(r["clients"], r["batching"]): r for r in rows}
     table, targets, same = [], [], True
@@ -252,8 +321,17 @@ def report(args: Any, rows: list[dict[str, Any]], t_start: float) -> int:
     print_table(f"serve_load: Llama {args.model}, {args.new_tokens} new tokens per client, {args.device} {args.dtype}",
                 ["clients", "batching", "tokens/s", "x solo", "ms/token", "x solo", "mean batch", "queue ms",
                  "tokens = unbatched"], table)
+    if training:
+        one = next((r for r in training if r["clients"] == 1), training[0])
+        for r in training:
+            r["x_one_client"] = r["aggregate_steps_per_s"] / one["aggregate_steps_per_s"]
+        print_table(f"training, trainable tails, batch {args.train_batch} x {args.train_seq}, {args.train_steps} steps",
+                    ["clients", "steps/s in all", "x one client", "ms/step", "max ms/step"],
+                    [[r["clients"], r["aggregate_steps_per_s"], r["x_one_client"], r["ms_per_step_median"],
+                      r["ms_per_step_max"]] for r in training])
     for t in targets:
         print(f"target: {t['what']}: {t['value']:.2f} {'MET' if t['met'] else 'MISSED'}")
+    rows += training
     out = write_json(json_path(args, "serve_load"), args, {"environment": environment(args.device), "rows": rows,
                                                           "targets": targets,
                                                           "seconds": time.perf_counter() - t_start})

@@ -50,10 +50,13 @@ def _in_threads(fn, n: int) -> list:  # noqa: ANN001
     return results
 
 
-def _concurrent_generation(split_server, family: str, shape: str, device: str = "cpu") -> None:  # noqa: ANN001
+def _concurrent_generation(split_server, family: str, shape: str, device: str = "cpu",  # noqa: ANN001
+                           graphs: bool = False) -> None:
     source, spec = SOURCES[family], SHAPES[shape]
     address, tls_for = split_server(source, spec, device=device, fast_decode=True, batch_window_ms=200)
     service = _service(split_server)
+    if device == "cpu":  # the batch's graph bookkeeping, with the step rerun at each replay
+        service.batcher.graphs = service.batcher.emulate_graphs = graphs
     local = build_model(source, device=device).eval()
     # Prompts of different lengths: each row of a batch sits at its own position.
     g = torch.Generator().manual_seed(7)
@@ -69,6 +72,8 @@ def _concurrent_generation(split_server, family: str, shape: str, device: str = 
         assert max(stats.sizes) > 1, f"no decode steps were batched: {dict(stats.sizes)}"
         decoders = [split_server.segment(r).fast for r in remotes]
         assert sum(d.stats["batched_steps"] for d in decoders) >= CLIENTS * 4
+        if graphs:  # the same stack came back: its step replayed a graph
+            assert stats.graphs["graph_steps"] >= 4 and stats.graphs["captures"] >= 1, stats.graphs
         # The operator sees it: batch sizes, queue wait, each session's KV cache.
         line, _ = status_line(split_server.servers[-1], service.activity, Reading())
         assert "sessions' steps on average" in line and "ms queue wait" in line and "MiB/session" in line, line
@@ -77,10 +82,11 @@ def _concurrent_generation(split_server, family: str, shape: str, device: str = 
             r.close()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-emulated"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("family", list(SOURCES))
-def test_concurrent_generation_is_batched_and_exact(split_server, family, shape):
-    _concurrent_generation(split_server, family, shape)
+def test_concurrent_generation_is_batched_and_exact(split_server, family, shape, graphs):
+    _concurrent_generation(split_server, family, shape, graphs=graphs)
 
 
 @pytest.fixture
@@ -98,7 +104,8 @@ def exact_matmuls():
 @pytest.mark.parametrize("family", list(SOURCES))
 def test_cuda_concurrent_generation_is_batched_and_exact(split_server, family, shape, exact_matmuls):
     """On a GPU: the sessions' solo steps replay their CUDA graphs, their batched steps share a stack."""
-    _concurrent_generation(split_server, family, shape, device="cuda")
+    _concurrent_generation(split_server, family, shape, device="cuda", graphs=True)
+    assert _service(split_server).batcher.stats.graphs["graph_steps"] > 0
 
 
 def test_a_session_alone_is_not_batched(split_server):
@@ -120,6 +127,8 @@ def test_sessions_that_join_and_leave_keep_their_tokens(split_server):
     """Sessions meeting in changing company (a new stack, rows of an older one) stay exact."""
     spec = SHAPES["u_shape"]
     address, tls_for = split_server(LLAMA, spec, fast_decode=True, batch_window_ms=100)
+    batcher = _service(split_server).batcher
+    batcher.graphs = batcher.emulate_graphs = True  # stacks made, left and replayed in changing company
     local = build_model(LLAMA).eval()
     g = torch.Generator().manual_seed(3)
     lengths = [(5, 16), (9, 6), (3, 10), (6, 3)]  # (prompt, new tokens): they finish at different times

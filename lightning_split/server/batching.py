@@ -22,18 +22,16 @@ waited for), then runs each group of like steps as one forward, and hands each
 session its rows. A session decoding alone is not batched at all: its step runs at once, on its own
 CUDA graph.
 
-The batch's KV cache: the sessions' static caches are stacked into one tensor per layer, and each
-session's cache becomes a view of its row (``_Stack``). While the same sessions keep decoding
-together, the next step finds their rows in place: the step writes each new key and value at its
-row's own position, and attention reads the stack as it is (or the rows of the sessions present).
-When other sessions meet, a new stack is made (one copy of their caches) and their CUDA graphs,
-captured on the old addresses, are dropped.
+The batch's KV cache (``batch_stack.py``): the sessions' static caches are stacked into one tensor
+per layer, and each session's cache becomes a view of its row. A step runs the whole stack (the
+rows absent this time write to a scratch row), so it is always the same shape at the same
+addresses: on a GPU a CUDA graph, captured once it recurs. Sessions that meet in new company move
+to a new stack together (their caches copied once, their own CUDA graphs dropped).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -43,7 +41,8 @@ from typing import Any
 
 import torch
 
-from lightning_split.server.cuda_graphs import describe_leaf, drop_oldest, tree_leaves
+from lightning_split.server.batch_stack import DecodeStack
+from lightning_split.server.cuda_graphs import describe_leaf, tree_leaves
 from lightning_split.server.fast_decode import RESULT_OPTIONS, StaticDecoder
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
@@ -71,56 +70,6 @@ class _Job:
     error: BaseException | None = None
 
 
-class _Stack:
-    """The static caches of some sessions stacked, one row each; each session's cache layers are
-    views of its row, so the stack stays current while they decode, together or alone."""
-
-    def __init__(self, decoders: list[StaticDecoder]) -> None:
-        self.decoders = decoders
-        self.rows = {id(d): r for r, d in enumerate(decoders)}
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        ids = decoders[0].layer_ids
-        for i in ids:
-            self.keys[i] = torch.cat([d.cache.layers[i].keys for d in decoders])
-            self.values[i] = torch.cat([d.cache.layers[i].values for d in decoders])
-        self.views: list[Any] = []
-        for r, d in enumerate(decoders):
-            for i in ids:
-                layer = d.cache.layers[i]
-                layer.keys, layer.values = self.keys[i][r : r + 1], self.values[i][r : r + 1]
-            # The session's graphs read and write its old cache: gone with the move.
-            drop_oldest(d.graphs, len(d.graphs), d.device)
-            self.views.append((d.cache, d.cache.layers[ids[0]].keys))
-
-    def holds(self, decoder: StaticDecoder) -> bool:
-        """The decoder's cache is still a view of its row (not grown, not released since)."""
-        r = self.rows.get(id(decoder))
-        if r is None or decoder.cache is None:
-            return False
-        cache, view = self.views[r]
-        return decoder.cache is cache and decoder.cache.layers[decoder.layer_ids[0]].keys is view
-
-
-class _BatchCache:
-    """The KV cache the blocks see in a batched decode step: each layer's ``update`` writes row b's
-    new key and value at its own position ``pos[b]`` in the stack, and returns the batch's keys and
-    values (positions past a row's own are masked)."""
-
-    def __init__(self, stack: _Stack, rows: torch.Tensor | None, pos: torch.Tensor) -> None:
-        self.stack, self.rows, self.pos = stack, rows, pos
-        self.index = torch.arange(pos.numel(), device=pos.device) if rows is None else rows
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.stack.keys[layer_idx], self.stack.values[layer_idx]
-        k[self.index, :, self.pos] = keys[:, :, 0]
-        v[self.index, :, self.pos] = values[:, :, 0]
-        if self.rows is None:  # every row of the stack: read it in place
-            return k, v
-        return k.index_select(0, self.rows), v.index_select(0, self.rows)
-
-
 class BatchStats:
     """What the batcher did, for the operator's status line (thread-safe reads of plain counters)."""
 
@@ -128,6 +77,7 @@ class BatchStats:
         self.batches = self.rows = self.solo = 0
         self.wait_s = 0.0
         self.sizes: Counter[int] = Counter()
+        self.graphs: Counter[str] = Counter()  # stacks made, graph steps and captures (batch_stack.py)
 
     def read(self) -> tuple[int, int, float]:
         return self.batches, self.rows, self.wait_s
@@ -144,8 +94,10 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._busy: dict[int, tuple[float, float]] = {}  # id(session) -> (its last step's time, interval)
-        self._stacks: list[_Stack] = []
-        self._order = itertools.count()
+        self._stacks: list[DecodeStack] = []
+        # Batched decode steps replay CUDA graphs (one per stack, batch_stack.py); tests emulate them on CPU.
+        self.graphs = device.type == "cuda"
+        self.emulate_graphs = False
         self._thread: threading.Thread | None = None
         self._closed = False
         self.enabled = True  # an operator (or a benchmark) may pause batching: every step runs alone
@@ -186,6 +138,8 @@ class Batcher:
         """A session ends: no batch waits for it, no stack keeps its rows."""
         with self._cv:
             self._busy.pop(id(owner), None)
+            # Its stack goes (its graphs with it, once no step runs on it): the other sessions
+            # move to a new stack when they next meet.
             self._stacks = [s for s in self._stacks if id(decoder) not in s.rows]
 
     def close(self) -> None:
@@ -287,58 +241,41 @@ class Batcher:
         for job in jobs:
             job.done.set()
 
-    def _stacked_tree(self, jobs: list[_Job], cache: Any) -> tuple:
-        """The first job's block arguments with each tensor the rows of every job's, on the device."""
-        columns = zip(*[[v for v in tree_leaves(j.tree) if isinstance(v, torch.Tensor)] for j in jobs], strict=True)
-        stacked = iter([torch.cat(c).to(self.device, non_blocking=True) for c in columns])
-
-        def fix(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return next(stacked)
-            return cache if isinstance(v, KvCacheRef) else v
-
-        args, kwargs = map_leaves(fix, jobs[0].tree)
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = True
-        return args, kwargs
-
-    def _split(self, reply: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
-        parts = {k: v.split(sizes) for k, v in reply.items()}
-        return [{k: parts[k][j] for k in reply} for j in range(len(sizes))]
-
     def _infer(self, jobs: list[_Job]) -> list[dict[str, Any]]:
-        hidden = torch.cat([j.hidden for j in jobs]).to(self.device, non_blocking=True)
-        out = self.module(hidden, *self._stacked_tree(jobs, None))
-        return self._split(segment_reply(self.module, out, jobs[0].options), [j.hidden.shape[0] for j in jobs])
+        """Stateless INFERs of one signature: every tensor argument stacked along the batch."""
+        columns = zip(*[[j.hidden, *(v for v in tree_leaves(j.tree) if isinstance(v, torch.Tensor))] for j in jobs],
+                      strict=True)
+        stacked = iter([torch.cat(c).to(self.device, non_blocking=True) for c in columns])
+        hidden = next(stacked)
+        tree = map_leaves(lambda v: next(stacked) if isinstance(v, torch.Tensor) else v, jobs[0].tree)
+        out = segment_reply(self.module, self.module(hidden, *tree), jobs[0].options)
+        sizes = [j.hidden.shape[0] for j in jobs]
+        parts = {k: v.split(sizes) for k, v in out.items()}
+        return [{k: parts[k][i] for k in out} for i in range(len(jobs))]
 
     def _decode(self, jobs: list[_Job]) -> list[dict[str, Any]]:
-        decoders = [j.decoder for j in jobs]
-        stack, rows = self._stack_for(decoders)
-        pos = torch.tensor([j.past for j in jobs], device=self.device)
-        cache = _BatchCache(stack, rows, pos)
-        first = decoders[0]
-        slots = torch.arange(first.capacity, device=self.device)
-        mask = (slots <= pos.unsqueeze(-1)).view(len(jobs), 1, 1, first.capacity)  # sdpa: True attends
-        hidden = torch.cat([j.hidden for j in jobs]).to(self.device, non_blocking=True)
-        _, tree = first.swap_mask(self._stacked_tree(jobs, cache), mask)
-        out = self.module(hidden, *tree)
-        replies = self._split(segment_reply(self.module, out, jobs[0].options), [1] * len(jobs))
+        """Decode steps: on the stack that holds their sessions' caches (a new one if they are in
+        none, or spread over several), each stack's rows in one step (batch_stack.py)."""
+        by_stack: dict[int, tuple[DecodeStack, list[_Job]]] = {}
+        homeless = []
         for job in jobs:
-            job.decoder.tokens = job.past + 1
-            job.decoder.stats["batched_steps"] += 1
-        return replies
-
-    def _stack_for(self, decoders: list[StaticDecoder]) -> tuple[_Stack, torch.Tensor | None]:
-        """A stack holding every decoder's cache, and the rows they are in (None: all its rows, in order)."""
-        for stack in self._stacks:
-            if all(stack.holds(d) for d in decoders):
-                rows = [stack.rows[id(d)] for d in decoders]
-                if rows == list(range(len(stack.decoders))):
-                    return stack, None
-                return stack, torch.tensor(rows, device=self.device)
-        stack = _Stack(decoders)
-        moved = {id(d) for d in decoders}
-        # A session moved to the new stack no longer keeps an older one current.
-        self._stacks = [s for s in self._stacks if not moved & s.rows.keys()] + [stack]
-        return stack, None
-
+            stack = next((s for s in self._stacks if s.holds(job.decoder)), None)
+            if stack is None:
+                homeless.append(job)
+            else:
+                by_stack.setdefault(id(stack), (stack, []))[1].append(job)
+        if homeless or len(by_stack) > 1:
+            # Sessions that meet in new company move to one stack together (their caches copied
+            # once); the sessions left behind keep their rows in the old stacks.
+            stack = DecodeStack([j.decoder for j in jobs], self.device, self.stats.graphs)
+            self.stats.graphs["stacks"] += 1
+            with self._cv:  # a stack whose sessions all moved on or ended goes (its graphs with it)
+                self._stacks = [s for s in self._stacks if any(s.holds(d) for d in s.decoders)] + [stack]
+            by_stack = {id(stack): (stack, jobs)}
+        replies: dict[int, dict[str, Any]] = {}
+        for stack, group in by_stack.values():
+            for job, reply in zip(group, stack.run(self.module, group, self.graphs, self.emulate_graphs), strict=True):
+                replies[id(job)] = reply
+                job.decoder.tokens = job.past + 1
+                job.decoder.stats["batched_steps"] += 1
+        return [replies[id(j)] for j in jobs]

@@ -1,0 +1,190 @@
+"""The KV caches of sessions that decode together, stacked, and the batched step that runs on them.
+
+A ``DecodeStack`` holds, per server layer, one tensor with a row per session (and one scratch row):
+each session's ``StaticLayer`` keys and values become views of its row, so while these sessions
+keep decoding, alone on their own graphs or together here, nothing is copied. A step of some of
+them runs the **whole stack**: the rows present get their own inputs and positions, the absent
+rows compute on stale inputs and write only into the scratch row, and only the present rows'
+outputs are read. A step of a stack is thus always the same shape at the same addresses, whoever
+comes: on a GPU it is captured once as a CUDA graph (when it recurs) and replayed with one launch,
+where an eager batched step of a 1B model's segment is bound by its hundreds of kernel launches.
+Decode steps are bound by reading the weights, so the absent rows cost little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_split.server.cuda_graphs import capture, drop_oldest, tree_leaves
+from lightning_split.server.fast_decode import StaticDecoder
+from lightning_split.split.results import segment_reply
+from lightning_split.split.surgery import ServerSegment, map_leaves
+from lightning_split.wire.markers import KvCacheRef
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS_PER_STACK = 2  # step signatures (result options) kept captured per stack
+
+
+class _StackCache:
+    """The KV cache the blocks see in a stack's step: each layer's ``update`` writes row b's new key
+    and value at ``pos[b]`` of row ``index[b]`` (the scratch row for an absent one) and returns the
+    stack's rows; the mask hides every position past a row's own."""
+
+    def __init__(self, stack: DecodeStack, index: torch.Tensor, pos: torch.Tensor) -> None:
+        self.stack, self.index, self.pos = stack, index, pos
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.stack.keys[layer_idx], self.stack.values[layer_idx]
+        k[self.index, :, self.pos] = keys[:, :, 0]
+        v[self.index, :, self.pos] = values[:, :, 0]
+        n = self.stack.size
+        return k[:n], v[:n]
+
+
+@dataclass
+class _Step:
+    """One step signature's input buffers on a stack (every row), and its graph once captured."""
+
+    hidden: torch.Tensor
+    leaves: list[torch.Tensor]  # the other tensor arguments, in leaf order
+    pos: torch.Tensor  # (rows,) int64: the slot each row writes
+    index: torch.Tensor  # (rows,) int64: the row each row writes (the scratch row if absent)
+    runs: int = 0
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    replay: Any = None
+    graph: Any = None
+
+
+class DecodeStack:
+    """Sessions' static caches stacked (see the module's doc)."""
+
+    def __init__(self, decoders: list[StaticDecoder], device: torch.device, stats: Counter[str] | None = None) -> None:
+        """``stats``: where to count graph steps and captures (the batcher's)."""
+        self.decoders, self.device = list(decoders), device
+        self.size = len(self.decoders)
+        self.rows = {id(d): r for r, d in enumerate(self.decoders)}
+        self.capacity = self.decoders[0].capacity
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        ids = self.decoders[0].layer_ids
+        for i in ids:
+            for out, name in ((self.keys, "keys"), (self.values, "values")):
+                rows = [getattr(d.cache.layers[i], name) for d in self.decoders]
+                out[i] = torch.cat([*rows, torch.zeros_like(rows[0])])  # the last row: scratch
+        self._views: list[tuple[Any, torch.Tensor]] = []
+        for r, d in enumerate(self.decoders):
+            for i in ids:
+                layer = d.cache.layers[i]
+                layer.keys, layer.values = self.keys[i][r : r + 1], self.values[i][r : r + 1]
+            drop_oldest(d.graphs, len(d.graphs), d.device)  # captured on the session's old cache
+            self._views.append((d.cache, d.cache.layers[ids[0]].keys))
+        self._slots = torch.arange(self.capacity, device=device)  # read by graphs: made before them
+        self.steps: OrderedDict[str, _Step] = OrderedDict()
+        self.stats: Counter[str] = Counter() if stats is None else stats
+
+    def holds(self, decoder: StaticDecoder) -> bool:
+        """The decoder's cache is still a view of its row (not grown, not released since)."""
+        r = self.rows.get(id(decoder))
+        if r is None or decoder.cache is None:
+            return False
+        cache, view = self._views[r]
+        return decoder.cache is cache and decoder.cache.layers[decoder.layer_ids[0]].keys is view
+
+    def release(self) -> None:
+        """Forget the graphs (their memory pools with them)."""
+        for s in self.steps.values():
+            s.replay = None
+        drop_oldest(self.steps, len(self.steps), self.device)
+
+    def run(self, module: ServerSegment, jobs: list[Any], graphs: bool, emulate: bool) -> list[dict[str, Any]]:
+        """One step of ``jobs`` (decode jobs of decoders this stack holds, one signature): each job's
+        reply, its rows of the stack's outputs."""
+        first = jobs[0]
+        key = first.key[2:]  # the signature: tree, options, hidden
+        step = self.steps.get(key)
+        if step is None:
+            step = self._new_step(first)
+            drop_oldest(self.steps, len(self.steps) + 1 - MAX_GRAPHS_PER_STACK, self.device)
+            self.steps[key] = step
+        self.steps.move_to_end(key)
+        present = [self.rows[id(j.decoder)] for j in jobs]
+        self._stage(step, jobs, present)
+        step.runs += 1
+        if graphs and step.runs > 1 and (emulate or self.device.type == "cuda"):
+            if step.replay is None:
+                self._capture(step, module, first, emulate)
+        if step.replay is not None:
+            step.replay()
+            self.stats["graph_steps"] += 1
+            outputs = step.outputs
+        else:
+            outputs = self._step_fn(step, module, first)()
+        return [{k: v[r : r + 1].clone() for k, v in outputs.items()} for r in present]
+
+    def _new_step(self, job: Any) -> _Step:
+        n = self.size
+
+        def rows_of(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=self.device)
+
+        leaves = [rows_of(t) for t in tree_leaves(job.tree) if isinstance(t, torch.Tensor)]
+        return _Step(rows_of(job.hidden), leaves, torch.zeros(n, dtype=torch.long, device=self.device),
+                     torch.full((n,), n, dtype=torch.long, device=self.device))
+
+    def _stage(self, step: _Step, jobs: list[Any], present: list[int]) -> None:
+        """The present rows' inputs into the step's buffers; the absent rows write to scratch."""
+        rows = torch.tensor(present, device=self.device)
+        step.hidden.index_copy_(0, rows, torch.cat([j.hidden for j in jobs]).to(self.device, non_blocking=True))
+        columns = zip(*[[v for v in tree_leaves(j.tree) if isinstance(v, torch.Tensor)] for j in jobs], strict=True)
+        for buf, column in zip(step.leaves, columns, strict=True):
+            buf.index_copy_(0, rows, torch.cat(column).to(self.device, non_blocking=True))
+        pos, index = [0] * self.size, [self.size] * self.size
+        for r, j in zip(present, jobs, strict=True):
+            pos[r], index[r] = j.past, r
+        step.pos.copy_(torch.tensor(pos), non_blocking=True)
+        step.index.copy_(torch.tensor(index), non_blocking=True)
+
+    def _step_fn(self, step: _Step, module: ServerSegment, job: Any) -> Any:
+        decoder, options = self.decoders[0], job.options
+        buffers = iter(step.leaves)
+
+        def fix(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return next(buffers)
+            return _StackCache(self, step.index, step.pos) if isinstance(v, KvCacheRef) else v
+
+        args, kwargs = map_leaves(fix, job.tree)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = True
+
+        def run() -> dict[str, torch.Tensor]:
+            # Row b attends to its slots 0 .. pos[b] (its new token written there by update).
+            mask = (self._slots <= step.pos.unsqueeze(-1)).view(self.size, 1, 1, self.capacity)
+            _, tree = decoder.swap_mask((args, kwargs), mask)
+            return segment_reply(module, module(step.hidden, *tree), options)
+
+        return run
+
+    def _capture(self, step: _Step, module: ServerSegment, job: Any, emulate: bool) -> None:
+        run = self._step_fn(step, module, job)
+        if emulate:  # tests: the graph bookkeeping on CPU, the step rerun at each replay
+            step.outputs = run()
+            step.replay = lambda: [step.outputs[k].copy_(v) for k, v in run().items()]
+            self.stats["captures"] += 1
+            return
+        try:
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                step.graph, step.outputs = capture(run, self.device)
+        except Exception:  # this stack's steps stay eager
+            log.warning("CUDA graph capture of a batched decode step failed; it runs eagerly", exc_info=True)
+            return
+        step.replay = step.graph.replay
+        self.stats["captures"] += 1
