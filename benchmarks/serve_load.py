@@ -60,13 +60,13 @@ def spec_for(args: Any) -> SplitSpec:
 
 # -- the server process ---------------------------------------------------------------------------
 
-def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, ready: Any, control: Any,
-           stats: Any) -> None:
+def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, max_batch: int, ready: Any,
+           control: Any, stats: Any) -> None:
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
     from lightning_split.server.service import SplitService
 
     service = SplitService(ModelSource.from_dict(source), SplitSpec.from_dict(spec), device=device,
-                           batch_window_ms=window_ms, fast_decode=True, max_batch=64)
+                           batch_window_ms=window_ms, fast_decode=True, max_batch=max_batch)
     config = ChannelConfig(max_sessions=128, max_sessions_per_node=2)
     server = ChannelServer(service, "127.0.0.1:0", tls=server_tls(pki), config=config, max_workers=256)
     ready.put(server.start())
@@ -78,7 +78,7 @@ def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, re
             service.batcher.enabled = cmd == "on"
         b = service.batcher.stats
         stats.put({"batches": b.batches, "rows": b.rows, "solo": b.solo, "wait_s": b.wait_s,
-                   "sizes": dict(b.sizes)})
+                   "sizes": dict(b.sizes), "graphs": dict(b.graphs)})
     server.stop(grace=0)
 
 
@@ -168,8 +168,8 @@ class Load:
         source, spec = source_for(args).to_dict(), spec_for(args).to_dict()
         self.ready, self.control, self.stats = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.server = ctx.Process(target=_serve, daemon=True, args=(str(pki), source, spec, args.device,
-                                                                     args.window_ms, self.ready, self.control,
-                                                                     self.stats))
+                                                                     args.window_ms, max(args.clients), self.ready,
+                                                                     self.control, self.stats))
         self.server.start()
         port = self.ready.get(timeout=600)
         address = f"127.0.0.1:{port}"
@@ -226,6 +226,7 @@ class Load:
                 "batches": batches,
                 "mean_batch": (after["rows"] - before["rows"]) / batches if batches else 0.0,
                 "queue_wait_ms": (1e3 * (after["wait_s"] - before["wait_s"]) / max(after["rows"] - before["rows"], 1)),
+                "pool": {k: v - before["graphs"].get(k, 0) for k, v in after["graphs"].items()},
                 "tokens": {i: r["tokens"] for i, r in results.items()}}
 
     def train_round(self, n: int) -> dict[str, Any]:

@@ -178,3 +178,50 @@ def test_stateless_inference_of_equal_shape_is_batched(split_server):
 def test_batching_is_off_on_cpu_by_default(split_server):
     split_server(GPT2, SHAPES["two_part"], fast_decode=True)
     assert _service(split_server).batcher is None
+
+
+def test_a_full_pool_leaves_a_session_to_its_own_path(split_server):
+    """More sessions than the pool has rows (max_batch): the ones without a row decode alone, exactly."""
+    spec = SHAPES["two_part"]
+    address, tls_for = split_server(GPT2, spec, fast_decode=True, batch_window_ms=200, max_batch=2)
+    batcher = _service(split_server).batcher
+    batcher.graphs = batcher.emulate_graphs = True
+    local = build_model(GPT2).eval()
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 128, (1, 5 + i), generator=g) for i in range(CLIENTS)]
+    remotes = [open_split(address, "alice", tls_for("alice"), source=GPT2, spec=spec) for _ in range(CLIENTS)]
+    try:
+        kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+        got = _in_threads(lambda i: remotes[i].model.eval().generate(prompts[i], **kw), CLIENTS)
+        for i in range(CLIENTS):
+            assert torch.equal(got[i], local.generate(prompts[i], **kw)), f"client {i}"
+        assert batcher.stats.graphs["admitted"] == 2 and max(batcher.stats.sizes) == 2
+        steps = [split_server.segment(r).fast.stats["batched_steps"] for r in remotes]
+        assert sorted(steps)[0] == 0 and sum(steps) > 0, steps  # one session never had a row
+    finally:
+        for r in remotes:
+            r.close()
+
+
+def test_a_closed_session_frees_its_row_for_the_next(split_server):
+    spec = SHAPES["u_shape"]
+    address, tls_for = split_server(LLAMA, spec, fast_decode=True, batch_window_ms=200, max_batch=2)
+    batcher = _service(split_server).batcher
+    local = build_model(LLAMA).eval()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 128, (1, 6), generator=g) for _ in range(2)]
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    want = [local.generate(p, **kw) for p in prompts]
+    remotes = [open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec) for _ in range(2)]
+    try:
+        got = _in_threads(lambda i: remotes[i].model.eval().generate(prompts[i], **kw), 2)
+        assert all(torch.equal(got[i], want[i]) for i in range(2)) and batcher.stats.graphs["admitted"] == 2
+        remotes[0].close()
+        remotes[0] = open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec)
+        got = _in_threads(lambda i: remotes[i].model.eval().generate(prompts[i], **kw), 2)
+        assert all(torch.equal(got[i], want[i]) for i in range(2))
+        assert batcher.stats.graphs["admitted"] == 3  # the new session took the closed one's row
+        assert split_server.segment(remotes[0]).fast.stats["batched_steps"] > 0
+    finally:
+        for r in remotes:
+            r.close()

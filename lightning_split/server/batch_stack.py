@@ -1,14 +1,16 @@
-"""The KV caches of sessions that decode together, stacked, and the batched step that runs on them.
+"""The KV caches of sessions that decode together, in a pool, and the batched step that runs on them.
 
-A ``DecodeStack`` holds, per server layer, one tensor with a row per session (and one scratch row):
-each session's ``StaticLayer`` keys and values become views of its row, so while these sessions
-keep decoding, alone on their own graphs or together here, nothing is copied. A step of some of
-them runs the **whole stack**: the rows present get their own inputs and positions, the absent
-rows compute on stale inputs and write only into the scratch row, and only the present rows'
-outputs are read. A step of a stack is thus always the same shape at the same addresses, whoever
-comes: on a GPU it is captured once as a CUDA graph (when it recurs) and replayed with one launch,
-where an eager batched step of a 1B model's segment is bound by its hundreds of kernel launches.
-Decode steps are bound by reading the weights, so the absent rows cost little.
+A ``DecodeStack`` is a pool of rows of static caches of one capacity: one tensor per server layer
+with a row per session (and one scratch row). A session takes a row the first time it decodes in a
+batch (its cache copied in once) and its ``StaticLayer`` keys and values become views of that row,
+so from then on, decoding alone on its own graphs or together here, nothing is copied; it keeps
+the row while its cache does (a new sequence resets it in place; a longer one moves to a bigger
+cache and the row is free again). A step runs the **whole pool**: the rows present get their own
+inputs and positions, the absent rows compute on stale inputs and write only into the scratch
+row, and only the present rows' outputs are read. So a pool's step is always the same shape at
+the same addresses, whoever comes: on a GPU it is captured once as a CUDA graph and replayed with
+one launch (an eager batched step of a 1B model's segment is bound by its hundreds of kernel
+launches). Decode steps are bound by reading the weights, so the absent rows cost little.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from lightning_split.wire.markers import KvCacheRef
 
 log = logging.getLogger(__name__)
 
-MAX_GRAPHS_PER_STACK = 2  # step signatures (result options) kept captured per stack
+MAX_GRAPHS_PER_POOL = 2  # step signatures (result options) kept captured per pool
 
 
 class _StackCache:
-    """The KV cache the blocks see in a stack's step: each layer's ``update`` writes row b's new key
+    """The KV cache the blocks see in a pool's step: each layer's ``update`` writes row b's new key
     and value at ``pos[b]`` of row ``index[b]`` (the scratch row for an absent one) and returns the
-    stack's rows; the mask hides every position past a row's own."""
+    pool's rows; the mask hides every position past a row's own."""
 
     def __init__(self, stack: DecodeStack, index: torch.Tensor, pos: torch.Tensor) -> None:
         self.stack, self.index, self.pos = stack, index, pos
@@ -51,7 +53,7 @@ class _StackCache:
 
 @dataclass
 class _Step:
-    """One step signature's input buffers on a stack (every row), and its graph once captured."""
+    """One step signature's input buffers on a pool (every row), and its graph once captured."""
 
     hidden: torch.Tensor
     leaves: list[torch.Tensor]  # the other tensor arguments, in leaf order
@@ -64,39 +66,65 @@ class _Step:
 
 
 class DecodeStack:
-    """Sessions' static caches stacked (see the module's doc)."""
+    """A pool of ``rows`` rows (and a scratch row) of static caches of one capacity, per server
+    layer; sessions take a row when they first decode in a batch and keep it while their cache
+    does (see the module's doc)."""
 
-    def __init__(self, decoders: list[StaticDecoder], device: torch.device, stats: Counter[str] | None = None) -> None:
-        """``stats``: where to count graph steps and captures (the batcher's)."""
-        self.decoders, self.device = list(decoders), device
-        self.size = len(self.decoders)
-        self.rows = {id(d): r for r, d in enumerate(self.decoders)}
-        self.capacity = self.decoders[0].capacity
+    def __init__(self, template: StaticDecoder, rows: int, device: torch.device,
+                 stats: Counter[str] | None = None) -> None:
+        """``template``: a decoder whose cache gives the layers' shapes; ``stats``: where to count
+        graph steps, captures and admissions (the batcher's)."""
+        self.device, self.size = device, rows
+        self.capacity = template.capacity
+        self.layer_ids = list(template.layer_ids)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        ids = self.decoders[0].layer_ids
-        for i in ids:
-            for out, name in ((self.keys, "keys"), (self.values, "values")):
-                rows = [getattr(d.cache.layers[i], name) for d in self.decoders]
-                out[i] = torch.cat([*rows, torch.zeros_like(rows[0])])  # the last row: scratch
-        self._views: list[tuple[Any, torch.Tensor]] = []
-        for r, d in enumerate(self.decoders):
-            for i in ids:
-                layer = d.cache.layers[i]
-                layer.keys, layer.values = self.keys[i][r : r + 1], self.values[i][r : r + 1]
-            drop_oldest(d.graphs, len(d.graphs), d.device)  # captured on the session's old cache
-            self._views.append((d.cache, d.cache.layers[ids[0]].keys))
+        for i in self.layer_ids:
+            layer = template.cache.layers[i]
+            self.keys[i] = layer.keys.new_zeros((rows + 1, *layer.keys.shape[1:]))
+            self.values[i] = layer.values.new_zeros((rows + 1, *layer.values.shape[1:]))
+        self.members: list[StaticDecoder | None] = [None] * rows
+        self.rows: dict[int, int] = {}  # id(decoder) -> its row
+        self._views: list[tuple[Any, torch.Tensor] | None] = [None] * rows
         self._slots = torch.arange(self.capacity, device=device)  # read by graphs: made before them
         self.steps: OrderedDict[str, _Step] = OrderedDict()
         self.stats: Counter[str] = Counter() if stats is None else stats
 
+    def admit(self, decoder: StaticDecoder) -> bool:
+        """Give ``decoder`` a row if it has none (its cache copied in, its layers made views of the
+        row, its own graphs dropped); False if every row is taken. Only for a decoder whose session
+        waits on this step: nothing else may touch its cache meanwhile."""
+        if self.holds(decoder):
+            return True
+        r = next((r for r, d in enumerate(self.members) if d is None or not self.holds(d)), None)
+        if r is None:
+            return False
+        if self.members[r] is not None:
+            self.rows.pop(id(self.members[r]), None)
+        for i in self.layer_ids:
+            layer = decoder.cache.layers[i]
+            self.keys[i][r : r + 1].copy_(layer.keys)
+            self.values[i][r : r + 1].copy_(layer.values)
+            layer.keys, layer.values = self.keys[i][r : r + 1], self.values[i][r : r + 1]
+        drop_oldest(decoder.graphs, len(decoder.graphs), decoder.device)  # captured on its old cache
+        self.members[r], self.rows[id(decoder)] = decoder, r
+        self._views[r] = (decoder.cache, decoder.cache.layers[self.layer_ids[0]].keys)
+        self.stats["admitted"] += 1
+        return True
+
+    def leave(self, decoder: StaticDecoder) -> None:
+        """The session ends: its row is free (what it holds is never read again)."""
+        r = self.rows.pop(id(decoder), None)
+        if r is not None:
+            self.members[r], self._views[r] = None, None
+
     def holds(self, decoder: StaticDecoder) -> bool:
         """The decoder's cache is still a view of its row (not grown, not released since)."""
         r = self.rows.get(id(decoder))
-        if r is None or decoder.cache is None:
+        if r is None or decoder.cache is None or self._views[r] is None:
             return False
         cache, view = self._views[r]
-        return decoder.cache is cache and decoder.cache.layers[decoder.layer_ids[0]].keys is view
+        return decoder.cache is cache and decoder.cache.layers[self.layer_ids[0]].keys is view
 
     def release(self) -> None:
         """Forget the graphs (their memory pools with them)."""
@@ -105,14 +133,14 @@ class DecodeStack:
         drop_oldest(self.steps, len(self.steps), self.device)
 
     def run(self, module: ServerSegment, jobs: list[Any], graphs: bool, emulate: bool) -> list[dict[str, Any]]:
-        """One step of ``jobs`` (decode jobs of decoders this stack holds, one signature): each job's
-        reply, its rows of the stack's outputs."""
+        """One step of ``jobs`` (decode jobs of decoders this pool holds, one signature): each job's
+        reply, its rows of the pool's outputs."""
         first = jobs[0]
         key = first.key[2:]  # the signature: tree, options, hidden
         step = self.steps.get(key)
         if step is None:
             step = self._new_step(first)
-            drop_oldest(self.steps, len(self.steps) + 1 - MAX_GRAPHS_PER_STACK, self.device)
+            drop_oldest(self.steps, len(self.steps) + 1 - MAX_GRAPHS_PER_POOL, self.device)
             self.steps[key] = step
         self.steps.move_to_end(key)
         present = [self.rows[id(j.decoder)] for j in jobs]
@@ -153,7 +181,7 @@ class DecodeStack:
         step.index.copy_(torch.tensor(index), non_blocking=True)
 
     def _step_fn(self, step: _Step, module: ServerSegment, job: Any) -> Any:
-        decoder, options = self.decoders[0], job.options
+        decoder, options = job.decoder, job.options  # any decoder of the pool: where its blocks take the mask
         buffers = iter(step.leaves)
 
         def fix(v: Any) -> Any:
@@ -183,7 +211,7 @@ class DecodeStack:
         try:
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                 step.graph, step.outputs = capture(run, self.device)
-        except Exception:  # this stack's steps stay eager
+        except Exception:  # this pool's steps stay eager
             log.warning("CUDA graph capture of a batched decode step failed; it runs eagerly", exc_info=True)
             return
         step.replay = step.graph.replay

@@ -22,11 +22,10 @@ waited for), then runs each group of like steps as one forward, and hands each
 session its rows. A session decoding alone is not batched at all: its step runs at once, on its own
 CUDA graph.
 
-The batch's KV cache (``batch_stack.py``): the sessions' static caches are stacked into one tensor
-per layer, and each session's cache becomes a view of its row. A step runs the whole stack (the
-rows absent this time write to a scratch row), so it is always the same shape at the same
-addresses: on a GPU a CUDA graph, captured once it recurs. Sessions that meet in new company move
-to a new stack together (their caches copied once, their own CUDA graphs dropped).
+The batch's KV cache (``batch_stack.py``): a pool of ``max_batch`` rows per cache capacity; a
+session takes a row when it first decodes in a batch (its cache copied in once) and its cache
+becomes a view of the row. A step runs the whole pool (the rows absent this time write to a scratch
+row), so it is always the same shape at the same addresses: on a GPU one CUDA graph per pool.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ class BatchStats:
         self.batches = self.rows = self.solo = 0
         self.wait_s = 0.0
         self.sizes: Counter[int] = Counter()
-        self.graphs: Counter[str] = Counter()  # stacks made, graph steps and captures (batch_stack.py)
+        self.graphs: Counter[str] = Counter()  # admissions to pools, graph steps, captures (batch_stack.py)
 
     def read(self) -> tuple[int, int, float]:
         return self.batches, self.rows, self.wait_s
@@ -94,8 +93,8 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._busy: dict[int, tuple[float, float]] = {}  # id(session) -> (its last step's time, interval)
-        self._stacks: list[DecodeStack] = []
-        # Batched decode steps replay CUDA graphs (one per stack, batch_stack.py); tests emulate them on CPU.
+        self._pools: dict[int, DecodeStack] = {}  # by cache capacity
+        # Batched decode steps replay CUDA graphs (one per pool, batch_stack.py); tests emulate them on CPU.
         self.graphs = device.type == "cuda"
         self.emulate_graphs = False
         self._thread: threading.Thread | None = None
@@ -127,7 +126,7 @@ class Batcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return job.result
+        return job.result  # None: the pool had no row for it, the caller runs the step
 
     def _expected(self, now: float, but: int | None = None) -> int:
         """Sessions whose next step is due: each sends one about every ``interval`` while it generates."""
@@ -135,12 +134,11 @@ class Batcher:
                    if k != but and now - last < 2 * interval + self.window_s)
 
     def forget(self, owner: object, decoder: StaticDecoder | None) -> None:
-        """A session ends: no batch waits for it, no stack keeps its rows."""
+        """A session ends: no batch waits for it, its pool row is free."""
         with self._cv:
             self._busy.pop(id(owner), None)
-            # Its stack goes (its graphs with it, once no step runs on it): the other sessions
-            # move to a new stack when they next meet.
-            self._stacks = [s for s in self._stacks if id(decoder) not in s.rows]
+            for pool in self._pools.values():
+                pool.leave(decoder)
 
     def close(self) -> None:
         with self._cv:
@@ -253,29 +251,19 @@ class Batcher:
         parts = {k: v.split(sizes) for k, v in out.items()}
         return [{k: parts[k][i] for k in out} for i in range(len(jobs))]
 
-    def _decode(self, jobs: list[_Job]) -> list[dict[str, Any]]:
-        """Decode steps: on the stack that holds their sessions' caches (a new one if they are in
-        none, or spread over several), each stack's rows in one step (batch_stack.py)."""
-        by_stack: dict[int, tuple[DecodeStack, list[_Job]]] = {}
-        homeless = []
-        for job in jobs:
-            stack = next((s for s in self._stacks if s.holds(job.decoder)), None)
-            if stack is None:
-                homeless.append(job)
-            else:
-                by_stack.setdefault(id(stack), (stack, []))[1].append(job)
-        if homeless or len(by_stack) > 1:
-            # Sessions that meet in new company move to one stack together (their caches copied
-            # once); the sessions left behind keep their rows in the old stacks.
-            stack = DecodeStack([j.decoder for j in jobs], self.device, self.stats.graphs)
-            self.stats.graphs["stacks"] += 1
-            with self._cv:  # a stack whose sessions all moved on or ended goes (its graphs with it)
-                self._stacks = [s for s in self._stacks if any(s.holds(d) for d in s.decoders)] + [stack]
-            by_stack = {id(stack): (stack, jobs)}
+    def _decode(self, jobs: list[_Job]) -> list[dict[str, Any] | None]:
+        """Decode steps of one capacity: on that capacity's pool (batch_stack.py), every row in one
+        step. A job the pool has no row for gets None: its session runs the step on its own path."""
+        pool = self._pools.get(jobs[0].decoder.capacity)
+        if pool is None:
+            pool = DecodeStack(jobs[0].decoder, self.max_batch, self.device, self.stats.graphs)
+            self._pools[pool.capacity] = pool
+        admitted = [j for j in jobs if pool.admit(j.decoder)]
         replies: dict[int, dict[str, Any]] = {}
-        for stack, group in by_stack.values():
-            for job, reply in zip(group, stack.run(self.module, group, self.graphs, self.emulate_graphs), strict=True):
+        if admitted:
+            for job, reply in zip(admitted, pool.run(self.module, admitted, self.graphs, self.emulate_graphs),
+                                  strict=True):
                 replies[id(job)] = reply
                 job.decoder.tokens = job.past + 1
                 job.decoder.stats["batched_steps"] += 1
-        return [replies[id(j)] for j in jobs]
+        return [replies.get(id(j)) for j in jobs]
