@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from lightning_split.channel import ChannelConfig, RemoteError, TLSFiles, client_tls
+from lightning_split.privacy.defenses import Defenses
 from lightning_split.split.adaptive import AdaptiveCompression, resolve_mode
 from lightning_split.split.build import ModelSource
 from lightning_split.split.connect import SplitModel, open_split
@@ -90,6 +91,9 @@ class SplitStrategy(SingleDeviceStrategy):
             ``split/bits_activations`` and ``split/bits_gradients``. ``"channel"``: ``channel``'s
             compression, exact unless it says lossy. None (default): ``"auto"`` for a server on
             another host, ``"channel"`` for one on this host's loopback.
+        privacy: defenses on what the client sends (``lightning_split.privacy.Defenses`` or a dict
+            of its arguments): noise on the activations, a decorrelation penalty added to the loss
+            ``training_step`` returns, label protection on the gradients; see docs/privacy.md.
     """
 
     strategy_name = "split"
@@ -109,6 +113,7 @@ class SplitStrategy(SingleDeviceStrategy):
         log_transport: bool = True,
         micro_batches: int | None = None,
         compression: str | None = None,
+        privacy: Defenses | dict[str, Any] | None = None,
         server_name_override: str | None = None,
         device: str | torch.device | None = None,
         accelerator: Any = None,
@@ -135,6 +140,7 @@ class SplitStrategy(SingleDeviceStrategy):
         self.log_transport = log_transport
         self.micro_batches = micro_batches
         self.compression = resolve_mode(compression, self.address)
+        self.privacy = Defenses.from_config(privacy)
         self._step_started: float | None = None
         self.server_name_override = server_name_override
         self.split: SplitModel | None = None
@@ -163,6 +169,7 @@ class SplitStrategy(SingleDeviceStrategy):
                 self.address, self.node_id, tls, source=self.source, spec=self.spec, tail=self.tail,
                 config=self.channel, insecure=self.insecure, device=self.root_device,
                 server_name_override=self.server_name_override, micro_batches=self.micro_batches,
+                privacy=self.privacy,
             )
             weakref.finalize(self, self.split.close)
             if self.compression == "auto":
@@ -239,6 +246,8 @@ class SplitStrategy(SingleDeviceStrategy):
         self._time_step()
         with self._session_kept():
             output = super().training_step(*args, **kwargs)
+        if self.privacy is not None:  # NoPeek: the client's loss pays for what its activations reveal
+            output = self.privacy.add_penalty(output, self.lightning_module)
         self._check_restart()
         self._log_transport()
         return output

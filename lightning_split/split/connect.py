@@ -75,6 +75,7 @@ def open_split(
     micro_batches: int | None = None,
     decode_top_k: int = 0,
     prefill_chunk_bytes: int | None = None,
+    privacy: Any = None,
 ) -> SplitModel:
     """Connect to a server, fetch and load the client's part, and return it wired up.
 
@@ -84,6 +85,8 @@ def open_split(
     ``prefill_chunk_bytes``: a prompt's hidden state larger than this crosses in chunks of the
     sequence that overlap the server's compute of the earlier ones (prefill.py); None (default):
     1 MiB for a server on another host, whole on this host's loopback; 0: always whole.
+    ``privacy``: defenses on what leaves the client (``lightning_split.privacy.Defenses``: noise on
+    the activations, a decorrelation penalty, label protection); anything with ``attach(split_model)``.
     """
     hello: dict[str, Any] = {"tail": {"mode": tail} if isinstance(tail, str) else (tail or {"mode": "frozen"})}
     skeleton = proxy = split = None
@@ -116,4 +119,7 @@ def open_split(
         prefill_chunk_bytes = 0 if is_loopback(address) else PREFILL_CHUNK_BYTES
     runner.prefill_chunk_bytes = int(prefill_chunk_bytes) or None
     install_generation_metrics(skeleton, runner.decode_log)
-    return SplitModel(skeleton, proxy, runner, client, split, description)
+    model = SplitModel(skeleton, proxy, runner, client, split, description)
+    if privacy is not None:  # duck-typed: the split layer never imports privacy/, which sits above it
+        privacy.attach(model)
+    return model

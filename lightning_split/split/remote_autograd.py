@@ -173,6 +173,9 @@ class RemoteForward(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         runner: RemoteSegment = ctx.runner
         many = len(ctx.ranges) > 1
+        for hook in runner.gradient_hooks:  # per-example gradients of the whole batch, before the cut (privacy/)
+            grads = tuple(g if g is None or key in ctx.stacked or not g.is_floating_point() else hook(g)
+                          for key, g in zip(ctx.keys, grads, strict=True))
         futures = []
         for i, (micro_id, (start, stop)) in enumerate(zip(ctx.ids, ctx.ranges, strict=True)):
             payload = {}
