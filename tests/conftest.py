@@ -67,3 +67,15 @@ def connect(pki: Path) -> Iterator[Callable[..., Any]]:
         client.close()
 
 pytest_plugins = ["tests.split_fixtures"]
+
+
+@pytest.fixture
+def exact_matmuls() -> Iterator[None]:
+    """CUDA matmuls in true fp32 for the test: TF32 would make local and split differ by more than
+    float tolerance."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

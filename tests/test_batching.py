@@ -89,15 +89,6 @@ def test_concurrent_generation_is_batched_and_exact(split_server, family, shape,
     _concurrent_generation(split_server, family, shape, graphs=graphs)
 
 
-@pytest.fixture
-def exact_matmuls():
-    # TF32 would make local and split differ by more than float tolerance.
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", list(SHAPES))

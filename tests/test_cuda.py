@@ -24,12 +24,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def exact_matmuls():
-    # TF32 would make local and split differ by more than float tolerance.
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _exact(exact_matmuls):  # noqa: ANN001 - every test here compares with fp32 on the same GPU
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("shape", ["u_shape", "two_part"])

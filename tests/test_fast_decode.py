@@ -380,15 +380,6 @@ def test_a_declined_step_moves_the_tokens_to_a_dynamic_cache():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture
-def exact_matmuls():
-    # TF32 would make local and split differ by more than float tolerance.
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("family", list(SOURCES))
