@@ -89,6 +89,11 @@ def build_server(cfg: DictConfig) -> Any:
 
 
 def serve(cfg: DictConfig) -> None:
+    if cfg.server.get("log_tls_failures", True) and not cfg.server.get("insecure", False):
+        # Before anything imports gRPC, which reads its trace settings then (tls_log.py).
+        from lightning_split.tls_log import HandshakeWatch
+
+        HandshakeWatch.install()
     import torch
 
     share_cores(cfg.server.get("torch_threads"), cfg.server.address)

@@ -30,3 +30,45 @@ def test_status_line_counts_sessions_and_tokens_and_closes_are_logged(split_serv
         remote.close()
     assert any("closed session" in r.getMessage() and "alice" in r.getMessage() for r in caplog.records)
     assert "0 session(s) of 0 node(s)" in status_line(server, activity, now)[0]
+
+
+def test_a_failed_tls_handshake_is_logged_with_the_peer_address(pki, tmp_path) -> None:  # noqa: ANN001
+    """`lightning-split serve` as an operator runs it; a client whose certificate another CA signed
+    gets UNAVAILABLE, and the server's log says who tried and why."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from lightning_split.channel import ChannelClient, RemoteError, client_tls, make_certs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "lightning-split"), "serve", f"server.address=127.0.0.1:{port}",
+         f"server.certs={pki}", f"server.state_dir={tmp_path / 'state'}", "server.status_every_s=0",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        said = next(line for line in server.stdout if "lightning-split: serving" in line or "Error" in line)
+        assert "with mutual TLS" in said, said
+        other = tmp_path / "other-ca"
+        make_certs(other, client_ids=["eve"])
+        with pytest.raises(RemoteError, match="UNAVAILABLE"):
+            ChannelClient(f"127.0.0.1:{port}", "eve", tls=client_tls(other, "eve")).request(4, 1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    logged = out + err  # Hydra's console log is stdout; gRPC's lines are stderr
+    warned = [line for line in logged.splitlines() if "TLS handshake from ipv4:127.0.0.1:" in line]
+    # Two handshakes, both refused: the client would not trust our certificate (another CA signed
+    # its trust bundle), and we would not take its certificate.
+    assert any("not signed by this server's CA" in line for line in warned), logged[-3000:]
+    assert any("may not trust this server's certificate" in line for line in warned), logged[-3000:]
+    assert "CallNextHandshakerLocked" not in logged  # the trace itself is not passed on
