@@ -79,6 +79,31 @@ def test_train_app_takes_a_logger_and_callbacks_the_hydra_way(pki, tmp_path, mon
         server.stop(grace=0)
 
 
+def test_the_privacy_report_is_a_hydra_callback(pki, tmp_path, monkeypatch):
+    """``PrivacyReport`` with public data from ``lightning_split.privacy.public``, composed the Hydra
+    way, reports on the train app's own run (the digits model: inputs reconstructed)."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    server = apps.build_server(_compose("serve", ["server.address=127.0.0.1:0", f"server.certs={pki}",
+                                                  f"server.state_dir={tmp_path}"]))
+    try:
+        cfg = _compose("train", [
+            f"client.address=127.0.0.1:{server.port}", f"client.certs={pki}", "client.node_id=alice",
+            "trainer.max_epochs=1", "+trainer.limit_train_batches=12", "+trainer.limit_val_batches=1",
+            "+trainer.enable_checkpointing=false",
+            "+trainer.logger._target_=lightning.pytorch.loggers.CSVLogger", f"+trainer.logger.save_dir={tmp_path}/logs",
+            "+trainer.callbacks=[{_target_: lightning_split.privacy.PrivacyReport, attack_steps: 100,"
+            " public: {_target_: lightning_split.privacy.public.digits}}]"])
+        apps.train(cfg)
+        reports = list((tmp_path / "logs").rglob("privacy_report.json"))
+        assert reports, "no privacy report beside the logs"
+        inversion = json.loads(reports[0].read_text())["inversion"]
+        assert inversion["kind"] == "inputs" and inversion["reconstruction_mse"] < inversion["baseline_mse"]
+    finally:
+        server.stop(grace=0)
+
+
 RECIPES = str(apps.RECIPES)
 
 

@@ -241,3 +241,10 @@ def test_defenses_from_the_hydra_config() -> None:
     assert off.client.privacy is None and SplitStrategy(privacy=off.client.privacy).privacy is None
     strategy = SplitStrategy(privacy=OmegaConf.to_container(on.client.privacy))
     assert strategy.privacy == Defenses(clip="auto", noise=0.5, nopeek=0.1, label_noise=2.0)
+
+
+def test_public_python_docs_fit_the_vocabulary() -> None:
+    from lightning_split.privacy.public import python_docs
+
+    ids = python_docs(seq_len=32, rows=10, vocab_size=128)
+    assert ids.shape == (10, 32) and int(ids.max()) < 128 and int(ids.min()) >= 0
