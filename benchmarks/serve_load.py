@@ -30,7 +30,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import base_parser, environment, finish_args, json_path, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser,
+    environment,
+    finish_args,
+    json_path,
+    print_table,
+    split_train_step,
+    write_json,
+)
 
 from lightning_split.split.build import ModelSource  # noqa: E402
 from lightning_split.split.spec import SplitSpec  # noqa: E402
@@ -148,8 +156,6 @@ class _Trainer:
         self.run(1)  # warm-up
 
     def run(self, steps: int) -> dict[str, Any]:
-        from _common import split_train_step
-
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step += 1

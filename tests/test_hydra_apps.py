@@ -60,23 +60,28 @@ def test_train_app_runs_a_trainer_through_the_server(pki, tmp_path, monkeypatch)
         server.stop(grace=0)
 
 
+def _train_with_logs(pki, tmp_path, train_batches: int, callbacks: str) -> None:  # noqa: ANN001
+    """The train app for ``train_batches`` steps against a served digits model, its Lightning logs
+    in ``tmp_path/logs`` (a CSVLogger, composed the Hydra way), with ``+trainer.callbacks=...``."""
+    server = apps.build_server(_compose("serve", ["server.address=127.0.0.1:0", f"server.certs={pki}",
+                                                  f"server.state_dir={tmp_path}"]))
+    try:
+        apps.train(_compose("train", [
+            f"client.address=127.0.0.1:{server.port}", f"client.certs={pki}", "client.node_id=alice",
+            "trainer.max_epochs=1", f"+trainer.limit_train_batches={train_batches}", "+trainer.limit_val_batches=1",
+            "+trainer.enable_checkpointing=false",
+            "+trainer.logger._target_=lightning.pytorch.loggers.CSVLogger", f"+trainer.logger.save_dir={tmp_path}/logs",
+            f"+trainer.callbacks={callbacks}"]))
+    finally:
+        server.stop(grace=0)
+
+
 def test_train_app_takes_a_logger_and_callbacks_the_hydra_way(pki, tmp_path, monkeypatch):
     """``+trainer.logger._target_=...`` and ``+trainer.callbacks=[...]`` become objects (they were
     passed to the Trainer as dicts and strings)."""
     monkeypatch.chdir(tmp_path)
-    server = apps.build_server(_compose("serve", ["server.address=127.0.0.1:0", f"server.certs={pki}",
-                                                  f"server.state_dir={tmp_path}"]))
-    try:
-        cfg = _compose("train", [
-            f"client.address=127.0.0.1:{server.port}", f"client.certs={pki}", "client.node_id=alice",
-            "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
-            "+trainer.enable_checkpointing=false",
-            "+trainer.logger._target_=lightning.pytorch.loggers.CSVLogger", f"+trainer.logger.save_dir={tmp_path}/logs",
-            "+trainer.callbacks=[{_target_: lightning.pytorch.callbacks.LearningRateMonitor}]"])
-        apps.train(cfg)
-        assert list((tmp_path / "logs").rglob("metrics.csv")), "the CSVLogger wrote nothing"
-    finally:
-        server.stop(grace=0)
+    _train_with_logs(pki, tmp_path, 3, "[{_target_: lightning.pytorch.callbacks.LearningRateMonitor}]")
+    assert list((tmp_path / "logs").rglob("metrics.csv")), "the CSVLogger wrote nothing"
 
 
 def test_the_privacy_report_is_a_hydra_callback(pki, tmp_path, monkeypatch):
@@ -85,23 +90,12 @@ def test_the_privacy_report_is_a_hydra_callback(pki, tmp_path, monkeypatch):
     import json
 
     monkeypatch.chdir(tmp_path)
-    server = apps.build_server(_compose("serve", ["server.address=127.0.0.1:0", f"server.certs={pki}",
-                                                  f"server.state_dir={tmp_path}"]))
-    try:
-        cfg = _compose("train", [
-            f"client.address=127.0.0.1:{server.port}", f"client.certs={pki}", "client.node_id=alice",
-            "trainer.max_epochs=1", "+trainer.limit_train_batches=12", "+trainer.limit_val_batches=1",
-            "+trainer.enable_checkpointing=false",
-            "+trainer.logger._target_=lightning.pytorch.loggers.CSVLogger", f"+trainer.logger.save_dir={tmp_path}/logs",
-            "+trainer.callbacks=[{_target_: lightning_split.privacy.PrivacyReport, attack_steps: 100,"
-            " public: {_target_: lightning_split.privacy.public.digits}}]"])
-        apps.train(cfg)
-        reports = list((tmp_path / "logs").rglob("privacy_report.json"))
-        assert reports, "no privacy report beside the logs"
-        inversion = json.loads(reports[0].read_text())["inversion"]
-        assert inversion["kind"] == "inputs" and inversion["reconstruction_mse"] < inversion["baseline_mse"]
-    finally:
-        server.stop(grace=0)
+    _train_with_logs(pki, tmp_path, 12, "[{_target_: lightning_split.privacy.PrivacyReport, attack_steps: 100,"
+                                        " public: {_target_: lightning_split.privacy.public.digits}}]")
+    reports = list((tmp_path / "logs").rglob("privacy_report.json"))
+    assert reports, "no privacy report beside the logs"
+    inversion = json.loads(reports[0].read_text())["inversion"]
+    assert inversion["kind"] == "inputs" and inversion["reconstruction_mse"] < inversion["baseline_mse"]
 
 
 RECIPES = str(apps.RECIPES)

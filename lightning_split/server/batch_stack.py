@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-from lightning_split.server.cuda_graphs import capture, drop_oldest, tree_leaves
+from lightning_split.server.cuda_graphs import capture, drop_oldest, tensor_leaves
 from lightning_split.server.fast_decode import StaticDecoder
 from lightning_split.split.results import segment_reply
-from lightning_split.split.surgery import ServerSegment, map_leaves
-from lightning_split.wire.markers import KvCacheRef
+from lightning_split.split.surgery import ServerSegment
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +125,6 @@ class DecodeStack:
         cache, view = self._views[r]
         return decoder.cache is cache and decoder.cache.layers[self.layer_ids[0]].keys is view
 
-    def release(self) -> None:
-        """Forget the graphs (their memory pools with them)."""
-        for s in self.steps.values():
-            s.replay = None
-        drop_oldest(self.steps, len(self.steps), self.device)
-
     def run(self, module: ServerSegment, jobs: list[Any], graphs: bool, emulate: bool) -> list[dict[str, Any]]:
         """One step of ``jobs`` (decode jobs of decoders this pool holds, one signature): each job's
         reply, its rows of the pool's outputs."""
@@ -163,7 +156,7 @@ class DecodeStack:
         def rows_of(t: torch.Tensor) -> torch.Tensor:
             return torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=self.device)
 
-        leaves = [rows_of(t) for t in tree_leaves(job.tree) if isinstance(t, torch.Tensor)]
+        leaves = [rows_of(t) for t in tensor_leaves(job.tree)]
         return _Step(rows_of(job.hidden), leaves, torch.zeros(n, dtype=torch.long, device=self.device),
                      torch.full((n,), n, dtype=torch.long, device=self.device))
 
@@ -171,7 +164,7 @@ class DecodeStack:
         """The present rows' inputs into the step's buffers; the absent rows write to scratch."""
         rows = torch.tensor(present, device=self.device)
         step.hidden.index_copy_(0, rows, torch.cat([j.hidden for j in jobs]).to(self.device, non_blocking=True))
-        columns = zip(*[[v for v in tree_leaves(j.tree) if isinstance(v, torch.Tensor)] for j in jobs], strict=True)
+        columns = zip(*[tensor_leaves(j.tree) for j in jobs], strict=True)
         for buf, column in zip(step.leaves, columns, strict=True):
             buf.index_copy_(0, rows, torch.cat(column).to(self.device, non_blocking=True))
         pos, index = [0] * self.size, [self.size] * self.size
@@ -183,15 +176,7 @@ class DecodeStack:
     def _step_fn(self, step: _Step, module: ServerSegment, job: Any) -> Any:
         decoder, options = job.decoder, job.options  # any decoder of the pool: where its blocks take the mask
         buffers = iter(step.leaves)
-
-        def fix(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return next(buffers)
-            return _StackCache(self, step.index, step.pos) if isinstance(v, KvCacheRef) else v
-
-        args, kwargs = map_leaves(fix, job.tree)
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = True
+        args, kwargs = decoder.blocks_tree(job.tree, lambda t: next(buffers), _StackCache(self, step.index, step.pos))
 
         def run() -> dict[str, torch.Tensor]:
             # Row b attends to its slots 0 .. pos[b] (its new token written there by update).

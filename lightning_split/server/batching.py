@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from lightning_split.server.batch_stack import DecodeStack
-from lightning_split.server.cuda_graphs import describe_leaf, tree_leaves
+from lightning_split.server.cuda_graphs import describe_leaf, tensor_leaves, tree_leaves
 from lightning_split.server.fast_decode import RESULT_OPTIONS, StaticDecoder
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 0.002  # how long the first step of a batch waits for the others
 BUSY_S = 0.5  # longest interval between a session's steps that still counts it as sending them
+
+
+def _holds_sequence(decoder: StaticDecoder, past: int) -> bool:
+    """The decoder's static cache holds the session's sequence of ``past`` tokens, with room for one more."""
+    return decoder.active and decoder.tokens == past and decoder.ready(1, past + 1)
 
 
 @dataclass(eq=False)
@@ -98,8 +103,10 @@ class Batcher:
         self.graphs = device.type == "cuda"
         self.emulate_graphs = False
         self._thread: threading.Thread | None = None
-        self._closed = False
         self.enabled = True  # an operator (or a benchmark) may pause batching: every step runs alone
+        # A pool's rows live beside each layer, its step's indices on one device: a segment spread
+        # over several devices (device_map) batches stateless INFERs only.
+        self.one_device = len({p.device for p in module.parameters()}) == 1
 
     # -- a session's worker thread ------------------------------------------------------------
 
@@ -140,11 +147,6 @@ class Batcher:
             for pool in self._pools.values():
                 pool.leave(decoder)
 
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-
     def _job(self, body: dict[str, Any], decoder: StaticDecoder | None, past: int, new: int) -> _Job | None:
         """The step as a job, or None if it cannot join a batch."""
         hidden = body.get("hidden")
@@ -154,9 +156,8 @@ class Batcher:
             return None
         tree = (tuple(body.get("args", ())), dict(body.get("kwargs") or {}))
         leaves = tree_leaves(tree)
-        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
         if any(isinstance(v, GradInputRef) for v in leaves) or any(t.dim() == 0 or t.shape[0] != hidden.shape[0]
-                                                                   for t in tensors):
+                                                                   for t in tensor_leaves(tree)):
             return None  # every tensor must have the batch's rows first, to stack
         options = {k: body[k] for k in RESULT_OPTIONS if k in body}
         signature = (repr(map_leaves(describe_leaf, tree)), repr(sorted(options.items())), describe_leaf(hidden))
@@ -169,7 +170,7 @@ class Batcher:
         # gives each row its own mask over its own positions.
         mask, tree = decoder.swap_mask(tree)
         if (new != 1 or past < 1 or hidden.shape[:2] != (1, 1) or mask is not None or markers != [KV_CACHE]
-                or not decoder.sdpa or not decoder.active or decoder.tokens != past or not decoder.ready(1, past + 1)):
+                or not decoder.sdpa or not self.one_device or not _holds_sequence(decoder, past)):
             return None
         return _Job(("decode", decoder.capacity, *signature), hidden, tree, options, decoder, past)
 
@@ -184,10 +185,8 @@ class Batcher:
         """The next batch's jobs: the first queued, and those that come within the window from the
         sessions decoding lately."""
         with self._cv:
-            while not self._queue and not self._closed:
+            while not self._queue:
                 self._cv.wait()
-            if self._closed:
-                return []
             deadline = self._queue[0].queued + self.window_s
             expected = self._expected(time.monotonic())
             while len(self._queue) < min(max(expected, 1), self.max_batch):
@@ -202,8 +201,6 @@ class Batcher:
         with device_ctx:
             while True:
                 jobs = self._take()
-                if not jobs:
-                    return
                 groups: dict[tuple, list[_Job]] = {}
                 for job in jobs:
                     groups.setdefault(job.key, []).append(job)
@@ -213,8 +210,7 @@ class Batcher:
     def _run_group(self, jobs: list[_Job]) -> None:
         started = time.perf_counter()
         if jobs[0].decoder is not None:  # a session closed while its step waited: it alone fails
-            for job in [j for j in jobs if not (j.decoder.active and j.decoder.tokens == j.past
-                                                 and j.decoder.ready(1, j.past + 1))]:
+            for job in [j for j in jobs if not _holds_sequence(j.decoder, j.past)]:
                 job.error = RuntimeError("the session's KV cache changed while its step waited")
                 job.done.set()
                 jobs.remove(job)
@@ -241,8 +237,7 @@ class Batcher:
 
     def _infer(self, jobs: list[_Job]) -> list[dict[str, Any]]:
         """Stateless INFERs of one signature: every tensor argument stacked along the batch."""
-        columns = zip(*[[j.hidden, *(v for v in tree_leaves(j.tree) if isinstance(v, torch.Tensor))] for j in jobs],
-                      strict=True)
+        columns = zip(*[[j.hidden, *tensor_leaves(j.tree)] for j in jobs], strict=True)
         stacked = iter([torch.cat(c).to(self.device, non_blocking=True) for c in columns])
         hidden = next(stacked)
         tree = map_leaves(lambda v: next(stacked) if isinstance(v, torch.Tensor) else v, jobs[0].tree)

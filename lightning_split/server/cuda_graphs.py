@@ -62,6 +62,11 @@ def tree_leaves(tree: Any) -> list[Any]:
     return out
 
 
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    """The tensors among ``tree``'s leaves, in ``map_leaves`` order."""
+    return [v for v in tree_leaves(tree) if isinstance(v, torch.Tensor)]
+
+
 def drop_oldest(graphs: OrderedDict[Any, Any], count: int, device: torch.device) -> None:
     """Forget the ``count`` least recently used of ``graphs`` (entries with a ``graph``
     attribute, None when emulated), once the device is done with them."""

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tree_leaves
+from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tensor_leaves, tree_leaves
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
 from lightning_split.wire.markers import KV_CACHE, GradInputRef, KvCacheRef
@@ -297,7 +297,7 @@ class StaticDecoder:
         fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
         return torch.full((*mask.shape[:-1], self.capacity), fill, dtype=mask.dtype, device=self.device), fill
 
-    def _blocks_tree(self, tree: Tree, tensor: Any, cache: Any = None) -> Tree:
+    def blocks_tree(self, tree: Tree, tensor: Any, cache: Any = None) -> Tree:
         """The block arguments: the cache marker becomes ``cache`` (default: the static cache), a
         tensor ``tensor(t)``."""
         cache = self.cache if cache is None else cache
@@ -325,7 +325,7 @@ class StaticDecoder:
             padded[..., : past + new].copy_(mask, non_blocking=True)
         for layer in self._layers():  # where each layer writes (StaticLayer keeps it on the device)
             layer.cumulative_length.fill_(past)
-        _, tree = self.swap_mask(self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True)), padded)
+        _, tree = self.swap_mask(self.blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True)), padded)
         return self._results(self.module(hidden, *tree), body)
 
     def _prefill(self, hidden: torch.Tensor, tree: Tree, body: dict[str, Any], new: int) -> dict[str, Any]:
@@ -337,7 +337,7 @@ class StaticDecoder:
         from transformers import DynamicCache
 
         dynamic = DynamicCache(config=self.hf_config)
-        args, kwargs = self._blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True), dynamic)
+        args, kwargs = self.blocks_tree(tree, lambda t: t.to(self.device, non_blocking=True), dynamic)
         out = self.module(hidden.to(self.device, non_blocking=True), args, kwargs)
         self._reserve(hidden.shape[0], 0, new)
         for idx, layer in zip(self.layer_ids, self._layers(), strict=True):
@@ -357,7 +357,7 @@ class StaticDecoder:
         mask_sig = None if mask is None else (tuple(mask.shape[:-1]), str(mask.dtype))
         key = repr((self.capacity, kind, describe_leaf(hidden), map_leaves(describe_leaf, tree), mask_sig,
                     sorted(options.items())))
-        leaves = [hidden, *(v for v in tree_leaves(tree) if isinstance(v, torch.Tensor))]
+        leaves = [hidden, *tensor_leaves(tree)]
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             g = self.graphs.get(key)
             if g is None:
@@ -392,7 +392,7 @@ class StaticDecoder:
         # graph lives: the cache and _slots (_reserve, the prefill), these buffers, pos, the mask.
         inputs = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in leaves]
         buffers = iter(inputs[1:])
-        static_tree = self._blocks_tree(tree, lambda t: next(buffers))  # same leaf order as `leaves`
+        static_tree = self.blocks_tree(tree, lambda t: next(buffers))  # same leaf order as `leaves`
         mask_buf, fill = self._padded(mask) if kind == "given" else (None, False)
         g = _Graph(inputs, torch.zeros((), dtype=torch.long, device=self.device), mask_buf, fill)
         layers, new = self._layers(), inputs[0].shape[1]  # a decode step's one token, or a prompt
