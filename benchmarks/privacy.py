@@ -157,8 +157,10 @@ def inversion_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
                     return {"held_out_loss": sum(losses) / len(losses)}
 
                 r = fit(server, CausalLM(lr=args.lr, optimizer="AdamW"), data, public, DEFENSES[name], args, held_out)
+                r.pop("attack_losses", None)
                 row = {"cut": cut, "defense": name, **r}
                 rows.append(row)
+                save_partial(args, {"inversion": rows})
                 inv = r["inversion"]
                 print(f"  cut {cut} {name:>20}: token accuracy {inv['token_accuracy']:.3f} (chance "
                       f"{inv['chance_token_accuracy']:.3f}), ROUGE-L {inv['rouge_l']:.3f}, dCor {r['dcor']:.3f}, "
@@ -206,7 +208,9 @@ def label_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
                 r = fit(server, Classifier(lr=0.01, optimizer="Adam"), data, d["public"], privacy,
                         argparse_copy(args, steps=args.label_steps), accuracy)
                 leak = r["label_leakage"]
+                r.pop("attack_losses", None)
                 rows.append({"setup": setup, "defense": name, **r})
+                save_partial(args, {"labels": rows})
                 print(f"  labels, {setup}, {name:>14}: norm AUC {leak['norm_auc']:.3f}, direction AUC "
                       f"{leak['cosine_auc']:.3f}, accuracy {r['val_accuracy']:.3f}, {r['ms_per_batch']:.1f} ms/step",
                       flush=True)
@@ -215,6 +219,12 @@ def label_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
         row["speed_vs_none"] = row["ms_per_batch"] / base["ms_per_batch"]
         row["accuracy_vs_none"] = row["val_accuracy"] - base["val_accuracy"]
     return rows
+
+
+def save_partial(args: Any, rows: dict[str, Any]) -> None:
+    """Every finished row on disk as it comes (a long sweep cut short keeps what it measured)."""
+    path, part = json_path(args, "privacy"), next(iter(rows))
+    write_json(path.with_name(f"{path.stem}_partial_{part}.json"), args, {**rows, "partial": True})
 
 
 def argparse_copy(args: Any, **changes: Any) -> Any:
@@ -289,8 +299,6 @@ def main(argv: list[str] | None = None) -> int:
             [[r["setup"], r["defense"], r["label_leakage"]["norm_auc"], r["label_leakage"]["cosine_auc"],
               r["val_accuracy"], f"{r['ms_per_batch']:.1f}", f"{r['speed_vs_none']:.2f}"] for r in label_rows]
             + [["two-part given labels", "(sent in the clear)", 1.0, 1.0, "-", "-", "-"]])
-    for r in rows + label_rows:
-        r.pop("attack_losses", None)
     out = json_path(args, "privacy")
     picture = plot(rows, out.with_suffix(".png"))
     write_json(out, args, {"inversion": rows, "labels": label_rows,
