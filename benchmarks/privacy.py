@@ -139,7 +139,7 @@ def inversion_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
     from lightning_split.examples.modules import CausalLM
 
     text = corpus(args.seq)
-    public, held = text["public"][: args.public_rows], text["held"][: 8 * args.batch].to(args.device)
+    public, held = text["public"][: args.public_rows], text["held"][: 8 * args.batch]
     src = gpt2(args.model, args.seq)
     rows = []
     for cut in args.cuts:
@@ -151,9 +151,10 @@ def inversion_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
 
                 def held_out(module: Any) -> dict[str, float]:
                     model = module.model.eval()
+                    rows = held.to(next(model.parameters()).device)  # Lightning's teardown moved it to the CPU
                     with torch.no_grad():
-                        losses = [float(model(input_ids=held[i:i + args.batch], labels=held[i:i + args.batch]).loss)
-                                  for i in range(0, len(held), args.batch)]
+                        losses = [float(model(input_ids=rows[i:i + args.batch], labels=rows[i:i + args.batch]).loss)
+                                  for i in range(0, len(rows), args.batch)]
                     return {"held_out_loss": sum(losses) / len(losses)}
 
                 r = fit(server, CausalLM(lr=args.lr, optimizer="AdamW"), data, public, DEFENSES[name], args, held_out)
@@ -202,7 +203,7 @@ def label_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
                 def accuracy(module: Any) -> dict[str, float]:
                     model = module.model.eval()
                     with torch.no_grad():
-                        pred = model(d["val_x"].to(args.device)).argmax(-1).cpu()
+                        pred = model(d["val_x"].to(next(model.parameters()).device)).argmax(-1).cpu()
                     return {"val_accuracy": float((pred == d["val_y"]).float().mean())}
 
                 r = fit(server, Classifier(lr=0.01, optimizer="Adam"), data, d["public"], privacy,

@@ -69,6 +69,7 @@ def build_server(cfg: DictConfig) -> Any:
         SplitSpec.from_dict(_plain(cfg.model.split)),
         device=s.device,
         device_map=_plain(s.get("device_map")),
+        devices=_plain(s.get("devices")),
         tail_modes=tuple(s.tail_modes),
         state_dir=s.state_dir,
         max_cache_tokens=s.max_cache_tokens,

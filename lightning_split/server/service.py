@@ -22,6 +22,7 @@ charged to its node's memory budget (``session.account``, ``session_memory.py``)
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from lightning_split.server.checks import CacheError, SegmentError, check_reques
 from lightning_split.server.durable import DurableSessions
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
 from lightning_split.server.kv_cache import MAX_CACHE_BYTES
+from lightning_split.server.placement import as_devices, spread
 from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
 from lightning_split.server.state_store import StateDamaged, StateStore
 from lightning_split.server.tail import TAIL_MODES, check_tail
@@ -66,6 +68,7 @@ class SplitService:
         spec: SplitSpec,
         device: str | torch.device = "cpu",
         device_map: dict[int, str] | None = None,
+        devices: Sequence[int | str] | None = None,
         tail_modes: tuple[str, ...] = TAIL_MODES,
         state_dir: str | Path | None = None,
         max_cache_tokens: int = 4096,
@@ -80,14 +83,21 @@ class SplitService:
         max_batch: int = 64,
     ) -> None:
         self.source = source
-        model = build_model(source, device=device)
+        if devices is not None and device_map:
+            raise ValueError("give devices (the segment spread evenly) or device_map (by hand), not both")
+        if devices is not None and len(devices) == 1:
+            device, devices = as_devices(devices)[0], None
+        # A segment spread over devices is built in host memory first: it may not fit on one.
+        model = build_model(source, device="cpu" if devices or device_map else device)
         self.hf_config = getattr(model, "config", None)
         self.split = spec.resolve(model)
         cut = cut_model(model, self.split)
         self.segment = cut.segment
         self.block_signature = BlockSignature.of(self.segment.blocks[0])
-        if device_map:  # spread the segment's blocks over several devices
-            self.segment.place({int(k): v for k, v in device_map.items()})
+        if devices:  # spread evenly over several devices (placement.py)
+            spread(self.segment, devices)
+        elif device_map:  # spread by hand; blocks before the first key on ``device``
+            self.segment.place({0: device, **{int(k): v for k, v in device_map.items()}})
         # The shared segment is the model owner's: sessions train copies or adapters, never it.
         self.segment.requires_grad_(False)
         self.segment.eval()

@@ -133,10 +133,14 @@ class ServerSegment(nn.Module):
         return hidden
 
     def place(self, device_map: dict[int, str | torch.device]) -> None:
-        """Put block ``i`` of the segment on ``device_map[i]``; the tail follows the last block."""
+        """Put the blocks from ``i`` on ``device_map[i]`` up to the next key (``{0: "cuda:0", 6:
+        "cuda:1"}``: blocks 0-5 on the first GPU, the rest on the second); the tail follows the
+        last block. Blocks before the first key stay where they are."""
+        starts = sorted(device_map)
         for i, block in enumerate(self.blocks):
-            if i in device_map:
-                block.to(device_map[i])
+            start = max((k for k in starts if k <= i), default=None)
+            if start is not None:
+                block.to(device_map[start])
         self._devices = None
         last = _device_of(self.blocks[-1])
         if last is not None:
