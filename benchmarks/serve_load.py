@@ -69,12 +69,13 @@ def spec_for(args: Any) -> SplitSpec:
 # -- the server process ---------------------------------------------------------------------------
 
 def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, max_batch: int, ready: Any,
-           control: Any, stats: Any) -> None:
+           control: Any, stats: Any, devices: list | None = None, placement: str = "spread") -> None:
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
     from lightning_split.server.service import SplitService
 
     service = SplitService(ModelSource.from_dict(source), SplitSpec.from_dict(spec), device=device,
-                           batch_window_ms=window_ms, fast_decode=True, max_batch=max_batch)
+                           devices=devices, placement=placement, batch_window_ms=window_ms, fast_decode=True,
+                           max_batch=max_batch)
     config = ChannelConfig(max_sessions=128, max_sessions_per_node=2)
     server = ChannelServer(service, "127.0.0.1:0", tls=server_tls(pki), config=config, max_workers=256)
     ready.put(server.start())
@@ -82,11 +83,18 @@ def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, ma
         cmd = control.get()
         if cmd == "stop":
             break
+        batchers = service.replicas.batchers()  # one per copy of the segment (--placement replicate)
         if cmd in ("on", "off"):
-            service.batcher.enabled = cmd == "on"
-        b = service.batcher.stats
-        stats.put({"batches": b.batches, "rows": b.rows, "solo": b.solo, "wait_s": b.wait_s,
-                   "sizes": dict(b.sizes), "graphs": dict(b.graphs)})
+            for batcher in batchers:
+                batcher.enabled = cmd == "on"
+        total: dict[str, Any] = {"batches": 0, "rows": 0, "solo": 0, "wait_s": 0.0, "sizes": {}, "graphs": {}}
+        for b in (batcher.stats for batcher in batchers):
+            for key in ("batches", "rows", "solo", "wait_s"):
+                total[key] += getattr(b, key)
+            for key in ("sizes", "graphs"):
+                for k, v in dict(getattr(b, key)).items():
+                    total[key][k] = total[key].get(k, 0) + v
+        stats.put(total)
     server.stop(grace=0)
 
 
@@ -175,7 +183,8 @@ class Load:
         self.ready, self.control, self.stats = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.server = ctx.Process(target=_serve, daemon=True, args=(str(pki), source, spec, args.device,
                                                                      args.window_ms, max(args.clients), self.ready,
-                                                                     self.control, self.stats))
+                                                                     self.control, self.stats, args.server_devices,
+                                                                     args.placement))
         self.server.start()
         port = self.ready.get(timeout=600)
         address = f"127.0.0.1:{port}"
@@ -269,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-seq", type=int, default=None)
     p.add_argument("--connect-wave", type=int, default=8, help="clients connecting (and loading) at once")
     p.add_argument("--client-device", default=None, help="where the clients' parts run (default: --device)")
+    p.add_argument("--server-devices", type=int, nargs="+", default=None,
+                   help="GPUs of the server's segment (SplitService(devices=...)); default: --device")
+    p.add_argument("--placement", choices=["spread", "replicate"], default="spread",
+                   help="with --server-devices: blocks spread over the GPUs, or a whole copy on each")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     args.client_device = args.client_device or args.device
     if args.window_ms is None:

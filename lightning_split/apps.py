@@ -70,6 +70,7 @@ def build_server(cfg: DictConfig) -> Any:
         device=s.device,
         device_map=_plain(s.get("device_map")),
         devices=_plain(s.get("devices")),
+        placement=s.get("placement", "spread"),
         tail_modes=tuple(s.tail_modes),
         state_dir=s.state_dir,
         max_cache_tokens=s.max_cache_tokens,

@@ -79,6 +79,42 @@ def test_service_spread_over_devices_matches_local(split_server):
         split_server(LLAMA, spec, devices=[0, 1], device_map={0: "cpu"})
 
 
+def test_replicas_share_out_sessions_and_each_batches_its_own(split_server):
+    """``placement="replicate"``: four concurrent generating sessions go two to each copy of the
+    segment, each copy batches its own sessions' decode steps, every session gets its local tokens;
+    a closed session's place goes to the next one."""
+    from tests.test_batching import _in_threads
+
+    spec = SplitSpec(cut=1, end=3)
+    address, tls_for = split_server(LLAMA, spec, devices=["cpu", "cpu"], placement="replicate", fast_decode=True,
+                                    batch_window_ms=200)
+    service = split_server.servers[-1].handler
+    copies = [r.segment for r in service.replicas.all]
+    assert len(copies) == 2 and copies[0] is not copies[1] and copies[0] is service.segment
+    local = build_model(LLAMA).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (1, 4 + 2 * i), generator=g) for i in range(4)]
+    remotes = [open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec) for _ in range(4)]
+    try:
+        assert sorted(id(split_server.segment(r).module) for r in remotes) == sorted([id(c) for c in copies] * 2)
+        kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+        got = _in_threads(lambda i: remotes[i].model.eval().generate(prompts[i], **kw), 4)
+        for i in range(4):
+            assert torch.equal(got[i], local.generate(prompts[i], **kw)), f"client {i}"
+        for replica in service.replicas.all:
+            assert replica.sessions == 2 and max(replica.batcher.stats.sizes) > 1, dict(replica.batcher.stats.sizes)
+    finally:
+        remotes[0].close()
+    assert sorted(r.sessions for r in service.replicas.all) == [1, 2]
+    more = open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec)
+    assert [r.sessions for r in service.replicas.all] == [2, 2]
+    for r in (*remotes[1:], more):
+        r.close()
+    assert [r.sessions for r in service.replicas.all] == [0, 0]
+    with pytest.raises(ValueError, match="placement"):
+        split_server(LLAMA, spec, devices=["cpu", "cpu"], placement="mirror")
+
+
 # -- two GPUs -----------------------------------------------------------------------------------------
 
 two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -123,15 +159,24 @@ def test_two_gpu_segment_trains_like_one_gpu(shape, tail, split_server, tmp_path
 
 @two_gpus
 @pytest.mark.gpu
+@pytest.mark.parametrize("placement", ["spread", "replicate"])
 @pytest.mark.parametrize("fast_decode", [False, True], ids=["eager", "fast-decode"])
-def test_two_gpu_segment_generates_like_one_gpu(fast_decode, split_server, exact_matmuls):
-    """Greedy tokens and forward logits of the spread segment equal the one-GPU server's."""
+def test_two_gpu_segment_generates_like_one_gpu(fast_decode, placement, split_server, exact_matmuls):
+    """Greedy tokens and forward logits of the segment on two GPUs equal the one-GPU server's
+    (replicated: the second session's copy is on the second GPU)."""
     spec = SplitSpec(cut=1, end=3)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1)).cuda()
     results = {}
-    for name, kw in {"one": {"device": "cuda:0"}, "two": {"devices": [0, 1]}}.items():
-        address, tls_for = split_server(LLAMA, spec, fast_decode=fast_decode, **kw)
+    for name, kw in {"one": {"device": "cuda:0"}, "two": {"devices": [0, 1], "placement": placement}}.items():
+        if name == "two" and placement == "replicate":  # a first session takes the copy on cuda:0
+            address, tls_for = split_server(LLAMA, spec, fast_decode=fast_decode, **kw)
+            first = open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec, device="cuda")
+        else:
+            address, tls_for = split_server(LLAMA, spec, fast_decode=fast_decode, **kw)
         remote = open_split(address, "alice", tls_for("alice"), source=LLAMA, spec=spec, device="cuda")
+        if name == "two" and placement == "replicate":
+            assert next(split_server.segment(remote).module.parameters()).device == torch.device("cuda:1")
+            first.close()
         try:
             model = remote.model.eval()
             with torch.no_grad():

@@ -68,9 +68,11 @@ def status_line(server: Any, activity: Activity, since: Reading) -> tuple[str, R
     """One line: sessions and nodes, memory (host, and each GPU in use), steps/s and tokens/s since
     ``since``; and the reading to pass next time."""
     now = activity.read()
-    batcher = getattr(server.handler, "batcher", None)
-    if batcher is not None:
-        now.batches, now.batched_steps, now.batch_wait_s = batcher.stats.read()
+    replicas = getattr(server.handler, "replicas", None)
+    for batcher in replicas.batchers() if replicas is not None else ():  # one per copy of the segment
+        batches, steps, wait_s = batcher.stats.read()
+        now.batches, now.batched_steps, now.batch_wait_s = (
+            now.batches + batches, now.batched_steps + steps, now.batch_wait_s + wait_s)
     dt = max(now.at - since.at, 1e-9)
     sessions = server.sessions.snapshot()
     nodes = len({s.node_id for s in sessions.values()})

@@ -1,4 +1,5 @@
-"""Where the server's segment lives: on one device, or spread block by block over several.
+"""Where the server's segment lives: on one device, spread block by block over several, or a
+whole copy on each.
 
 ``SplitService(devices=[0, 1])`` (``server.devices=[0,1]`` in serve.yaml) spreads the segment the
 way Hugging Face's big-model inference (accelerate's ``device_map``) spreads a model: consecutive
@@ -7,6 +8,11 @@ as light as it can be, the tail of a two-part split (final norm, LM head) counte
 device. (accelerate's own planner keeps room on the first GPU for offloaded layers and for
 generation's buffers, and with a large LM head it gave the last GPU nearly twice the first's
 bytes.) ``device_map={block: device}`` still places blocks by hand.
+
+``placement="replicate"`` puts a whole copy of a segment that fits on one GPU on each device
+instead, for throughput: each new session goes to the copy with the fewest sessions, each copy
+batches its own sessions' decode steps (its own CUDA graphs and KV pool), and a trainable
+session's copy or LoRA adapters live with its replica.
 
 The segment's forward (``ServerSegment.forward``) moves the hidden state and the block arguments
 once at each device change. Why layer placement and not tensor parallelism: any decoder family
@@ -17,8 +23,12 @@ crosses a device boundary once instead of all-reducing twice per block.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,3 +83,41 @@ def spread(segment: nn.Module, devices: Sequence[int | str | torch.device]) -> d
         counts[str(device)] = counts.get(str(device), 0) + 1
     log.info("segment spread over %s: blocks per device %s", ", ".join(counts), counts)
     return placement
+
+
+def replicate(segment: nn.Module, devices: Sequence[int | str | torch.device]) -> list[nn.Module]:
+    """A whole copy of ``segment`` on each device (copied from the one in host memory)."""
+    targets = as_devices(devices)
+    copies = [copy.deepcopy(segment).to(device) for device in targets[1:]]
+    log.info("segment replicated on %s", ", ".join(map(str, targets)))
+    return [segment.to(targets[0]), *copies]
+
+
+@dataclass
+class Replica:
+    """One copy of the shared segment, its batcher (None: batching off), and its session count."""
+
+    segment: nn.Module
+    batcher: Any = None
+    sessions: int = 0
+
+
+class Replicas:
+    """The copies of the segment; a new session goes to the one with the fewest sessions."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.all = replicas
+        self._lock = threading.Lock()  # sessions open and close on gRPC worker threads
+
+    def take(self) -> int:
+        with self._lock:
+            index = min(range(len(self.all)), key=lambda i: self.all[i].sessions)
+            self.all[index].sessions += 1
+            return index
+
+    def give_back(self, index: int) -> None:
+        with self._lock:
+            self.all[index].sessions -= 1
+
+    def batchers(self) -> list[Any]:
+        return [r.batcher for r in self.all if r.batcher is not None]

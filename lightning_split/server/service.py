@@ -37,7 +37,7 @@ from lightning_split.server.checks import CacheError, SegmentError, check_reques
 from lightning_split.server.durable import DurableSessions
 from lightning_split.server.fast_decode import PROMPT_GRAPH_TOKENS
 from lightning_split.server.kv_cache import MAX_CACHE_BYTES
-from lightning_split.server.placement import as_devices, spread
+from lightning_split.server.placement import Replica, Replicas, as_devices, replicate, spread
 from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
 from lightning_split.server.state_store import StateDamaged, StateStore
 from lightning_split.server.tail import TAIL_MODES, check_tail
@@ -69,6 +69,7 @@ class SplitService:
         device: str | torch.device = "cpu",
         device_map: dict[int, str] | None = None,
         devices: Sequence[int | str] | None = None,
+        placement: str = "spread",
         tail_modes: tuple[str, ...] = TAIL_MODES,
         state_dir: str | Path | None = None,
         max_cache_tokens: int = 4096,
@@ -85,6 +86,8 @@ class SplitService:
         self.source = source
         if devices is not None and device_map:
             raise ValueError("give devices (the segment spread evenly) or device_map (by hand), not both")
+        if placement not in ("spread", "replicate"):
+            raise ValueError(f"placement: 'spread' or 'replicate', not {placement!r}")
         if devices is not None and len(devices) == 1:
             device, devices = as_devices(devices)[0], None
         # A segment spread over devices is built in host memory first: it may not fit on one.
@@ -94,13 +97,17 @@ class SplitService:
         cut = cut_model(model, self.split)
         self.segment = cut.segment
         self.block_signature = BlockSignature.of(self.segment.blocks[0])
-        if devices:  # spread evenly over several devices (placement.py)
+        segments = [self.segment]
+        if devices and placement == "replicate":  # a whole copy per device (placement.py)
+            segments = replicate(self.segment, devices)
+            self.segment = segments[0]
+        elif devices:  # spread evenly over several devices
             spread(self.segment, devices)
         elif device_map:  # spread by hand; blocks before the first key on ``device``
             self.segment.place({0: device, **{int(k): v for k, v in device_map.items()}})
-        # The shared segment is the model owner's: sessions train copies or adapters, never it.
-        self.segment.requires_grad_(False)
-        self.segment.eval()
+        for segment in segments:  # the model owner's: sessions train copies or adapters, never it
+            segment.requires_grad_(False)
+            segment.eval()
         self.client_weights, self.client_sha256 = pack_part(model)
         self.client_fingerprint = fingerprint(model)
         del model  # the client's part lives on as shipped bytes only
@@ -129,11 +136,12 @@ class SplitService:
         # INFER steps of frozen-tail sessions (decode steps, stateless inference) that arrive within
         # batch_window_ms of each other run as one forward (batching.py). None: on where the segment
         # is on a GPU (there one token leaves the chip idle); 0: off.
-        device0 = next(self.segment.parameters()).device
         if batch_window_ms is None:
-            batch_window_ms = 2.0 if device0.type == "cuda" else 0.0
-        self.batcher = (Batcher(self.segment, device0, batch_window_ms / 1000, max_batch)
-                        if batch_window_ms > 0 else None)
+            batch_window_ms = 2.0 if next(self.segment.parameters()).device.type == "cuda" else 0.0
+        self.replicas = Replicas([
+            Replica(segment, Batcher(segment, next(segment.parameters()).device, batch_window_ms / 1000, max_batch)
+                    if batch_window_ms > 0 else None)
+            for segment in segments])
         self.activity = Activity()  # steps and tokens, for the operator's status line (activity.py)
         self.description = {
             "model": describe_config(source),
@@ -146,6 +154,11 @@ class SplitService:
         }
 
     # -- SessionHandler -----------------------------------------------------------------------
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """The first copy's batcher (the only one unless the segment is replicated)."""
+        return self.replicas.all[0].batcher
 
     def open_session(self, session: Session, hello: dict[str, Any]) -> dict[str, Any]:
         claimed = hello.get("fingerprint")
@@ -164,11 +177,19 @@ class SplitService:
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"tail mode {tail.get('mode')!r} is not offered by this server (offered: {self.tail_modes})",
                 )
-            session.state["segment"] = SessionSegment(
-                self.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens, self.fast_decode,
-                self.prompt_graph_tokens, self.train_graphs, max_cache_bytes=self.max_cache_bytes,
-                account=session.account, session_id=session.id, batcher=self.batcher,
-            )
+            index = self.replicas.take()
+            replica = self.replicas.all[index]
+            try:
+                session.state["segment"] = SessionSegment(
+                    replica.segment, tail, self.hf_config, self.max_graphs, self.max_cache_tokens,
+                    self.fast_decode, self.prompt_graph_tokens, self.train_graphs,
+                    max_cache_bytes=self.max_cache_bytes, account=session.account, session_id=session.id,
+                    batcher=replica.batcher,
+                )
+            except BaseException:
+                self.replicas.give_back(index)
+                raise
+            session.state["replica"] = index
         except SegmentError as e:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         except torch.OutOfMemoryError as e:
@@ -198,6 +219,8 @@ class SplitService:
                 self._durably(lambda: self.durable.forget(session), session)
         if segment is not None:
             segment.close()  # graphs, caches and charges go now, not at a garbage collection
+        if "replica" in session.state:
+            self.replicas.give_back(session.state["replica"])
         session.state.clear()
 
     # -- sessions kept over a restart (durable.py) -----------------------------------------------
