@@ -23,7 +23,7 @@ from lightning_split.split.connect import open_split
 from lightning_split.split.spec import SplitSpec
 from tests import fuzz_core as fc
 
-CASES = int(os.environ.get("LS_FUZZ_CASES", "3000"))
+CASES = int(os.environ.get("LS_FUZZ_CASES", "1500"))  # the long run: benchmarks/fuzz.py
 SEED = int(os.environ.get("LS_FUZZ_SEED", "20240"))
 WORKERS = 2
 DEADLINE_S = 15.0
