@@ -27,6 +27,8 @@ construction (a row says so); the U-shape keeps them on the client.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -278,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                              "attack_steps": 1500, "public_rows": 2048, "label_steps": 150})
     args.dtype = "fp32"  # the defenses' noise and the attacker in full precision
     quiet()
+    # A time limit's SIGTERM ends the run at once (the rows so far are on disk): Lightning's Trainer
+    # would only note it, and then wait on a server the same signal ended.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
     if args.device == "cpu":
         torch.set_num_threads(1)  # the server process gets the other core
     with pki_dir() as pki:
