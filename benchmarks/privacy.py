@@ -170,7 +170,12 @@ def inversion_sweep(args: Any, pki: Path) -> list[dict[str, Any]]:
                       f"loss {r['final_loss']:.3f} / held-out {r['held_out_loss']:.3f}, "
                       f"{r['ms_per_batch']:.1f} ms/step",
                       flush=True)
-    for row in rows:  # costs against the same cut's undefended run
+    return costs(rows)
+
+
+def costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's utility and speed costs against the same cut's undefended run."""
+    for row in rows:
         base = next(b for b in rows if b["cut"] == row["cut"] and b["defense"] == "none")
         row["loss_vs_none"] = row["final_loss"] / base["final_loss"]
         row["held_out_vs_none"] = row["held_out_loss"] / base["held_out_loss"]
@@ -272,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--no-labels", action="store_true", help="skip part 2 (label leakage)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: one table, plot and JSON (--json) from the rows of earlier runs "
+                        "(a sweep run in parts under a time limit; each row keeps its own cut's undefended baseline)")
     p.set_defaults(device="cpu")
     args = finish_args(p.parse_args(argv),
                        quick={"model": "tiny", "steps": 100, "batch": 8, "seq": 64, "cuts": [1, 2, 3],
@@ -283,11 +291,40 @@ def main(argv: list[str] | None = None) -> int:
     # A time limit's SIGTERM ends the run at once (the rows so far are on disk): Lightning's Trainer
     # would only note it, and then wait on a server the same signal ended.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+    if args.merge:
+        rows, label_rows = merged(args.merge, args.steps)
+        import json
+
+        measured_on = json.loads(Path(args.merge[0]).read_text())["environment"]  # not this machine's
+        report(args, rows, label_rows, merged_from={"sources": args.merge, "environment": measured_on})
+        return 0
     if args.device == "cpu":
         torch.set_num_threads(1)  # the server process gets the other core
     with pki_dir() as pki:
         rows = inversion_sweep(args, pki)
         label_rows = [] if args.no_labels else label_sweep(args, pki)
+    report(args, rows, label_rows)
+    return 0
+
+
+def merged(paths: list[str], steps: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The inversion rows of several runs of ``steps`` training steps (a cut's rows only from a run
+    that has its undefended row, so every ratio stays within one run) and the label rows of the
+    last run that has them."""
+    import json
+
+    rows, label_rows = [], []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        found = [r for r in doc.get("inversion", []) if r["steps"] == steps]
+        cuts_with_baseline = {r["cut"] for r in found if r["defense"] == "none"}
+        rows += [dict(r, source=Path(path).name) for r in found if r["cut"] in cuts_with_baseline]
+        label_rows = [dict(r, source=Path(path).name) for r in doc.get("labels", [])] or label_rows
+    return costs(sorted(rows, key=lambda r: (r["cut"], list(DEFENSES).index(r["defense"])))), label_rows
+
+
+def report(args: Any, rows: list[dict[str, Any]], label_rows: list[dict[str, Any]],
+           merged_from: dict[str, Any] | None = None) -> None:
     print_table(
         f"inversion of the cut's activations: GPT-2 {args.model} (byte vocabulary), two-part, trainable tail, "
         f"{args.steps} steps of {args.batch} x {args.seq} bytes; attacker retrained on each defense's activations",
@@ -309,9 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     picture = plot(rows, out.with_suffix(".png"))
     write_json(out, args, {"inversion": rows, "labels": label_rows,
                            "labels_given_to_a_two_part_split": "sent to the server in the clear with every FORWARD",
-                           "plot": str(picture) if picture else None})
+                           "plot": str(picture) if picture else None, **(merged_from or {})})
     print(f"\nwrote {out}" + (f" and {picture}" if picture else ""))
-    return 0
 
 
 if __name__ == "__main__":
