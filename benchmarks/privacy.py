@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, label_rows = merged(args.merge, args.steps)
         import json
 
-        measured_on = json.loads(Path(args.merge[0]).read_text())["environment"]  # not this machine's
+        source = json.loads(Path(args.merge[0]).read_text())
+        measured_on = source["environment"]  # the runs' machine, not this one
+        args.device = "cpu"  # nothing runs here; the JSON's environment is the runs'
         report(args, rows, label_rows, merged_from={"sources": args.merge, "environment": measured_on})
         return 0
     if args.device == "cpu":
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merged(paths: list[str], steps: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The inversion rows of several runs of ``steps`` training steps (a cut's rows only from a run
+    """The inversion rows of several runs of ``steps`` training steps (a cut's rows from the last run
     that has its undefended row, so every ratio stays within one run) and the label rows of the
     last run that has them."""
     import json
@@ -318,6 +320,7 @@ def merged(paths: list[str], steps: int) -> tuple[list[dict[str, Any]], list[dic
         doc = json.loads(Path(path).read_text())
         found = [r for r in doc.get("inversion", []) if r["steps"] == steps]
         cuts_with_baseline = {r["cut"] for r in found if r["defense"] == "none"}
+        rows = [r for r in rows if r["cut"] not in cuts_with_baseline]  # a later run of a cut replaces it
         rows += [dict(r, source=Path(path).name) for r in found if r["cut"] in cuts_with_baseline]
         label_rows = [dict(r, source=Path(path).name) for r in doc.get("labels", [])] or label_rows
     return costs(sorted(rows, key=lambda r: (r["cut"], list(DEFENSES).index(r["defense"])))), label_rows
