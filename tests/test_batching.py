@@ -51,9 +51,9 @@ def _in_threads(fn, n: int) -> list:  # noqa: ANN001
 
 
 def _concurrent_generation(split_server, family: str, shape: str, device: str = "cpu",  # noqa: ANN001
-                           graphs: bool = False) -> None:
+                           graphs: bool = False, **service_kw) -> None:
     source, spec = SOURCES[family], SHAPES[shape]
-    address, tls_for = split_server(source, spec, device=device, fast_decode=True, batch_window_ms=200)
+    address, tls_for = split_server(source, spec, device=device, fast_decode=True, batch_window_ms=200, **service_kw)
     service = _service(split_server)
     if device == "cpu":  # the batch's graph bookkeeping, with the step rerun at each replay
         service.batcher.graphs = service.batcher.emulate_graphs = graphs

@@ -115,6 +115,14 @@ def test_replicas_share_out_sessions_and_each_batches_its_own(split_server):
         split_server(LLAMA, spec, devices=["cpu", "cpu"], placement="mirror")
 
 
+def test_a_spread_segment_batches_decode_steps(split_server):
+    """Three sessions decoding together on a segment spread over two devices ("cpu" twice here)
+    run as batches and each gets its local tokens (each layer's pool rows beside it)."""
+    from tests.test_batching import _concurrent_generation
+
+    _concurrent_generation(split_server, "llama", "u_shape", devices=["cpu", "cpu"])
+
+
 # -- two GPUs -----------------------------------------------------------------------------------------
 
 two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -187,3 +195,14 @@ def test_two_gpu_segment_generates_like_one_gpu(fast_decode, placement, split_se
             remote.close()
     torch.testing.assert_close(results["two"][0], results["one"][0], rtol=1e-5, atol=1e-6)
     assert torch.equal(results["two"][1], results["one"][1])
+
+
+@two_gpus
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["u_shape", "two_part"])
+def test_two_gpu_spread_segment_batches_decode_steps_exactly(shape, split_server, exact_matmuls):
+    """Three concurrent sessions on a segment spread over two GPUs: batched (eagerly: a graph runs
+    on one device), each session's tokens equal to its local run in fp32."""
+    from tests.test_batching import _concurrent_generation
+
+    _concurrent_generation(split_server, "llama", shape, device="cuda", devices=[0, 1])

@@ -44,8 +44,11 @@ class _StackCache:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.stack.keys[layer_idx], self.stack.values[layer_idx]
-        k[self.index, :, self.pos] = keys[:, :, 0]
-        v[self.index, :, self.pos] = values[:, :, 0]
+        # The rows live beside their layer: on a segment spread over devices, the step's indices
+        # follow (a no-op on the step's own device).
+        index, pos = self.index.to(k.device, non_blocking=True), self.pos.to(k.device, non_blocking=True)
+        k[index, :, pos] = keys[:, :, 0]
+        v[index, :, pos] = values[:, :, 0]
         n = self.stack.size
         return k[:n], v[:n]
 

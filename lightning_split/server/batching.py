@@ -99,14 +99,13 @@ class Batcher:
         self._cv = threading.Condition()
         self._busy: dict[int, tuple[float, float]] = {}  # id(session) -> (its last step's time, interval)
         self._pools: dict[int, DecodeStack] = {}  # by cache capacity
-        # Batched decode steps replay CUDA graphs (one per pool, batch_stack.py); tests emulate them on CPU.
-        self.graphs = device.type == "cuda"
+        # Batched decode steps replay CUDA graphs (one per pool, batch_stack.py), on a segment on one
+        # device (a graph runs on one; a spread segment's batched steps run eagerly). Tests emulate
+        # them on CPU.
+        self.graphs = device.type == "cuda" and len({p.device for p in module.parameters()}) == 1
         self.emulate_graphs = False
         self._thread: threading.Thread | None = None
         self.enabled = True  # an operator (or a benchmark) may pause batching: every step runs alone
-        # A pool's rows live beside each layer, its step's indices on one device: a segment spread
-        # over several devices (device_map) batches stateless INFERs only.
-        self.one_device = len({p.device for p in module.parameters()}) == 1
 
     # -- a session's worker thread ------------------------------------------------------------
 
@@ -170,7 +169,7 @@ class Batcher:
         # gives each row its own mask over its own positions.
         mask, tree = decoder.swap_mask(tree)
         if (new != 1 or past < 1 or hidden.shape[:2] != (1, 1) or mask is not None or markers != [KV_CACHE]
-                or not decoder.sdpa or not self.one_device or not _holds_sequence(decoder, past)):
+                or not decoder.sdpa or not _holds_sequence(decoder, past)):
             return None
         return _Job(("decode", decoder.capacity, *signature), hidden, tree, options, decoder, past)
 
