@@ -278,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-seq", type=int, default=None)
     p.add_argument("--connect-wave", type=int, default=8, help="clients connecting (and loading) at once")
     p.add_argument("--client-device", default=None, help="where the clients' parts run (default: --device)")
-    p.add_argument("--server-devices", type=int, nargs="+", default=None,
-                   help="GPUs of the server's segment (SplitService(devices=...)); default: --device")
+    p.add_argument("--server-devices", type=lambda d: int(d) if d.isdigit() else d, nargs="+", default=None,
+                   help="GPUs of the server's segment (SplitService(devices=...): 0 1, or names); default: --device")
     p.add_argument("--placement", choices=["spread", "replicate"], default="spread",
                    help="with --server-devices: blocks spread over the GPUs, or a whole copy on each")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     args.client_device = args.client_device or args.device
+    args.clients = sorted({1, *args.clients})  # one client alone: every ratio's baseline
     if args.window_ms is None:
         args.window_ms = 2.0 if torch.device(args.device).type == "cuda" else 20.0
     t_start = time.perf_counter()
