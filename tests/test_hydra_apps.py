@@ -23,11 +23,17 @@ def _compose(name: str, overrides: list[str]):  # noqa: ANN202
         return compose(config_name=name, overrides=overrides)
 
 
-@pytest.mark.parametrize("model", ["gpt2_tiny", "mlp_digits"])
-def test_server_from_hydra_config_matches_local(model, pki, tmp_path):
+@pytest.mark.parametrize(("model", "placement"), [
+    ("gpt2_tiny", []), ("mlp_digits", []),
+    # several devices ("cpu" twice: the options' path from serve.yaml to the service)
+    ("gpt2_tiny", ["server.devices=[cpu,cpu]"]),
+    ("gpt2_tiny", ["server.devices=[cpu,cpu]", "server.placement=replicate"]),
+], ids=["gpt2_tiny", "mlp_digits", "gpt2_tiny-spread", "gpt2_tiny-replicate"])
+def test_server_from_hydra_config_matches_local(model, placement, pki, tmp_path):
     cfg = _compose("serve", [f"model={model}", "server.address=127.0.0.1:0", f"server.certs={pki}",
-                             f"server.state_dir={tmp_path}"])
+                             f"server.state_dir={tmp_path}", *placement])
     server = apps.build_server(cfg)
+    assert len(server.handler.replicas.all) == (2 if "server.placement=replicate" in placement else 1)
     try:
         source = ModelSource.from_dict(OmegaConf.to_container(cfg.model.source))
         spec = SplitSpec.from_dict(OmegaConf.to_container(cfg.model.split))
