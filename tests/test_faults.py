@@ -111,7 +111,7 @@ def test_a_server_gone_for_good_gives_one_clear_error(proxied) -> None:
     config = ChannelConfig(connections=1, reconnect_deadline_s=1.5)
     handler, server, proxy, client = proxied(config)
     proxy.refuse(True)
-    fut = client.submit(FORWARD, {"sleep": 0.3})
+    fut = client.submit(FORWARD, {"sleep": 1.0})  # still running at the cut, on a loaded host too
     assert wait_for(lambda: len(handler.seen) == 1)
     proxy.cut_now()
     with pytest.raises(RemoteError) as err:
@@ -126,10 +126,15 @@ def test_a_session_the_server_lost_is_not_silently_replaced(proxied) -> None:
     """After a cut the server no longer has the session (expired, restarted): the requests in
     flight fail with NOT_FOUND naming the session, rather than running in a fresh one."""
     handler, server, proxy, client = proxied()
-    fut = client.submit(FORWARD, {"sleep": 0.3})
+    fut = client.submit(FORWARD, {"sleep": 1.0})  # still running at the cut, on a loaded host too
     assert wait_for(lambda: len(handler.seen) == 1)
-    server.sessions.close_all()
+    # The link is cut (and kept down) while the request runs, then the server drops the session
+    # (close_all waits for the running handler), then the link comes back. Closing first and then
+    # cutting raced: on a loaded CI host the reply could leave before the cut.
+    proxy.refuse(True)
     proxy.cut_now()
+    server.sessions.close_all()
+    proxy.refuse(False)
     with pytest.raises(RemoteError) as err:
         fut.result(timeout=20)
     assert err.value.code == grpc.StatusCode.NOT_FOUND and client.session_id[:8] in err.value.message
