@@ -292,12 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     # would only note it, and then wait on a server the same signal ended.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
     if args.merge:
-        rows, label_rows = merged(args.merge, args.steps)
-        import json
-
-        source = json.loads(Path(args.merge[0]).read_text())
-        measured_on = source["environment"]  # the runs' machine, not this one
-        args.device = "cpu"  # nothing runs here; the JSON's environment is the runs'
+        rows, label_rows, measured_on = merged(args.merge, args.steps)
+        args.device = "cpu"  # nothing runs here; the JSON's environment is the runs' machine
         report(args, rows, label_rows, merged_from={"sources": args.merge, "environment": measured_on})
         return 0
     if args.device == "cpu":
@@ -309,21 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def merged(paths: list[str], steps: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def merged(paths: list[str], steps: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """The inversion rows of several runs of ``steps`` training steps (a cut's rows from the last run
     that has its undefended row, so every ratio stays within one run) and the label rows of the
-    last run that has them."""
+    last run that has them; and the machine they ran on (the first run's)."""
     import json
 
-    rows, label_rows = [], []
+    rows, label_rows, environment = [], [], None
     for path in paths:
         doc = json.loads(Path(path).read_text())
+        environment = environment or doc["environment"]
         found = [r for r in doc.get("inversion", []) if r["steps"] == steps]
         cuts_with_baseline = {r["cut"] for r in found if r["defense"] == "none"}
         rows = [r for r in rows if r["cut"] not in cuts_with_baseline]  # a later run of a cut replaces it
         rows += [dict(r, source=Path(path).name) for r in found if r["cut"] in cuts_with_baseline]
         label_rows = [dict(r, source=Path(path).name) for r in doc.get("labels", [])] or label_rows
-    return costs(sorted(rows, key=lambda r: (r["cut"], list(DEFENSES).index(r["defense"])))), label_rows
+    return costs(sorted(rows, key=lambda r: (r["cut"], list(DEFENSES).index(r["defense"])))), label_rows, environment
 
 
 def report(args: Any, rows: list[dict[str, Any]], label_rows: list[dict[str, Any]],

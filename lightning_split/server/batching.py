@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from lightning_split.server.batch_stack import DecodeStack
-from lightning_split.server.cuda_graphs import describe_leaf, tensor_leaves, tree_leaves
+from lightning_split.server.cuda_graphs import describe_leaf, on_one_device, tensor_leaves, tree_leaves
 from lightning_split.server.fast_decode import RESULT_OPTIONS, StaticDecoder
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
@@ -102,7 +102,7 @@ class Batcher:
         # Batched decode steps replay CUDA graphs (one per pool, batch_stack.py), on a segment on one
         # device (a graph runs on one; a spread segment's batched steps run eagerly). Tests emulate
         # them on CPU.
-        self.graphs = device.type == "cuda" and len({p.device for p in module.parameters()}) == 1
+        self.graphs = device.type == "cuda" and on_one_device(module)
         self.emulate_graphs = False
         self._thread: threading.Thread | None = None
         self.enabled = True  # an operator (or a benchmark) may pause batching: every step runs alone

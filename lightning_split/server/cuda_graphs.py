@@ -62,6 +62,12 @@ def tree_leaves(tree: Any) -> list[Any]:
     return out
 
 
+def on_one_device(module: torch.nn.Module) -> bool:
+    """Every parameter on one device: a CUDA graph runs on one, so a module spread over several
+    (``placement.py``) runs eagerly."""
+    return len({p.device for p in module.parameters()}) == 1
+
+
 def tensor_leaves(tree: Any) -> list[torch.Tensor]:
     """The tensors among ``tree``'s leaves, in ``map_leaves`` order."""
     return [v for v in tree_leaves(tree) if isinstance(v, torch.Tensor)]

@@ -35,7 +35,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tensor_leaves, tree_leaves
+from lightning_split.server.cuda_graphs import (
+    capture,
+    describe_leaf,
+    drop_oldest,
+    on_one_device,
+    tensor_leaves,
+    tree_leaves,
+)
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
 from lightning_split.wire.markers import KV_CACHE, GradInputRef, KvCacheRef
@@ -106,7 +113,7 @@ class StaticDecoder:
         self.mask_arg = mask_arg(module.blocks[0])
         self.sdpa = hf_config._attn_implementation == "sdpa"
         # A graph runs on one device: a segment spread over several GPUs decodes eagerly.
-        self.use_graphs = graphs and len({p.device for p in module.parameters()}) == 1
+        self.use_graphs = graphs and on_one_device(module)
         self.emulate_graphs = False  # tests: the graph bookkeeping on CPU, the step run on replay
         self.cache: Any = None
         self.batch = self.capacity = self.tokens = 0

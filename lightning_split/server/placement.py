@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,10 +79,7 @@ def spread(segment: nn.Module, devices: Sequence[int | str | torch.device]) -> d
     """Place the segment's blocks over ``devices`` (``plan_blocks``) and return the map."""
     placement = plan_blocks(segment, as_devices(devices))
     segment.place(placement)
-    counts: dict[str, int] = {}
-    for device in placement.values():
-        counts[str(device)] = counts.get(str(device), 0) + 1
-    log.info("segment spread over %s: blocks per device %s", ", ".join(counts), counts)
+    log.info("segment spread: blocks per device %s", dict(Counter(map(str, placement.values()))))
     return placement
 
 

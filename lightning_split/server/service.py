@@ -41,7 +41,7 @@ from lightning_split.server.placement import Replica, Replicas, as_devices, repl
 from lightning_split.server.segment_state import MAX_GRAPHS, SessionSegment
 from lightning_split.server.state_store import StateDamaged, StateStore
 from lightning_split.server.tail import TAIL_MODES, check_tail
-from lightning_split.split.block_args import BlockSignature, from_neutral
+from lightning_split.split.block_args import from_neutral
 from lightning_split.split.build import ModelSource, build_model, describe_config
 from lightning_split.split.shipping import fingerprint, pack_part
 from lightning_split.split.spec import SplitSpec
@@ -96,7 +96,7 @@ class SplitService:
         self.split = spec.resolve(model)
         cut = cut_model(model, self.split)
         self.segment = cut.segment
-        self.block_signature = BlockSignature.of(self.segment.blocks[0])
+        self.block_signature = cut.proxy.signature  # its first block's parameters (cut_model)
         segments = [self.segment]
         if devices and placement == "replicate":  # a whole copy per device (placement.py)
             segments = replicate(self.segment, devices)

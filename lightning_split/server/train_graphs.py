@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from lightning_split.server.call_grads import CallGradients
-from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, tree_leaves
+from lightning_split.server.cuda_graphs import capture, describe_leaf, drop_oldest, on_one_device, tree_leaves
 from lightning_split.split.results import segment_reply
 from lightning_split.split.surgery import ServerSegment, map_leaves
 
@@ -79,7 +79,7 @@ class TrainGraphs:
         self.device = device
         self.max_graphs = max_graphs
         # A graph runs on one device: a segment spread over several GPUs trains eagerly.
-        self.enabled = device.type == "cuda" and len({p.device for p in module.parameters()}) == 1
+        self.enabled = device.type == "cuda" and on_one_device(module)
         self.seen: Counter[str] = Counter()
         self.failed: set[str] = set()
         self.graphs: OrderedDict[str, _TrainGraph] = OrderedDict()
