@@ -28,6 +28,12 @@ import torch
 # the spawned server, which imports this module too); default 0.005. An experiment knob.
 if os.environ.get("LS_SWITCH_INTERVAL"):
     sys.setswitchinterval(float(os.environ["LS_SWITCH_INTERVAL"]))
+# LS_SYNC_DEBUG=warn|error: torch.cuda.set_sync_debug_mode in every benchmark process (client and
+# server): each operation that makes the host wait for the GPU (``.item()``, a synchronize, a
+# non_blocking copy from pageable memory) is reported with its stack. How to find the host-device
+# sync that stalls a handler (see benchmarks/README.md, "same host").
+if os.environ.get("LS_SYNC_DEBUG") and torch.cuda.is_available():
+    torch.cuda.set_sync_debug_mode(os.environ["LS_SYNC_DEBUG"])
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -281,6 +281,29 @@ def run_hand_built(args: Any, source: ModelSource, link: Link | None, wire: str 
                                                    "received_MB_per_step": down / 1e6})
 
 
+def run_anchor(args: Any, script: str, wire: str = "fp32") -> list[Run]:
+    """The reference hand-built split (``../shared/baselines/naive_split.py``) run here, in this run:
+    its local and split step times become rows ``anchor local`` and ``anchor naive_split``. It
+    trains fp32 weights under bf16 autocast (``MIXED=1``, our rows' precision) at its own fixed
+    batch (8 x 1024) and cut, so it is comparable with GPU rows of that shape."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "MIXED": "1", "WIRE": wire,
+           "SERVER_GPU": str(torch.device(args.server_device).index or 0)}
+    out = subprocess.run([sys.executable, script, args.model, str(args.cut)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode != 0 or len(lines) < 2:
+        raise RuntimeError(f"{script} failed (rc {out.returncode}): {out.stderr[-2000:]}")
+    by = {x["what"]: x for x in lines}
+    suffix = "" if wire == "fp32" else f" {wire} wire"
+    return [Run(f"anchor local{suffix}", [by["local_step"]["step_ms"] / 1e3], [], {"anchor": by["local_step"]}),
+            Run(f"anchor naive_split{suffix}", [by["naive_split_step"]["step_ms"] / 1e3], [],
+                {"anchor": by["naive_split_step"]})]
+
+
 # -- Lightning ---------------------------------------------------------------------------------------
 
 def run_lightning(args: Any, source: ModelSource, batches: list[torch.Tensor],
@@ -413,7 +436,7 @@ def vs_hand_built(runs: list[Run], targets: dict[str, Any] | None) -> dict[str, 
     fp32, bf16 = by.get("hand-built"), by.get("hand-built bf16 wire")
     table = {}
     for r in runs:
-        if r.name in ("local", "lightning local"):  # not split: nothing to compare
+        if r.name in ("local", "lightning local") or not r.losses:  # not split, or an anchor row (no losses)
             continue
         row: dict[str, Any] = {
             "steps_per_s": r.steps_per_s,
@@ -497,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra 'ours ramped mb=N' rows: N micro-batches, the first and last half the size")
     p.add_argument("--also-unfused", action="store_true",
                    help="an extra row whose server waits for a BACKWARD per micro-batch (two round trips)")
+    p.add_argument("--anchor", default=None, metavar="PATH",
+                   help="also run the reference hand-built split (../shared/baselines/naive_split.py, CUDA) "
+                        "in this run, fp32 wire (and bf16 wire with --also-bf16-wire)")
     p.add_argument("--also-eager-server", action="store_true",
                    help="an extra row whose server runs every micro-batch eagerly (no CUDA graphs)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
@@ -576,6 +602,10 @@ def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spe
         record(run_hand_built(args, source, link))
         for mode in hand_built_wires:
             record(run_hand_built(args, source, link, mode, f"hand-built {mode} wire"))
+    if args.anchor:
+        for wire in ["fp32", *bf16]:
+            for run in run_anchor(args, args.anchor, wire):
+                record(run)
 
     by = {r.name: r for r in runs}
     local = by["local"]
@@ -586,12 +616,22 @@ def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spe
          "loss last5"],
         [[r.name, r.steps_per_s, 1e3 * median(r.times), 1e3 * min(r.times), r.steps_per_s / local.steps_per_s,
           r.extra.get("sent_MB_per_step", "-"), r.extra.get("received_MB_per_step", "-"),
-          f"{r.losses[0]:.4f}", f"{r.losses[-1]:.4f}", f"{r.loss_last5:.4f}"] for r in runs],
+          *([f"{r.losses[0]:.4f}", f"{r.losses[-1]:.4f}", f"{r.loss_last5:.4f}"] if r.losses else ["-"] * 3)]
+         for r in runs],
     )
     ratios = {"ours/local": by["ours"].steps_per_s / local.steps_per_s}
     if "hand-built" in by:
         ratios["hand-built/local"] = by["hand-built"].steps_per_s / local.steps_per_s
         ratios["ours/hand-built"] = by["ours"].steps_per_s / by["hand-built"].steps_per_s
+    anchor = by.get("anchor naive_split")
+    if anchor is not None:  # the reference split, and its own local, measured in this run
+        ratios["anchor naive_split/anchor local"] = anchor.steps_per_s / by["anchor local"].steps_per_s
+        ratios["ours/anchor naive_split"] = by["ours"].steps_per_s / anchor.steps_per_s
+        if "hand-built" in by:
+            ratios["hand-built/anchor naive_split"] = by["hand-built"].steps_per_s / anchor.steps_per_s
+    if "anchor naive_split bf16 wire" in by and "ours bf16 wire" in by:
+        ratios["ours/anchor naive_split, bf16 wire"] = (by["ours bf16 wire"].steps_per_s
+                                                       / by["anchor naive_split bf16 wire"].steps_per_s)
     for mode in HAND_BUILT_WIRES:
         if f"hand-built {mode} wire" in by and f"ours {mode} wire" in by:
             ratios[f"ours/hand-built, {mode} wire"] = (by[f"ours {mode} wire"].steps_per_s
@@ -613,8 +653,9 @@ def _main(args: Any, link: Link | None, t_start: float, source: ModelSource, spe
     if torch.device(args.device).type == "cuda":
         target = TARGETS.get(args.model)
         if target is not None:
-            ok = ratios["ours/local"] >= target and ratios.get("ours/hand-built", 1.0) > 1.0
-            print(f"\ntarget (GPU): ours >= {target} x local and ahead of hand-built: "
+            ok = (ratios["ours/local"] >= target and ratios.get("ours/hand-built", 1.0) > 1.0
+                  and ratios.get("ours/anchor naive_split", 1.0) > 1.0)
+            print(f"\ntarget (GPU): ours >= {target} x local and ahead of hand-built (and naive_split.py): "
                   f"{'MET' if ok else 'MISSED'}")
     out = write_json(json_path(args, bench), args, {
         "runs": {r.name: r.as_dict() for r in runs}, "ratios": ratios, "targets": targets,
