@@ -16,6 +16,11 @@ round trip brings up to k + 1 tokens. Two ways of drafting, as a user passes the
   acceptance is its own.)
 * ``assistant_model``: a smaller GPT-2 of the same vocabulary (``--draft-layers``), random-initialised
   too: its drafts are timed honestly but rarely accepted (the acceptance is in the table).
+  ``--draft self`` instead: the target's own first ``--draft-layers`` blocks with its own final
+  norm and output layer (self-speculation, as LayerSkip drafts by exiting early), weights shared.
+  In a U-shaped split with ``--draft-layers`` <= the cut, the client holds every weight it uses,
+  so it drafts without asking the server. On these random models its drafts agree with the full
+  model's ~85-90% of the time (GPT-2 small, 1-2 blocks); a trained model's early exit agrees less.
 
 Rows: local ``generate`` plain and with each drafting (no link), then for each RTT and split shape
 the split plain and with each drafting. Every row's greedy tokens are checked against local plain
@@ -71,6 +76,21 @@ def draft_source(source: ModelSource, layers: int) -> ModelSource:
                        seed=99, dtype=source.dtype)
 
 
+def self_draft(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """The GPT-2 ``model`` cut to its first ``layers`` blocks, sharing its embeddings, final norm and
+    output layer: an early-exit draft that needs no weights of its own."""
+    from transformers import GPT2LMHeadModel
+
+    draft = GPT2LMHeadModel(type(model.config)(**{**model.config.to_dict(), "n_layer": layers}))
+    draft.transformer.wte, draft.transformer.wpe = model.transformer.wte, model.transformer.wpe
+    draft.transformer.h = torch.nn.ModuleList(list(model.transformer.h[:layers]))
+    draft.transformer.ln_f, draft.lm_head = model.transformer.ln_f, model.lm_head
+    # A random model's next-token distribution is flat: Hugging Face's default confidence threshold
+    # (0.4) would end every draft after its first token, however often the drafts are right.
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    return draft.to(model.device, model.dtype).eval()
+
+
 def repeating_prompt(model: torch.nn.Module, vocab: int, start: int, passage: int, device: str) -> torch.Tensor:
     """A start, the model's greedy continuation of it (``passage`` tokens), and the start again."""
     ids = torch.randint(3, vocab, (1, start), generator=torch.Generator().manual_seed(1)).to(device)
@@ -121,19 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--draft-layers", type=int, default=2, help="blocks of the assistant model")
+    p.add_argument("--draft", choices=("small", "self"), default="small",
+                   help="the assistant: a smaller random GPT-2, or the target's own first blocks (early exit)")
+    p.add_argument("--draftings", nargs="+", choices=("plain", "prompt lookup", "draft model"),
+                   default=["plain", "prompt lookup", "draft model"], help="the rows to run (plain always)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     t_start = time.perf_counter()
     source = model_source(args.model, args.dtype)
     vocab = source.config["vocab_size"]
     local = build_model(source, device=args.device).eval()
-    draft = build_model(draft_source(source, args.draft_layers), device=args.device).eval()
+    draft = (self_draft(local, args.draft_layers) if args.draft == "self"
+             else build_model(draft_source(source, args.draft_layers), device=args.device).eval())
     draftings = {"plain": {}, "prompt lookup": {"prompt_lookup_num_tokens": args.lookup},
                  "draft model": {"assistant_model": draft}}
+    draftings = {k: v for k, v in draftings.items() if k == "plain" or k in args.draftings}
     ids = repeating_prompt(local, vocab, args.seq, args.new_tokens + 8, args.device)
     print(f"speculative: GPT-2 {args.model} ({source.config['n_layer']} x {source.config['n_embd']}), prompt "
           f"{ids.shape[1]} (start {args.seq}, passage {args.new_tokens + 8}, start again), {args.new_tokens} new "
-          f"tokens, draft {args.draft_layers} x {draft.config.n_embd}, lookup {args.lookup}, {args.device} "
-          f"{args.dtype}, median of {args.steps}", flush=True)
+          f"tokens, draft ({args.draft}) {args.draft_layers} x {draft.config.n_embd}, lookup {args.lookup}, "
+          f"{args.device} {args.dtype}, median of {args.steps}", flush=True)
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         expected = greedy(local, ids, args.new_tokens)
