@@ -16,11 +16,12 @@ round trip brings up to k + 1 tokens. Two ways of drafting, as a user passes the
   acceptance is its own.)
 * ``assistant_model``: a smaller GPT-2 of the same vocabulary (``--draft-layers``), random-initialised
   too: its drafts are timed honestly but rarely accepted (the acceptance is in the table).
-  ``--draft self`` instead: the target's own first ``--draft-layers`` blocks with its own final
-  norm and output layer (self-speculation, as LayerSkip drafts by exiting early), weights shared.
-  In a U-shaped split with ``--draft-layers`` <= the cut, the client holds every weight it uses,
-  so it drafts without asking the server. On these random models its drafts agree with the full
-  model's ~85-90% of the time (GPT-2 small, 1-2 blocks); a trained model's early exit agrees less.
+  ``--draft self`` instead: the model's own first ``--draft-layers`` blocks with its final norm and
+  output layer (self-speculation, as LayerSkip drafts by exiting early), weights shared: locally
+  the whole model's, in a U-shaped split the client's (``SplitModel.early_exit_draft``, which drafts
+  without asking the server). A two-part client has no output layer: its draft row is left out.
+  On these random models the early exit agrees with the whole model ~85-90% of the time (GPT-2
+  small, 1-2 blocks); a trained model's agrees less, unless it was trained to exit early.
 
 Rows: local ``generate`` plain and with each drafting (no link), then for each RTT and split shape
 the split plain and with each drafting. Every row's greedy tokens are checked against local plain
@@ -62,6 +63,7 @@ from _linked import LinkedServer  # noqa: E402
 from link import Link, LinkError  # noqa: E402
 
 from lightning_split.split.build import ModelSource, build_model  # noqa: E402
+from lightning_split.split.draft import early_exit_draft  # noqa: E402
 from lightning_split.split.spec import SplitSpec  # noqa: E402
 
 QUICK = dict(model="tiny", seq=16, new_tokens=48, steps=3, warmup=1)
@@ -76,19 +78,11 @@ def draft_source(source: ModelSource, layers: int) -> ModelSource:
                        seed=99, dtype=source.dtype)
 
 
-def self_draft(model: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """The GPT-2 ``model`` cut to its first ``layers`` blocks, sharing its embeddings, final norm and
-    output layer: an early-exit draft that needs no weights of its own."""
-    from transformers import GPT2LMHeadModel
-
-    draft = GPT2LMHeadModel(type(model.config)(**{**model.config.to_dict(), "n_layer": layers}))
-    draft.transformer.wte, draft.transformer.wpe = model.transformer.wte, model.transformer.wpe
-    draft.transformer.h = torch.nn.ModuleList(list(model.transformer.h[:layers]))
-    draft.transformer.ln_f, draft.lm_head = model.transformer.ln_f, model.lm_head
-    # A random model's next-token distribution is flat: Hugging Face's default confidence threshold
-    # (0.4) would end every draft after its first token, however often the drafts are right.
+def confident(draft: torch.nn.Module) -> torch.nn.Module:
+    """A random model's next-token distribution is flat: Hugging Face's default confidence threshold
+    (0.4) would end every draft after its first token, however often the drafts are right."""
     draft.generation_config.assistant_confidence_threshold = 0.0
-    return draft.to(model.device, model.dtype).eval()
+    return draft
 
 
 def repeating_prompt(model: torch.nn.Module, vocab: int, start: int, passage: int, device: str) -> torch.Tensor:
@@ -127,6 +121,12 @@ def split_rows(server: SplitServer, source: ModelSource, spec: SplitSpec, label:
     split = server.connect(source, spec, args.device)
     try:
         model = split.model.eval()
+        if args.draft == "self" and "draft model" in draftings:
+            draftings = dict(draftings)
+            if spec.shape == "u_shape":  # the client's own first blocks and output layer (split/draft.py)
+                draftings["draft model"] = {"assistant_model": confident(split.early_exit_draft(args.draft_layers))}
+            else:  # a two-part client has no output layer to exit to
+                del draftings["draft model"]
         return [measure(f"{label} {kind}", model, ids, drafting, args, expected, split) | {"drafting": kind}
                 for kind, drafting in draftings.items()]
     finally:
@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     source = model_source(args.model, args.dtype)
     vocab = source.config["vocab_size"]
     local = build_model(source, device=args.device).eval()
-    draft = (self_draft(local, args.draft_layers) if args.draft == "self"
+    # Local rows with --draft self: the local model's own first blocks (the same early exit as the
+    # split client's, split/draft.py, on the whole model's modules).
+    draft = (confident(early_exit_draft(local, SplitSpec(cut=args.draft_layers).resolve(local),
+                                        args.draft_layers)) if args.draft == "self"
              else build_model(draft_source(source, args.draft_layers), device=args.device).eval())
     draftings = {"plain": {}, "prompt lookup": {"prompt_lookup_num_tokens": args.lookup},
                  "draft model": {"assistant_model": draft}}

@@ -174,3 +174,44 @@ def test_cuda_graphs_verify_drafts_exactly(connect, family, spec) -> None:
             assert torch.equal(model.generate(ids, **GREEDY, **kw), expected), drafting
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("fast_decode", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("spec", ["u_shape", "u_shape_last"])
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_early_exit_draft_of_the_clients_own_blocks(connect, family, spec, fast_decode) -> None:
+    """``early_exit_draft``: the client's first block, final norm and output layer draft (weights
+    shared, nothing copied); greedy tokens equal local plain decoding, the drafts are verified by
+    the server, and the client's split model is untouched (it still generates through the server)."""
+    local, remote = connect(family, spec, fast_decode)
+    ids = _repeating_prompt()
+    expected = local.generate(ids, **GREEDY)
+    model = remote.model.eval()
+    draft = remote.early_exit_draft(1)
+    draft.generation_config.assistant_confidence_threshold = 0.0  # a random model's drafts: all kept
+    # The draft is the local model's first block and head: its logits are exactly theirs.
+    source = SOURCES[family]
+    layers = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    one = build_model(ModelSource(source.target, {**source.config, layers: 1}, seed=source.seed)).eval()
+    one.load_state_dict({k: v for k, v in local.state_dict().items() if k in one.state_dict()})
+    with torch.no_grad():
+        torch.testing.assert_close(draft(ids).logits, one(ids).logits, rtol=1e-5, atol=1e-5)
+    assert {id(p) for p in draft.parameters()} <= {id(p) for p in model.parameters()}  # shared, not copied
+    before = remote.client.stats.snapshot()
+    got = model.generate(ids, **GREEDY, assistant_model=draft)
+    assert torch.equal(got, expected)
+    m = model.generation_metrics
+    assert m.drafted > 0 and m.round_trips == (remote.client.stats - before).messages
+    assert m.accepted == m.new_tokens - m.round_trips
+    if family == "gpt2":  # this random GPT-2's first block agrees with the whole (this Llama's does not)
+        assert m.round_trips < GREEDY["max_new_tokens"]
+    assert torch.equal(model.generate(ids, **GREEDY), expected)  # the split model itself is as it was
+
+
+def test_early_exit_draft_needs_the_output_layer_and_the_clients_blocks(connect) -> None:
+    _, two_part = connect("gpt2", "two_part")
+    with pytest.raises(ValueError, match="U-shaped"):
+        two_part.early_exit_draft(1)
+    _, u_shape = connect("gpt2", "u_shape")
+    with pytest.raises(ValueError, match="1 to 1"):
+        u_shape.early_exit_draft(2)

@@ -20,6 +20,7 @@ from lightning_split.split.adaptive import is_loopback
 from lightning_split.split.build import ModelSource
 from lightning_split.split.client_model import build_client_skeleton, materialise
 from lightning_split.split.decode_stats import install_generation_metrics
+from lightning_split.split.draft import early_exit_draft
 from lightning_split.split.remote import RemoteSegment
 from lightning_split.split.shipping import fingerprint
 from lightning_split.split.spec import ResolvedSplit, SplitSpec
@@ -40,6 +41,12 @@ class SplitModel:
 
     def close(self) -> None:
         self.client.close()
+
+    def early_exit_draft(self, layers: int = 1) -> nn.Module:
+        """A draft for ``model.generate(..., assistant_model=...)`` made of this client's own first
+        ``layers`` blocks and output layer (U-shaped splits; ``draft.py``): it drafts without the
+        server, which verifies the drafts."""
+        return early_exit_draft(self.model, self.split, layers)
 
 
 PREFILL_CHUNK_BYTES = 1 << 20  # a prompt's hidden state above this, off loopback, goes in chunks
