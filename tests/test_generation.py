@@ -65,6 +65,22 @@ def _prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("family", list(SOURCES))
 @pytest.mark.parametrize("batch", [1, 3])
+def test_client_on_hugging_faces_static_cache(pair, family, batch):
+    """``generate(cache_implementation="static")`` on the client's split model (its own blocks on a
+    static cache, what a user who wants speed passes): the same tokens as local generation with
+    and without it, padded batches too. The client's mask spans the static cache's capacity; the
+    server's cache holds the tokens so far, and gets the mask's columns for those."""
+    local, remote = pair(family)
+    ids, mask = _prompts(batch)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = local.generate(ids, **kw)
+    assert torch.equal(local.generate(ids, **kw, cache_implementation="static"), expected)
+    got = remote.model.eval().generate(ids, **kw, cache_implementation="static")
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", list(SOURCES))
+@pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_matches_local(pair, family, batch):
     local, remote = pair(family)
     ids, mask = _prompts(batch)

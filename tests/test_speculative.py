@@ -215,3 +215,17 @@ def test_early_exit_draft_needs_the_output_layer_and_the_clients_blocks(connect)
     _, u_shape = connect("gpt2", "u_shape")
     with pytest.raises(ValueError, match="1 to 1"):
         u_shape.early_exit_draft(2)
+
+
+@pytest.mark.parametrize("spec", ["u_shape", "two_part"])
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_client_static_cache_on_the_servers_static_decoder(connect, family, spec) -> None:
+    """The client's blocks on Hugging Face's static cache, the server's on its own (graph-emulated)
+    static decoder: the client's capacity-wide mask is cut to the tokens the server holds; tokens
+    equal local plain decoding, and every step after the prompt ran on the server's fast path."""
+    local, remote = connect(family, spec, True)
+    ids = _repeating_prompt()
+    expected = local.generate(ids, **GREEDY)
+    got = remote.model.eval().generate(ids, **GREEDY, cache_implementation="static")
+    assert torch.equal(got, expected)
+    assert remote.decoder.stats["static_steps"] == GREEDY["max_new_tokens"]

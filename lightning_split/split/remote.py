@@ -159,6 +159,7 @@ class RemoteSegment:
         body["hidden"] = hidden
         if cache is not None and kwargs.get("use_cache", True):
             body["cache"] = self._cache_info(cache, hidden)
+            _mask_keys_held(body["block"], body["cache"])
         keep = int(extra.get("keep_last", 0)) if not self.proxy.hand_off else 0
         if 0 < keep < hidden.shape[-2]:
             body["keep_last"] = keep
@@ -292,3 +293,13 @@ class RemoteSegment:
 
     def remember_keys(self, keys: tuple[str, ...]) -> None:
         self._keys = keys
+
+
+def _mask_keys_held(block: dict[str, Any], info: dict[str, Any]) -> None:
+    """A client generating on Hugging Face's static cache (``cache_implementation="static"``) masks
+    keys up to the cache's capacity; the server's cache holds the sequence's ``past + new`` tokens.
+    The columns after them stand for slots not filled yet, masked anyway: they are left out."""
+    mask = block.get("attention_mask")
+    held = int(info["past"]) + int(info["new"])
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > held:
+        block["attention_mask"] = mask[..., :held]
