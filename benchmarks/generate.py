@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="connections each stream is bonded over (default: the library's, by the host's cores)")
     p.add_argument("--no-static-local", action="store_true",
                    help="leave out the local row with cache_implementation='static' (the strongest local)")
+    p.add_argument("--also-client-static", action="store_true",
+                   help="extra rows: the split's client generating with cache_implementation='static'")
     p.add_argument("--also-eager-server", action="store_true",
                    help="extra rows with the server's fast decode (static cache, CUDA graphs) off")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                        config=ChannelConfig(connections=args.connections))
                 engines.append(Engine(f"{shape} k={top_k}" if top_k else shape, split.model.eval(), server, split))
                 rtts[shape] = channel_rtt_ms(split)
+                if args.also_client_static:  # the client's own blocks on HF's static cache (compiled on a GPU)
+                    engines.append(Engine(f"{shape} client static", split.model, server, split,
+                                          cache_implementation="static"))
                 if args.also_eager_server:  # the same split, the server's fast decode path off
                     split = server.connect(source, specs[shape], args.device, {"fast_decode": False},
                                            decode_top_k=top_k, config=ChannelConfig(connections=args.connections))
