@@ -27,6 +27,7 @@ construction (a row says so); the U-shape keeps them on the client.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -309,8 +310,6 @@ def merged(paths: list[str], steps: int) -> tuple[list[dict[str, Any]], list[dic
     """The inversion rows of several runs of ``steps`` training steps (a cut's rows from the last run
     that has its undefended row, so every ratio stays within one run) and the label rows of the
     last run that has them; and the machine they ran on (the first run's)."""
-    import json
-
     rows, label_rows, environment = [], [], None
     for path in paths:
         doc = json.loads(Path(path).read_text())

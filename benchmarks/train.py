@@ -54,6 +54,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -286,10 +289,6 @@ def run_anchor(args: Any, script: str, wire: str = "fp32") -> list[Run]:
     its local and split step times become rows ``anchor local`` and ``anchor naive_split``. It
     trains fp32 weights under bf16 autocast (``MIXED=1``, our rows' precision) at its own fixed
     batch (8 x 1024) and cut, so it is comparable with GPU rows of that shape."""
-    import json
-    import os
-    import subprocess
-
     env = {**os.environ, "MIXED": "1", "WIRE": wire,
            "SERVER_GPU": str(torch.device(args.server_device).index or 0)}
     out = subprocess.run([sys.executable, script, args.model, str(args.cut)], env=env, capture_output=True,
