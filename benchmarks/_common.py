@@ -32,8 +32,27 @@ if os.environ.get("LS_SWITCH_INTERVAL"):
 # server): each operation that makes the host wait for the GPU (``.item()``, a synchronize, a
 # non_blocking copy from pageable memory) is reported with its stack. How to find the host-device
 # sync that stalls a handler (see benchmarks/README.md, "same host").
+# LS_SYNC_DEBUG_FILE=path: append each distinct stack that synchronised there (once, with its thread).
 if os.environ.get("LS_SYNC_DEBUG") and torch.cuda.is_available():
     torch.cuda.set_sync_debug_mode(os.environ["LS_SYNC_DEBUG"])
+    if os.environ.get("LS_SYNC_DEBUG_FILE"):
+        import traceback
+        import warnings
+
+        _seen_sync_stacks: set[str] = set()
+        _show_warning = warnings.showwarning
+
+        def _record_sync(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if "synchroniz" not in str(message):
+                return _show_warning(message, category, filename, lineno, file, line)
+            stack = "".join(traceback.format_stack()[:-1])
+            if stack not in _seen_sync_stacks:
+                _seen_sync_stacks.add(stack)
+                with open(os.environ["LS_SYNC_DEBUG_FILE"], "a") as out:
+                    out.write(f"=== pid {os.getpid()} thread {threading.current_thread().name}: {message}\n{stack}\n")
+
+        warnings.showwarning = _record_sync
+        warnings.simplefilter("always", UserWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 from lightning_split.split.build import build_model
@@ -77,6 +78,33 @@ def test_client_on_hugging_faces_static_cache(pair, family, batch):
     assert torch.equal(local.generate(ids, **kw, cache_implementation="static"), expected)
     got = remote.model.eval().generate(ids, **kw, cache_implementation="static")
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", list(SOURCES))
+def test_hugging_face_compiling_the_clients_step(pair, family, monkeypatch):
+    """On a GPU, ``generate(cache_implementation="static")`` compiles the model's decode step
+    (torch.compile). The network call is never traced (it failed in Inductor on the GPU: a pinned
+    wire buffer); Dynamo runs it eagerly between the client's compiled blocks. Here on a CPU the
+    same compile is asked for (``_compile_all_devices``), with the eager backend."""
+    local, remote = pair(family)
+    ids, mask = _prompts(2)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = local.generate(ids, **kw)
+    runner = remote.proxy.runner
+    traced = []
+
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        traced.append(torch.compiler.is_compiling())
+        return runner(*args, **kwargs)
+
+    monkeypatch.setattr(remote.proxy, "runner", run)
+    torch._dynamo.reset()
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # Hugging Face's own flag for compiling on a CPU (tests)
+    got = remote.model.eval().generate(ids, **kw, cache_implementation="static", compile_config=config)
+    assert torch.equal(got, expected)
+    assert traced and not any(traced)  # every call ran outside the compiled graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
 
 
 @pytest.mark.parametrize("family", list(SOURCES))

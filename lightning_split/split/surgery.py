@@ -82,6 +82,10 @@ class SegmentProxy(nn.Module):
         self.decode_top_k = 0
         self.signature: BlockSignature | None = None  # the server's first block's parameters (cut_model)
 
+    # Never traced: Hugging Face compiles a model's forward on its own (generate on a static cache,
+    # on a GPU), and the network call is no graph. Dynamo breaks the graph here and runs the call
+    # eagerly; the client's blocks around it stay compiled.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.runner is None:
             raise RuntimeError("this model's server segment is not connected (no runner attached)")
