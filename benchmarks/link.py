@@ -24,6 +24,10 @@ packets, 1 ms at the rate) (at least one packet; a large burst would let a whole
 unshaped, as linkns.sh's 4 MB does); queue (``latency``) = max(50 ms, 2 RTT) at the rate, at least
 the bandwidth-delay product, so one TCP flow fills the link without tail drops.
 
+Mode ``proxy``, for any host (no root, no ``ip``/``tc``): ``link_proxy.py``, a TCP forwarding proxy of
+ours per server port, with the rate and RTT/2 in each direction; only connections to
+``client_addr(port)`` cross it (not gloo's), and TCP never sees the delay (see that module).
+
 Mode ``loopback-ns``, for a host without TUN: one namespace whose ``lo`` is tbf-limited (both
 directions share the rate), both sides inside it (``enter_client()``); no delay. On the GPU machine
 (no ``ip``/``tc``) ``source .dev/linkns.sh slow 1gbit`` (../shared/device/README.md) unpacks
@@ -56,7 +60,7 @@ from typing import Any
 
 CLONE_NEWNET, TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x40000000, 0x400454CA, 0x0001, 0x1000
 IPRROOT = Path(os.environ.get("LS_IPRROOT", "/tmp/iprroot"))  # where linkns.sh unpacks iproute2
-PREFIX, MODES = "lslink-", ("tun", "loopback-ns")
+PREFIX, MODES = "lslink-", ("tun", "loopback-ns", "proxy")
 _count = itertools.count()
 HOW_TO = ("no `ip`/`tc` here, none under {root}. On the GPU machine: copy ../shared/device into an ignored, "
           "carried folder (.dev), `source .dev/linkns.sh slow RATE` (unpacks iproute2 under /tmp/iprroot), "
@@ -98,7 +102,7 @@ def _tools() -> tuple[list[str], list[str]]:
 
 class Link:
     """One emulated link (see the module's docstring). ``rate``: tc style, each direction (``tun``)
-    or both together (``loopback-ns``); ``rtt_ms``: round-trip delay added (``tun`` only)."""
+    or both together (``loopback-ns``); ``rtt_ms``: round-trip delay added (``tun``, ``proxy``)."""
 
     def __init__(self, rate: str = "1gbit", rtt_ms: float = 0.0, mode: str = "tun") -> None:
         if mode not in MODES:
@@ -115,21 +119,28 @@ class Link:
         self.client_iface, self.server_iface = f"lsc{pid}x{n}", f"lss{pid}x{n}"
         hi, lo = divmod(((pid * 8 + n) % 16384) * 4, 256)  # a /30 of 10.99/16 per link
         self.client_host, self.server_host = f"10.99.{hi}.{lo + 1}", f"10.99.{hi}.{lo + 2}"
-        if mode == "loopback-ns":
+        if mode in ("loopback-ns", "proxy"):
             self.client_host = self.server_host = "127.0.0.1"
             self.client_iface = self.server_iface = "lo"
+        if mode == "proxy":  # no namespace: the server is a process of this host
+            self.server_ns_path = None
         self.server_name = "localhost"  # a name in our certificates' SANs (10.99.x.y is not)
         self.client_ns_path = self.server_ns_path if mode == "loopback-ns" else None
+        self._proxies: dict[int, tuple[subprocess.Popen, int]] = {}  # mode proxy: by server port
         self.measured: dict[str, float] = {}  # by measure()
         self._shuttle: subprocess.Popen | None = None
         self._up = False
 
     # -- what a benchmark uses -------------------------------------------------------------------
     def client_addr(self, port: int) -> str:
+        if self.mode == "proxy":  # the proxy in front of that port (started on first use)
+            return f"{self.server_host}:{self._proxy_port(port)}"
         return f"{self.server_host}:{port}"
 
     def popen_server(self, argv: list[str], **kw: Any) -> subprocess.Popen:
         """``argv`` run in the server's namespace (``ip netns exec NS``, our LD_LIBRARY_PATH kept)."""
+        if self.mode == "proxy":
+            return subprocess.Popen(argv, **kw)
         keep = f"LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')}"
         return subprocess.Popen([*_tools()[0], "netns", "exec", self.server_ns, "env", keep, *argv], **kw)
 
@@ -138,6 +149,9 @@ class Link:
         enter_netns(self.client_ns_path)
 
     def describe(self) -> dict[str, Any]:
+        if self.mode == "proxy":
+            return {"mode": self.mode, "rate": self.rate, "rate_bit_s": self.rate_bit_s, "rtt_ms": self.rtt_ms,
+                    "shared_by_both_directions": False, "tcp_sees_delay": False}
         return {"mode": self.mode, "rate": self.rate, "rate_bit_s": self.rate_bit_s, "rtt_ms": self.rtt_ms,
                 "mtu": self.mtu, "tbf_burst_bytes": self.burst, "tbf_latency_ms": self.latency_ms,
                 "shared_by_both_directions": self.mode == "loopback-ns"}
@@ -157,7 +171,24 @@ class Link:
         self._run(*_netns_arg(ns), "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{self.rate_bit_s}bit",
                   "burst", str(self.burst), "latency", f"{self.latency_ms:g}ms", tool=1)
 
+    def _proxy_port(self, port: int) -> int:
+        if port not in self._proxies:
+            proxy = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve().with_name("link_proxy.py")), str(port),
+                 str(self.rate_bit_s), str(self.rtt_ms / 2e3)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            line = proxy.stdout.readline().strip()
+            if not line.isdigit():
+                proxy.kill()
+                raise LinkError(f"the link's proxy for port {port} did not start")
+            self._proxies[port] = (proxy, int(line))
+        return self._proxies[port][1]
+
     def __enter__(self) -> Link:
+        if self.mode == "proxy":  # user space only: nothing to set up until a port is dialled
+            self._up = True
+            atexit.register(self.close)
+            return self
         if os.geteuid() != 0:
             raise LinkError("an emulated link needs root (network namespaces, tc); run as root or with sudo")
         ip, _ = _tools()
@@ -195,6 +226,14 @@ class Link:
         if not self._up:
             return
         self._up = False
+        for proxy, _ in self._proxies.values():  # a proxy exits when its stdin closes
+            proxy.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proxy.wait(5)
+            proxy.kill()
+        self._proxies.clear()
+        if self.mode == "proxy":
+            return
         if self._shuttle is not None:  # its TUN devices go with it
             self._shuttle.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -213,7 +252,8 @@ class Link:
         probe = self.popen_server([sys.executable, str(Path(__file__).resolve()), "--_probe", self.server_host],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            addr = (self.server_host, int(probe.stdout.readline()))
+            host, port = self.client_addr(int(probe.stdout.readline())).rsplit(":", 1)
+            addr = (host, int(port))
             n = int(min(512e6, max(2e6, self.rate_bit_s / 8 * seconds)))
             rtt = 1e3 * _client(addr, b"E", pings)
             up, down = _client(addr, b"U", n), _client(addr, b"D", n)
@@ -376,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"configured": link.describe(), "measured": measured}))
     else:
-        print(f"link {link}: MTU {link.mtu}, tbf burst {link.burst} B, queue {link.latency_ms:g} ms")
+        shaping = f": MTU {link.mtu}, tbf burst {link.burst} B, queue {link.latency_ms:g} ms"
+        shaping = "" if link.mode == "proxy" else shaping
+        print(f"link {link}{shaping}")
         print(f"  measured (raw TCP): client->server {measured['c2s_mbit_s']:.1f} Mbit/s, "
               f"server->client {measured['s2c_mbit_s']:.1f} Mbit/s, 64 B round trip {measured['rtt_ms']:.2f} ms")
     return 0

@@ -26,7 +26,8 @@ round trip brings up to k + 1 tokens. Two ways of drafting, as a user passes the
 Rows: local ``generate`` plain and with each drafting (no link), then for each RTT and split shape
 the split plain and with each drafting. Every row's greedy tokens are checked against local plain
 decoding. RTT 0 is loopback (no emulation); a positive RTT runs the server across ``link.py``'s
-emulated link (``--rate`` each way, the RTT added per packet; root only).
+emulated link (``--rate`` each way, the RTT added per packet; root only; ``--link-mode proxy``: the
+user-space proxy of ``link_proxy.py`` instead: no root needed).
 
 Targets (the issue): at 20 ms RTT, the split with prompt lookup >= 2x the split's plain tokens/s;
 at RTT 0, the split with a drafting within 1.1x of local ``generate`` with the same drafting (ms/token).
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per run (default 64; quick 48)")
     p.add_argument("--rtts", type=float, nargs="+", default=[0, 20, 80], help="round trips (ms); 0: loopback")
     p.add_argument("--rate", default="1gbit", help="the link's rate each way, for RTTs > 0")
+    p.add_argument("--link-mode", choices=("tun", "proxy"), default="tun",
+                   help="how RTTs > 0 are emulated (link.py): tun (root, packets) or proxy (link_proxy.py: "
+                        "user space, any host)")
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--draft-layers", type=int, default=2, help="blocks of the assistant model")
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     link = None
                     if rtt > 0:
                         try:
-                            link = stack.enter_context(Link(args.rate, rtt))
+                            link = stack.enter_context(Link(args.rate, rtt, args.link_mode))
                         except LinkError as e:
                             print(f"speculative: RTT {rtt:g} ms: {e}", file=sys.stderr)
                             return 2
