@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from lightning_split._proto import split_pb2 as pb
 from lightning_split.channel import ChannelConfig, RemoteError
+from lightning_split.channel.bond import RoundRobinReader
 from lightning_split.wire import Message
 from tests.channel_util import EchoHandler, open_raw, sample_body
 
@@ -102,3 +104,69 @@ def test_a_connection_that_never_joins_ends_the_stream(start_server, pki) -> Non
     code, details = raw.finish(timeout=15)
     assert code == grpc.StatusCode.UNAVAILABLE and "never joined" in details
     raw.close()
+
+
+# -- the reader's read-ahead (bond.RoundRobinReader), on plain iterators --------------------------
+
+class _Source:
+    """A connection's incoming fragments, counting how many were taken from it (and by which thread)."""
+
+    def __init__(self, name: str, count: int, fail_at: int | None = None) -> None:
+        self.name, self.count, self.fail_at, self.taken = name, count, fail_at, 0
+
+    def __iter__(self):  # noqa: ANN204
+        return self
+
+    def __next__(self) -> bytes:
+        if self.taken == self.fail_at:
+            raise grpc.RpcError(f"{self.name} broke")
+        if self.taken >= self.count:
+            raise StopIteration
+        self.taken += 1
+        return f"{self.name}-{self.taken - 1}".encode()
+
+
+def _until(check, timeout: float = 5.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return check()
+
+
+def test_read_ahead_receives_every_connection_while_the_worker_is_busy() -> None:
+    sources = [_Source(f"c{j}", 3) for j in range(3)]
+    reader = RoundRobinReader(sources[0], join_timeout_s=5)
+    reader.expand(3)
+    for j in (1, 2):
+        reader.attach(j, sources[j])
+    it = iter(reader)
+    got = [next(it).decode() for _ in range(3)]  # a message striped over the three
+    assert [s.taken for s in sources] == [1, 1, 1]  # read on demand, by the worker itself
+    reader.read_ahead()  # it is about to handle that message
+    # Meanwhile each connection's next fragment is received, on threads of their own (what the
+    # worker would otherwise receive itself, one connection after another, once it is done).
+    assert _until(lambda: all(s.taken == 2 for s in sources))
+    time.sleep(0.05)
+    assert all(s.taken == 2 for s in sources)  # one fragment each, no further
+    got += [raw.decode() for raw in it]
+    assert got == [f"c{j}-{n}" for n in range(3) for j in range(3)]  # round-robin, as one stream
+
+
+def test_read_ahead_of_one_connection_does_nothing_and_a_broken_one_fails_in_its_place() -> None:
+    single = _Source("c0", 3)
+    reader = RoundRobinReader(single, join_timeout_s=5)
+    reader.read_ahead()
+    time.sleep(0.05)
+    assert single.taken == 0  # no thread between the worker and its only connection
+    assert [raw.decode() for raw in reader] == ["c0-0", "c0-1", "c0-2"]
+
+    sources = [_Source("c0", 5), _Source("c1", 5, fail_at=1)]
+    reader = RoundRobinReader(sources[0], join_timeout_s=5)
+    reader.expand(2)
+    reader.attach(1, sources[1])
+    it = iter(reader)
+    assert [next(it).decode() for _ in range(2)] == ["c0-0", "c1-0"]
+    reader.read_ahead()
+    assert next(it).decode() == "c0-1"
+    with pytest.raises(grpc.RpcError, match="c1 broke"):
+        next(it)

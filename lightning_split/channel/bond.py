@@ -155,6 +155,11 @@ class RoundRobinReader(_Ring):
     if one delivers a fragment, the join should have come before it, and the wait ends after
     ``JOIN_GRACE_S``. Either way with TimeoutError, as when the join timeout passes, instead of
     holding the stream and its thread for the whole join timeout.
+
+    The same read-ahead serves a worker about to be busy (``read_ahead``): grpcio receives a
+    message only when asked for the next one, on the asking thread, so while the worker handles a
+    request the next one's fragments would wait in the connections, to be received one connection
+    after another once it is done.
     """
 
     def __init__(self, first: Iterator[bytes], join_timeout_s: float) -> None:
@@ -175,25 +180,40 @@ class RoundRobinReader(_Ring):
             self._advance(index)
             yield raw
 
+    def read_ahead(self) -> None:
+        """Receive the next fragment of every connection now, each on a thread of its own, while
+        the caller goes on (the server's worker, with a message to handle that was striped over
+        the connections: the next micro-batch's fragments arrive meanwhile). One fragment a
+        connection; a message of one fragment (a decode step) never asks for it, as the thread
+        hop would only add to its round trip (measured on a 2-core VM: 1.35 -> 2.03 ms)."""
+        with self._ready:
+            if len(self.slots) > 1:
+                self._start_read_ahead()
+
+    def _start_read_ahead(self) -> None:
+        for j, source in enumerate(self.slots):
+            if source is not None and j not in self._ahead:
+                self._ahead[j] = _PENDING
+                threading.Thread(target=self._read_ahead, args=(j, source), daemon=True,
+                                 name="split-bond-read-ahead").start()
+
     def _joined(self, index: int) -> Any:
         """Slot ``index``'s connection, waiting up to the join timeout for it to join, or until
         one of the connections already there ends."""
-        deadline, why = time.monotonic() + self.join_timeout_s, ""
+        start = time.monotonic()
+        deadline, why = start + self.join_timeout_s, ""
         with self._ready:
             while self.slots[index] is None:
-                for j, source in enumerate(self.slots):
-                    if source is not None and j not in self._ahead:
-                        self._ahead[j] = _PENDING
-                        threading.Thread(target=self._read_ahead, args=(j, source), daemon=True,
-                                         name="split-bond-read-ahead").start()
+                self._start_read_ahead()
                 for j, got in self._ahead.items():
                     if got is _PENDING:
                         continue
                     if got[1] is not None:
                         raise TimeoutError(f"bonded connection {index} never joined: connection {j} "
                                            "ended first") from None
-                    if got[2] + JOIN_GRACE_S < deadline:
-                        deadline, why = got[2] + JOIN_GRACE_S, f" (fragments wait on connection {j})"
+                    arrived = max(got[2], start)  # read ahead before this wait (read_ahead): from now
+                    if arrived + JOIN_GRACE_S < deadline:
+                        deadline, why = arrived + JOIN_GRACE_S, f" (fragments wait on connection {j})"
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"bonded connection {index} never joined{why}")

@@ -268,6 +268,8 @@ class ServerStream:
             self._refuse(e.code, f"wire error: {e}")
         if msg is None:
             return None
+        if frame.fragment_count > 1:  # striped: the next micro-batch's fragments come in meanwhile
+            self.reader.read_ahead()
         if self.session is None and msg.type == pb.HANDSHAKE and isinstance(msg.body, dict) \
                 and "join" in msg.body:
             self._join(msg)
