@@ -134,6 +134,7 @@ def _until(check, timeout: float = 5.0) -> bool:  # noqa: ANN001
 
 
 def test_read_ahead_receives_every_connection_while_the_worker_is_busy() -> None:
+    before = set(threading.enumerate())
     sources = [_Source(f"c{j}", 3) for j in range(3)]
     reader = RoundRobinReader(sources[0], join_timeout_s=5)
     reader.expand(3)
@@ -148,8 +149,14 @@ def test_read_ahead_receives_every_connection_while_the_worker_is_busy() -> None
     assert _until(lambda: all(s.taken == 2 for s in sources))
     time.sleep(0.05)
     assert all(s.taken == 2 for s in sources)  # one fragment each, no further
-    got += [raw.decode() for raw in it]
+    assert [next(it).decode() for _ in range(3)] == ["c0-1", "c1-1", "c2-1"]
+    reader.read_ahead()  # again: the same three threads, asked once more
+    got += ["c0-1", "c1-1", "c2-1"] + [raw.decode() for raw in it]
     assert got == [f"c{j}-{n}" for n in range(3) for j in range(3)]  # round-robin, as one stream
+    readers = [t for t in set(threading.enumerate()) - before if t.name == "split-bond-read-ahead"]
+    assert len(readers) <= 3
+    reader.close()
+    assert _until(lambda: not any(t.is_alive() for t in readers))
 
 
 def test_read_ahead_of_one_connection_does_nothing_and_a_broken_one_fails_in_its_place() -> None:

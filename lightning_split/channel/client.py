@@ -327,6 +327,7 @@ class ChannelClient(Resuming):
             with contextlib.suppress(Exception):  # the best account of why, never a hung future
                 err = stream.failure(err)
         stream.shutdown()  # every connection of the stream: a message may have fragments on any
+        stream.rr.close()  # and its reading threads
         with self._pending_cv:
             stream.error = err  # from now on _enqueue fails requests for this stream at once
             keep = self._may_resume(err)

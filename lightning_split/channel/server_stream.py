@@ -216,6 +216,7 @@ class ServerStream:
         finally:
             self.account.release(self.payload_key)
             self.reassembler.close()
+            self.reader.close()
             if not self.joined:  # a joined connection is ended by the stream whose bond it is in
                 self.dealer.close(end)
 
