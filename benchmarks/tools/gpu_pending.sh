@@ -8,6 +8,11 @@
 #   spec     #22 speculative decoding, GPT-2 small, RTT 0/20/80 through link_proxy.py          ~200 s
 #   gen      #22 the client on Hugging Face's static cache beside local static                 ~100 s
 #   link100  #21 100 Mbit/s each way (TUN link), the library's defaults and the hand-built     ~200 s
+#
+# On nvidia-h200-x2 (#19 and #21's two-GPU rows), the same way: gpu_pending.sh x2tests x2load x2train
+#   x2tests  the CUDA tests, two-GPU parity among them                                       ~240 s
+#   x2load   serve_load: 16 and 64 clients, the segment spread and replicated over both GPUs ~400 s
+#   x2train  train.py with the server on the second GPU, against naive_split.py            ~120 s
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -24,26 +29,15 @@ for step in "$@"; do
         link100) timeout 300 python benchmarks/train.py $small --no-lightning --link 100mbit --also-wire int8 auto \
                      --also-hand-built-wire bf16 int8 --batch 8 --seq 512 --steps 16 --warmup 4 \
                      --json "$OUT/train_link100.json" 2>&1 | tail -30 ;;
-        x2*) ;;  # below
-        *) echo "unknown step $step" ;;
-    esac
-done
-
-# On nvidia-h200-x2 (#19 and #21's two-GPU rows), the same way: benchmarks/tools/gpu_pending.sh x2tests x2load x2train
-#   x2tests  the CUDA tests, two-GPU parity among them                                     ~240 s
-#   x2load   serve_load: 16 and 64 clients, the segment spread and replicated over both GPUs ~400 s
-#   x2train  train.py with the server on the second GPU, against naive_split.py            ~120 s
-for step in "$@"; do
-    case $step in
-        x2tests) echo "== $step $(date +%T)"; timeout 400 python -m pytest -q -ra tests/test_cuda.py tests/test_cuda_hostile.py \
+        x2tests) timeout 400 python -m pytest -q -ra tests/test_cuda.py tests/test_cuda_hostile.py \
                      tests/test_placement.py tests/test_batching.py 2>&1 | tail -15 ;;
-        x2load) echo "== $step $(date +%T)"
-                for placement in spread replicate; do
+        x2load) for placement in spread replicate; do
                     timeout 300 python benchmarks/serve_load.py --device cuda --clients 16 64 --server-devices 0 1 \
                         --placement $placement --train-clients --json "$OUT/serve_load_x2_$placement.json" 2>&1 | tail -12
                 done ;;
-        x2train) echo "== $step $(date +%T)"; timeout 200 python benchmarks/train.py $small --no-lightning --batch 8 --seq 1024 \
-                     --steps 20 --warmup 3 --server-device cuda:1 --anchor .dev/naive_split.py \
+        x2train) timeout 200 python benchmarks/train.py $small --no-lightning --batch 8 --seq 1024 --steps 20 \
+                     --warmup 3 --server-device cuda:1 --anchor .dev/naive_split.py \
                      --json "$OUT/train_x2_anchor.json" 2>&1 | tail -25 ;;
+        *) echo "unknown step $step" ;;
     esac
 done
