@@ -195,10 +195,24 @@ def test_the_console_script_helps_without_importing_torch_or_lightning():
     import subprocess
     import sys
 
-    probe = ("import sys; sys.argv[0] = 'lightning-split'; from lightning_split import cli; cli.main(['--help']); "
+    probe = ("import sys; from lightning_split import cli; cli.main(['--help']); "
              "print('HEAVY', sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_strategy_registers_when_lightning_is_imported_after_it():
+    """A server never imports Lightning (7 of its 10 seconds of imports), and ``Trainer(strategy="split")``
+    still resolves in a program that imports Lightning after ``lightning_split`` (the test process
+    itself imports Lightning first: ``test_strategy_features.py`` resolves the name there)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import lightning_split.server.service; before = 'lightning.pytorch' in sys.modules; "
+             "import lightning as L; from lightning.pytorch.strategies import StrategyRegistry; "
+             "print('LIGHTNING', before, 'split' in StrategyRegistry)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "LIGHTNING False True" in out.stdout, out.stdout + out.stderr
 
 
 def test_multirun_jobs_keep_their_logs_apart(pki, tmp_path):

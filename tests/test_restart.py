@@ -6,6 +6,7 @@ server runs in its own process, killed with SIGKILL or stopped with SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,17 +31,18 @@ from tests.test_strategy import CASES, _strategy, _trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 SERVE = textwrap.dedent("""
-    import signal, sys, threading
+    import json, signal, sys, threading
     from pathlib import Path
     import torch
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
     from lightning_split.server.service import SplitService
+    from lightning_split.split.build import ModelSource
+    from lightning_split.split.spec import SplitSpec
     from lightning_split.wire import MessageType
-    from tests.test_strategy import CASES
     port, pki, state, persist, threads = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
-    case, stuck = sys.argv[6], sys.argv[7]
+    case, stuck = json.loads(sys.argv[6]), sys.argv[7]
     torch.set_num_threads(threads)  # the test's own: the same sums in the same order
-    source, spec, _, _ = CASES[case]
+    source, spec = ModelSource.from_dict(case["source"]), SplitSpec.from_dict(case["spec"])
     service = SplitService(source, spec, device="cpu", state_dir=state, persist_sessions_s=persist)
     if stuck:  # "TYPE:N": hang (once) in the request of that type and step (INFER: cached tokens)
         kind, number = stuck.split(":")
@@ -74,7 +76,9 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.args = [str(self.port), str(pki), str(state), str(persist_s), str(torch.get_num_threads()), case, stuck]
+        source, spec, _, _ = CASES[case]  # as JSON: the server's process imports no test module (nor Lightning)
+        model = json.dumps({"source": source.to_dict(), "spec": spec.to_dict()})
+        self.args = [str(self.port), str(pki), str(state), str(persist_s), str(torch.get_num_threads()), model, stuck]
         self.proc: subprocess.Popen | None = None
         self.watcher: threading.Thread | None = None
 
