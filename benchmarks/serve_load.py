@@ -47,6 +47,9 @@ LLAMA = {
     # ~1.1 B parameters: Llama-3.2-1B's widths and depth, a 32k vocabulary
     "1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=8192, vocab_size=32000, max_position_embeddings=4096),
+    # Next to no compute (the server holds one block 64 wide): what a step costs the server beside its model
+    "nano": dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=128, vocab_size=256, max_position_embeddings=1024),
     "tiny": dict(num_hidden_layers=6, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=1024, max_position_embeddings=1024),
 }
@@ -87,7 +90,10 @@ def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, ma
         if cmd in ("on", "off"):
             for batcher in batchers:
                 batcher.enabled = cmd == "on"
-        total: dict[str, Any] = {"batches": 0, "rows": 0, "solo": 0, "wait_s": 0.0, "sizes": {}, "graphs": {}}
+        # The server's CPU seconds, every thread's (Python's and gRPC's own): per token, what one
+        # client's step costs the server's host; against the wall clock, the cores it keeps busy.
+        total: dict[str, Any] = {"batches": 0, "rows": 0, "solo": 0, "wait_s": 0.0, "sizes": {}, "graphs": {},
+                                 "cpu_s": time.process_time()}
         for b in (batcher.stats for batcher in batchers):
             for key in ("batches", "rows", "solo", "wait_s"):
                 total[key] += getattr(b, key)
@@ -235,7 +241,10 @@ class Load:
         after = self.server_stats()
         per_token = [1e3 * r["seconds"] / self.args.new_tokens for r in results.values()]
         batches = after["batches"] - before["batches"]
+        server_cpu = after["cpu_s"] - before["cpu_s"]
         return {"clients": n, "batching": batching, "wall_s": wall,
+                "server_cpu_ms_per_token": 1e3 * server_cpu / (n * self.args.new_tokens),
+                "server_cores_busy": server_cpu / wall,
                 "aggregate_tokens_per_s": n * self.args.new_tokens / wall,
                 "ms_per_token_median": statistics.median(per_token), "ms_per_token_max": max(per_token),
                 "batches": batches,
@@ -306,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"  {n:3d} clients, batching {'on ' if batching else 'off'}: "
                           f"{row['aggregate_tokens_per_s']:8.1f} tokens/s, {row['ms_per_token_median']:.2f} ms/token "
-                          f"(max {row['ms_per_token_max']:.2f}), mean batch {row['mean_batch']:.1f}", flush=True)
+                          f"(max {row['ms_per_token_max']:.2f}), mean batch {row['mean_batch']:.1f}, "
+                          f"server CPU {row['server_cpu_ms_per_token']:.2f} ms/token", flush=True)
                     write_json(json_path(args, "serve_load"), args, {"rows": rows, "partial": True})
             for n in args.train_clients:
                 row = load.train_round(n)
@@ -333,7 +343,8 @@ def report(args: Any, rows: list[dict[str, Any]], t_start: float) -> int:
         same &= r["tokens_equal_unbatched"]
         table.append([r["clients"], "on" if r["batching"] else "off", r["aggregate_tokens_per_s"],
                       r["x_solo_aggregate"], r["ms_per_token_median"], r["x_solo_ms_per_token"],
-                      r["mean_batch"], r["queue_wait_ms"], "yes" if r["tokens_equal_unbatched"] else "NO"])
+                      r["mean_batch"], r["queue_wait_ms"], r["server_cpu_ms_per_token"], r["server_cores_busy"],
+                      "yes" if r["tokens_equal_unbatched"] else "NO"])
         if r["clients"] == 16 and r["batching"]:
             targets += [{"what": "16 clients: aggregate tokens/s >= 8x one client's", "value": r["x_solo_aggregate"],
                          "met": r["x_solo_aggregate"] >= 8},
@@ -341,7 +352,7 @@ def report(args: Any, rows: list[dict[str, Any]], t_start: float) -> int:
                          "met": r["x_solo_ms_per_token"] <= 2}]
     print_table(f"serve_load: Llama {args.model}, {args.new_tokens} new tokens per client, {args.device} {args.dtype}",
                 ["clients", "batching", "tokens/s", "x solo", "ms/token", "x solo", "mean batch", "queue ms",
-                 "tokens = unbatched"], table)
+                 "server CPU ms/token", "server cores", "tokens = unbatched"], table)
     if training:
         one = next((r for r in training if r["clients"] == 1), training[0])
         for r in training:

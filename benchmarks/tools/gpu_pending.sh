@@ -8,6 +8,7 @@
 #   spec     #22 speculative decoding, GPT-2 small, RTT 0/20/80 through link_proxy.py          ~200 s
 #   gen      #22 the client on Hugging Face's static cache beside local static                 ~100 s
 #   link100  #21 100 Mbit/s each way (TUN link), the library's defaults and the hand-built     ~200 s
+#   load16   #19 serve_load 1 and 16 clients under py-spy: where the server's time goes        ~300 s
 #
 # On nvidia-h200-x2 (#19 and #21's two-GPU rows), the same way: gpu_pending.sh x2tests x2load x2train
 #   x2tests  the CUDA tests, two-GPU parity among them                                       ~240 s
@@ -29,6 +30,11 @@ for step in "$@"; do
         link100) timeout 300 python benchmarks/train.py $small --no-lightning --link 100mbit --also-wire int8 auto \
                      --also-hand-built-wire bf16 int8 --batch 8 --seq 512 --steps 16 --warmup 4 \
                      --json "$OUT/train_link100.json" 2>&1 | tail -30 ;;
+        load16) timeout 420 ${SPY:-/tmp/site/bin/py-spy} record --subprocesses --nonblocking --threads --rate 25 \
+                    --format raw -o /tmp/load16.raw -- python benchmarks/serve_load.py --device cuda --clients 1 16 \
+                    --train-clients --json "$OUT/serve_load_16_spy.json" 2>&1 | grep -v "^py-spy" | tail -12
+                python3 benchmarks/tools/spy_threads.py /tmp/load16.raw 40 --process "_serve (serve_load" \
+                    > "$OUT/serve_load_16_server_spy.txt" ;;
         x2tests) timeout 400 python -m pytest -q -ra tests/test_cuda.py tests/test_cuda_hostile.py \
                      tests/test_placement.py tests/test_batching.py 2>&1 | tail -15 ;;
         x2load) for placement in spread replicate; do

@@ -1,11 +1,32 @@
-"""Summarise a py-spy raw profile recorded with --threads: per thread, inclusive top functions."""
+"""Summarise a py-spy raw profile recorded with --threads: per thread, inclusive top functions.
+
+    python spy_threads.py PROFILE [TOP] [--process FUNCTION]
+
+``--process``: with ``py-spy record --subprocesses``, only the process one of whose stacks runs
+FUNCTION (e.g. ``_serve (serve_load.py``: the server of a load run).
+"""
 import collections
 import sys
 
+args = sys.argv[1:]
+only = None
+if "--process" in args:
+    i = args.index("--process")
+    only, args = args[i + 1], args[:i] + args[i + 2:]
+lines = open(args[0], errors="replace").read().splitlines()
+
+
+def process_of(frames: list[str]) -> str:
+    return next((f for f in reversed(frames) if f.startswith("process ")), "")
+
+
+if only is not None:
+    wanted = {process_of(line.split(";")) for line in lines if only in line}
+    lines = [line for line in lines if process_of(line.split(";")) in wanted]
 inc = collections.defaultdict(collections.Counter)
 total = collections.Counter()
-for line in open(sys.argv[1]):
-    stack, _, n = line.rstrip("\n").rpartition(" ")
+for line in lines:
+    stack, _, n = line.rpartition(" ")
     if not n.isdigit():
         continue
     n = int(n)
@@ -19,7 +40,7 @@ for line in open(sys.argv[1]):
         if f not in seen:
             inc[thread][f] += n
             seen.add(f)
-for thread, t in total.most_common(6):
+for thread, t in total.most_common(8):
     print(f"\n=== {thread}: {t} samples")
-    for f, n in inc[thread].most_common(int(sys.argv[2]) if len(sys.argv) > 2 else 45):
+    for f, n in inc[thread].most_common(int(args[1]) if len(args) > 1 else 45):
         print(f"{n:6d} {100 * n / t:5.1f}% {f[:150]}")
