@@ -36,6 +36,7 @@ from lightning_split.wire.errors import invalid
 
 _DATA_TAG = b"\x3a"  # field 7, wire type 2 (length-delimited)
 FRAGMENT_SLACK = 32 * 1024  # < FRAME_HEADROOM, which also has to hold the Frame's other fields
+SMALL_FRAME_BYTES = 16 * 1024  # a received Frame up to this size is parsed whole by protobuf (split_frame)
 
 
 def fragment_plan(payload_bytes: int, chunk_size: int) -> tuple[int, int]:
@@ -184,6 +185,8 @@ def split_frame(raw: bytes) -> tuple[pb.Frame, memoryview | bytes]:
     if not isinstance(raw, bytes):
         raise invalid(f"a Frame must arrive as bytes, not {type(raw).__name__}")
     try:
+        if len(raw) <= SMALL_FRAME_BYTES:  # copying a few KiB costs less than our scan of the fields
+            raise _Unusual
         span = _data_span(raw)
     except _Unusual:
         frame = _parse(raw)

@@ -294,9 +294,12 @@ class Reassembler:
         buf = self._take_buffer(payload + ALIGN)  # padded so the buffer region can be aligned too
         self._pad = -(buf.data_ptr() + meta) % ALIGN
         self._buf, self._mv = buf, memoryview(buf.numpy())
-        first = pb.Frame()
-        first.CopyFrom(frame)
-        first.ClearField("data")
+        if count == 1 and not frame.data:  # the message is this frame: read now, never kept past add
+            first = frame
+        else:  # the reference the later fragments are checked against
+            first = pb.Frame()
+            first.CopyFrom(frame)
+            first.ClearField("data")
         self._first, self._next, self._pos = first, 0, 0
 
     def _take_buffer(self, need: int) -> torch.Tensor:

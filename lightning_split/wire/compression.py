@@ -359,9 +359,9 @@ def _decompress(src: memoryview, expected: int, nthreads: int) -> torch.Tensor:
 
 def _aligned(t: torch.Tensor, itemsize: int) -> torch.Tensor:
     """``t`` (1-D uint8) itself when it can be viewed as ``itemsize``-byte elements, else a copy."""
-    if t.storage_offset() % itemsize or t.untyped_storage().data_ptr() % itemsize:
-        return t.clone()
-    return t
+    # (torch's view as a wider dtype wants the offset aligned; the loads, the address: both hold
+    # exactly when the offset and the storage's own address are multiples of itemsize)
+    return t.clone() if t.storage_offset() % itemsize or t.data_ptr() % itemsize else t
 
 
 def decode_tensor(
@@ -376,17 +376,18 @@ def decode_tensor(
         numel *= s
     expected = encoded_nbytes(dtype, numel, encoding, block_size)
     enc = _decompress(memoryview(src.numpy()), expected, nthreads) if use_blosc2 else src
-    if len(enc) != expected:
-        raise invalid(f"tensor has {len(enc)} encoded bytes, expected {expected}")
+    if enc.numel() != expected:
+        raise invalid(f"tensor has {enc.numel()} encoded bytes, expected {expected}")
     if device is not None and device.type != "cpu":
         enc = enc.to(device, non_blocking=True)  # upcast / dequantise on the device: fewer bytes cross PCIe
+    # view, not reshape: enc is contiguous, and view is the cheaper call (it runs per tensor per message)
     if encoding == pb.RAW:
         if dtype == torch.bool:
-            return enc.ne(0).reshape(shape)  # a bool byte other than 0/1 is undefined behaviour
-        return _aligned(enc, dtype.itemsize).view(dtype).reshape(shape)
+            return enc.ne(0).view(shape)  # a bool byte other than 0/1 is undefined behaviour
+        return _aligned(enc, dtype.itemsize).view(dtype).view(shape)
     if encoding in (pb.CAST_BF16, pb.CAST_FP16):
         half = torch.bfloat16 if encoding == pb.CAST_BF16 else torch.float16
-        return _aligned(enc, 2).view(half).reshape(shape).to(dtype)
+        return _aligned(enc, 2).view(half).view(shape).to(dtype)
     # INT8_BLOCK / FP8_BLOCK
     nfull, tail = divmod(numel, block_size)
     nblocks = nfull + (1 if tail else 0)

@@ -182,9 +182,8 @@ def encode_body(body: Any, compression: CompressionConfig | None = None, *,
 class _Plan:
     __slots__ = ("tm", "dtype", "shape", "offset", "nbytes")
 
-    def __init__(self, tm: pb.TensorMeta, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        self.tm, self.dtype, self.shape = tm, dtype, shape
-        self.offset, self.nbytes = tm.offset, tm.nbytes
+    def __init__(self, tm: pb.TensorMeta, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int) -> None:
+        self.tm, self.dtype, self.shape, self.offset, self.nbytes = tm, dtype, shape, offset, nbytes
 
 
 class _Validator(_NodeCount):
@@ -194,7 +193,7 @@ class _Validator(_NodeCount):
         super().__init__(limits)
         self.allowed = allowed
         self.region_np = region.numpy()
-        self.region_len = len(region)
+        self.region_len = region.numel()
         self.decoded_bytes = 0
         self.alloc_bytes = 0  # what decoding allocates beyond the payload (RAW tensors are views)
         self.plans: list[_Plan] = []
@@ -237,35 +236,39 @@ class _Validator(_NodeCount):
 
     def tensor(self, tm: pb.TensorMeta) -> None:
         lim = self.limits
+        # Each field read once: a protobuf field read costs about what a check does, and this runs
+        # for every tensor of every message (a decode step's request carries four).
         dtype = PB_TO_DTYPE.get(tm.dtype)
         if dtype is None:
             raise invalid(f"TensorMeta.dtype: unknown or disallowed value {tm.dtype}")
-        check_encoding(tm.encoding, dtype, tm.block_size, tm.blosc2, self.allowed)
-        if len(tm.shape) > lim.max_rank:
-            raise exhausted(f"TensorMeta.shape has rank {len(tm.shape)} > {lim.max_rank}")
+        encoding, blosc2, offset, nbytes = tm.encoding, tm.blosc2, tm.offset, tm.nbytes
+        check_encoding(encoding, dtype, tm.block_size, blosc2, self.allowed)
+        shape = tuple(tm.shape)
+        if len(shape) > lim.max_rank:
+            raise exhausted(f"TensorMeta.shape has rank {len(shape)} > {lim.max_rank}")
         numel = 1
-        for d in tm.shape:
+        for d in shape:
             if d < 0:
                 raise invalid(f"TensorMeta.shape has a negative dim {d}")
             numel *= d  # Python int: no overflow; bounded since each d < 2**63 and rank <= max_rank
         if numel > lim.max_tensor_elements:
             raise exhausted(f"tensor of {numel} elements > max_tensor_elements {lim.max_tensor_elements}")
-        enc_bytes = encoded_nbytes(dtype, numel, tm.encoding, tm.block_size)
-        if tm.blosc2:
+        enc_bytes = encoded_nbytes(dtype, numel, encoding, tm.block_size)
+        if blosc2:
             check_blosc2_size(enc_bytes)
-        elif tm.nbytes != enc_bytes:
-            raise invalid(f"TensorMeta.nbytes={tm.nbytes}, but {dtype} {list(tm.shape)} "
-                          f"{pb.Encoding.Name(tm.encoding)} needs {enc_bytes}")
-        if tm.offset > self.region_len or tm.nbytes > self.region_len - tm.offset:
-            raise invalid(f"TensorMeta offset {tm.offset} + nbytes {tm.nbytes} outside the "
+        elif nbytes != enc_bytes:
+            raise invalid(f"TensorMeta.nbytes={nbytes}, but {dtype} {list(shape)} "
+                          f"{pb.Encoding.Name(encoding)} needs {enc_bytes}")
+        if offset > self.region_len or nbytes > self.region_len - offset:
+            raise invalid(f"TensorMeta offset {offset} + nbytes {nbytes} outside the "
                           f"{self.region_len}-byte buffer region")
-        if tm.blosc2:  # header only (32 bytes): declared sizes must match before anything is allocated
-            check_blosc2_header(self.region_np[tm.offset : tm.offset + tm.nbytes].data, enc_bytes)
+        if blosc2:  # header only (32 bytes): declared sizes must match before anything is allocated
+            check_blosc2_header(self.region_np[offset : offset + nbytes].data, enc_bytes)
         self.decoded_bytes += numel * dtype.itemsize
-        self.alloc_bytes += decode_alloc_bytes(dtype, numel, tm.encoding, enc_bytes, tm.blosc2, tm.offset)
+        self.alloc_bytes += decode_alloc_bytes(dtype, numel, encoding, enc_bytes, blosc2, offset)
         if self.decoded_bytes > lim.max_decoded_bytes:
             raise exhausted(f"body decodes to more than max_decoded_bytes={lim.max_decoded_bytes}")
-        self.plans.append(_Plan(tm, dtype, tuple(tm.shape)))
+        self.plans.append(_Plan(tm, dtype, shape, offset, nbytes))
 
     def check_overlap(self) -> None:
         spans = sorted((p.offset, p.offset + p.nbytes) for p in self.plans if p.nbytes)
@@ -323,6 +326,11 @@ def decode_alloc_bytes(dtype: torch.dtype, numel: int, encoding: int, enc_bytes:
     return out
 
 
+# The dtypes whose RAW bytes numpy views directly (not bool: its bytes are normalised; not bf16: numpy has none)
+_NUMPY_VIEWS = {dtype: torch.empty(0, dtype=dtype).numpy().dtype for dtype in (
+    torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)}
+
+
 def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | None,
             device: torch.device | str | None, allowed: CompressionConfig | None, nthreads: int,
             charge: Callable[[int], None] | None = None) -> tuple[Any, int, str | None]:
@@ -352,11 +360,22 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
     if charge is not None:  # the receiver's memory budget, asked before anything is allocated
         charge(val.alloc_bytes)
     dev = torch.device(device) if device is not None else None
+    # Pinned payloads keep their own storage: PyTorch's pinned allocator tracks the asynchronous
+    # copies out of a block through it (a numpy view would hide them from it)
+    numpy_views = (dev is None or dev.type == "cpu") and region.data_ptr() % ALIGN == 0 and not region.is_pinned()
     tensors: list[torch.Tensor] = []
     for p in val.plans:
-        src = region[p.offset : p.offset + p.nbytes]
-        t = decode_tensor(src, dtype=p.dtype, shape=p.shape, encoding=p.tm.encoding,
-                          block_size=p.tm.block_size, use_blosc2=p.tm.blosc2, device=dev, nthreads=nthreads)
+        tm = p.tm
+        np_dtype = _NUMPY_VIEWS.get(p.dtype)
+        if (numpy_views and np_dtype is not None and p.offset % p.dtype.itemsize == 0 and tm.encoding == pb.RAW
+                and not tm.blosc2):
+            # A view of the payload as it came: numpy's slicing and views cost a tenth of torch's,
+            # and a small message (a decode step's four tensors) is made of little else
+            src = val.region_np[p.offset : p.offset + p.nbytes]
+            tensors.append(torch.from_numpy(src.view(np_dtype).reshape(p.shape)))
+            continue
+        t = decode_tensor(region[p.offset : p.offset + p.nbytes], dtype=p.dtype, shape=p.shape, encoding=tm.encoding,
+                          block_size=tm.block_size, use_blosc2=tm.blosc2, device=dev, nthreads=nthreads)
         if dev is not None and t.device != dev:
             t = t.to(dev, non_blocking=True)  # async from pinned payloads; pageable ones are staged
         tensors.append(t)

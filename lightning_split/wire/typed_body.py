@@ -203,18 +203,29 @@ def walk(val: Validator, msg: PbMessage, depth: int) -> None:
             _walk_one(val, f, value, depth + 1)
 
 
-def _walk_one(val: Validator, f: FieldDescriptor, value: Any, depth: int) -> None:
+_SCALAR, _STRING, _BYTES, _TENSOR_META, _VALUE_TREE, _MESSAGE = range(6)
+
+
+@functools.cache  # walk and build ask it of every field received
+def _holds(f: FieldDescriptor) -> int:
+    """What a field holds: a scalar (a string, bytes, another), a tensor, a Value tree, a message."""
     if f.message_type is None:
-        if f.type == FieldDescriptor.TYPE_STRING:
-            val.string(value, f.full_name)
-        elif f.type == FieldDescriptor.TYPE_BYTES:
-            val.byte_string(value, f.full_name)
-    elif f.message_type.full_name == _TENSOR:
+        return {FieldDescriptor.TYPE_STRING: _STRING, FieldDescriptor.TYPE_BYTES: _BYTES}.get(f.type, _SCALAR)
+    return {_TENSOR: _TENSOR_META, _VALUE: _VALUE_TREE}.get(f.message_type.full_name, _MESSAGE)
+
+
+def _walk_one(val: Validator, f: FieldDescriptor, value: Any, depth: int) -> None:
+    holds = _holds(f)
+    if holds == _TENSOR_META:
         val.tensor(value)
-    elif f.message_type.full_name == _VALUE:
+    elif holds == _VALUE_TREE:
         val.walk(value, depth)
-    else:
+    elif holds == _MESSAGE:
         walk(val, value, depth)
+    elif holds == _STRING:
+        val.string(value, f.full_name)
+    elif holds == _BYTES:
+        val.byte_string(value, f.full_name)
 
 
 def build(msg: PbMessage, tensors: list[torch.Tensor], pos: list[int], build_value: Any) -> dict[str, Any]:
@@ -236,13 +247,13 @@ def build(msg: PbMessage, tensors: list[torch.Tensor], pos: list[int], build_val
 
 
 def _build_one(f: FieldDescriptor, value: Any, tensors: list[torch.Tensor], pos: list[int], build_value: Any) -> Any:
-    if f.message_type is None:
-        return value
-    name = f.message_type.full_name
-    if name == _TENSOR:
+    holds = _holds(f)
+    if holds == _TENSOR_META:
         t = tensors[pos[0]]
         pos[0] += 1
         return t
-    if name == _VALUE:
+    if holds == _VALUE_TREE:
         return build_value(value, tensors, pos)
-    return build(value, tensors, pos, build_value)
+    if holds == _MESSAGE:
+        return build(value, tensors, pos, build_value)
+    return value
