@@ -72,9 +72,13 @@ def spec_for(args: Any) -> SplitSpec:
 # -- the server process ---------------------------------------------------------------------------
 
 def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, max_batch: int, ready: Any,
-           control: Any, stats: Any, devices: list | None = None, placement: str = "spread") -> None:
+           control: Any, stats: Any, devices: list | None = None, placement: str = "spread",
+           switch_ms: float | None = None) -> None:
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
     from lightning_split.server.service import SplitService
+
+    if switch_ms is not None:  # how long a thread may hold the GIL while others wait (Python's default: 5 ms)
+        sys.setswitchinterval(switch_ms / 1e3)
 
     service = SplitService(ModelSource.from_dict(source), SplitSpec.from_dict(spec), device=device,
                            devices=devices, placement=placement, batch_window_ms=window_ms, fast_decode=True,
@@ -190,7 +194,7 @@ class Load:
         self.server = ctx.Process(target=_serve, daemon=True, args=(str(pki), source, spec, args.device,
                                                                      args.window_ms, max(args.clients), self.ready,
                                                                      self.control, self.stats, args.server_devices,
-                                                                     args.placement))
+                                                                     args.placement, args.server_switch_ms))
         self.server.start()
         port = self.ready.get(timeout=600)
         address = f"127.0.0.1:{port}"
@@ -291,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPUs of the server's segment (SplitService(devices=...): 0 1, or names); default: --device")
     p.add_argument("--placement", choices=["spread", "replicate"], default="spread",
                    help="with --server-devices: blocks spread over the GPUs, or a whole copy on each")
+    p.add_argument("--server-switch-ms", type=float, default=None,
+                   help="the server process's GIL switch interval (sys.setswitchinterval), in ms: whether its "
+                        "sessions' threads wait on each other for the GIL (default: Python's 5 ms)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     args.client_device = args.client_device or args.device
     args.clients = sorted({1, *args.clients})  # one client alone: every ratio's baseline

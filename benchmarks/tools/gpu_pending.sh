@@ -9,6 +9,7 @@
 #   gen      #22 the client on Hugging Face's static cache beside local static                 ~100 s
 #   link100  #21 100 Mbit/s each way (TUN link), the library's defaults and the hand-built     ~200 s
 #   load16   #19 serve_load 1 and 16 clients under py-spy: where the server's time goes        ~300 s
+#   switch16 #19 serve_load 16 clients, the server's GIL switch interval 0.5 ms against 5        ~300 s
 #
 # On nvidia-h200-x2 (#19 and #21's two-GPU rows), the same way: gpu_pending.sh x2tests x2load x2train
 #   x2tests  the CUDA tests, two-GPU parity among them                                       ~240 s
@@ -35,6 +36,10 @@ for step in "$@"; do
                     --train-clients --json "$OUT/serve_load_16_spy.json" 2>&1 | grep -v "^py-spy" | tail -12
                 python3 benchmarks/tools/spy_threads.py /tmp/load16.raw 40 --process "_serve (serve_load" \
                     > "$OUT/serve_load_16_server_spy.txt" ;;
+        switch16) for ms in 5 0.5; do
+                      timeout 200 python benchmarks/serve_load.py --device cuda --clients 1 16 --train-clients \
+                          --server-switch-ms $ms --json "$OUT/serve_load_16_switch$ms.json" 2>&1 | tail -7
+                  done ;;
         x2tests) timeout 400 python -m pytest -q -ra tests/test_cuda.py tests/test_cuda_hostile.py \
                      tests/test_placement.py tests/test_batching.py 2>&1 | tail -15 ;;
         x2load) for placement in spread replicate; do
