@@ -361,8 +361,10 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
         charge(val.alloc_bytes)
     dev = torch.device(device) if device is not None else None
     # Pinned payloads keep their own storage: PyTorch's pinned allocator tracks the asynchronous
-    # copies out of a block through it (a numpy view would hide them from it)
-    numpy_views = (dev is None or dev.type == "cpu") and region.data_ptr() % ALIGN == 0 and not region.is_pinned()
+    # copies out of a block through it (a numpy view would hide them from it). Only a process that
+    # started CUDA has pinned memory, and asking any other would start it.
+    pinned = torch.cuda.is_initialized() and region.is_pinned()
+    numpy_views = (dev is None or dev.type == "cpu") and region.data_ptr() % ALIGN == 0 and not pinned
     tensors: list[torch.Tensor] = []
     for p in val.plans:
         tm = p.tm
