@@ -1,5 +1,9 @@
 """Receiving frames as raw bytes: framing.split_frame (field 7 cut out as a memoryview, the rest
-parsed by protobuf) must agree with protobuf's own parse on every input, valid or hostile."""
+parsed by protobuf) must agree with protobuf's own parse on every input, valid or hostile.
+
+Frames of up to ``SMALL_FRAME_BYTES`` are parsed whole by protobuf; the tests here set it to 0 so
+that the scanner meets every input, however small (``test_small_frames_are_parsed_whole`` keeps
+the default)."""
 
 from __future__ import annotations
 
@@ -12,13 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_split._proto import split_pb2 as pb
-from lightning_split.channel import ChannelClient, ChannelConfig, client_tls
+from lightning_split.channel import ChannelClient, ChannelConfig, client_tls, framing
 from lightning_split.channel.framing import encode_frames, identity, passthrough, split_frame
 from lightning_split.channel.server import EXCHANGE_METHOD
 from lightning_split.wire import PROTOCOL_VERSION, Message, Reassembler, WireError, WireLimits
 from tests.channel_util import EchoHandler, secure_channel
 
 S = grpc.StatusCode
+
+
+@pytest.fixture(autouse=True)
+def scan_every_frame(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    if "parsed_whole" not in request.node.name:
+        monkeypatch.setattr(framing, "SMALL_FRAME_BYTES", 0)
 
 
 def header(**kw: object) -> pb.Header:
@@ -73,6 +83,19 @@ def test_round_trip_is_zero_copy(data: bytes) -> None:
     assert bytes(got) == data and frame == sample_frame(b"", payload_bytes=len(data), crc32=zlib.crc32(data))
     if data:
         assert isinstance(got, memoryview) and got.obj is raw  # a slice of the received bytes
+
+
+def test_small_frames_are_parsed_whole() -> None:
+    """A decode step's frame (a few hundred bytes) costs less copied by protobuf than scanned; a
+    large one's data is still a slice of the received bytes."""
+    for data in (b"x", bytes(range(256)) * 60):
+        raw = sample_frame(data).SerializeToString()
+        assert len(raw) <= framing.SMALL_FRAME_BYTES
+        frame, got = split_frame(raw)
+        assert got == data and frame == sample_frame(b"", payload_bytes=len(data), crc32=zlib.crc32(data))
+    raw = sample_frame(bytes(range(256)) * 100).SerializeToString()
+    frame, got = split_frame(raw)
+    assert isinstance(got, memoryview) and got.obj is raw
 
 
 def test_encoded_frames_split_back() -> None:
