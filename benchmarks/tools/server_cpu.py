@@ -21,20 +21,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_load import LLAMA, source_for, spec_for  # noqa: E402
 
-PARTS = {  # what is timed: (module, class, method), by the name printed
+PARTS = {  # what is timed: (module, the class holding it or None for the module's own, function), by name
     "on_frame (all)": ("lightning_split.channel.server_stream", "ServerStream", "on_frame"),
     "receive (Reassembler.add)": ("lightning_split.wire.chunking", "Reassembler", "add"),
     "handle": ("lightning_split.server.service", "SplitService", "handle"),
     "model step (StaticDecoder._eager_step)": ("lightning_split.server.fast_decode", "StaticDecoder", "_eager_step"),
+    "encode the reply (encode_frames)": ("lightning_split.channel.server_stream", None, "encode_frames"),
 }
 
 
 def _meter(parts: dict) -> dict:  # noqa: ANN001
     """Patch each part to add its calls' thread CPU seconds to [calls, seconds]."""
     spent: dict = collections.defaultdict(lambda: [0, 0.0])
-    for name, (module, cls_name, method) in parts.items():
-        cls = getattr(importlib.import_module(module), cls_name)
-        original = getattr(cls, method)
+    for name, (module, cls_name, function) in parts.items():
+        owner = importlib.import_module(module)
+        if cls_name is not None:
+            owner = getattr(owner, cls_name)
+        original = getattr(owner, function)
 
         def timed(*a, _original=original, _name=name, **k):  # noqa: ANN002, ANN003, ANN202
             c0 = time.thread_time()
@@ -44,19 +47,7 @@ def _meter(parts: dict) -> dict:  # noqa: ANN001
                 spent[_name][0] += 1
                 spent[_name][1] += time.thread_time() - c0
 
-        setattr(cls, method, timed)
-    stream = importlib.import_module("lightning_split.channel.server_stream")
-    encode = stream.encode_frames
-
-    def timed_encode(*a, **k):  # noqa: ANN002, ANN003, ANN202
-        c0 = time.thread_time()
-        try:
-            return encode(*a, **k)
-        finally:
-            spent["encode the reply (encode_frames)"][0] += 1
-            spent["encode the reply (encode_frames)"][1] += time.thread_time() - c0
-
-    stream.encode_frames = timed_encode
+        setattr(owner, function, timed)
     return spent
 
 

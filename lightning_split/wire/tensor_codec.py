@@ -180,10 +180,14 @@ def encode_body(body: Any, compression: CompressionConfig | None = None, *,
 
 
 class _Plan:
-    __slots__ = ("tm", "dtype", "shape", "offset", "nbytes")
+    """One checked tensor of a received body: its TensorMeta's fields, as read once by the validator."""
 
-    def __init__(self, tm: pb.TensorMeta, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int) -> None:
-        self.tm, self.dtype, self.shape, self.offset, self.nbytes = tm, dtype, shape, offset, nbytes
+    __slots__ = ("dtype", "shape", "offset", "nbytes", "encoding", "block_size", "blosc2")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int, encoding: int,
+                 block_size: int, blosc2: bool) -> None:
+        self.dtype, self.shape, self.offset, self.nbytes = dtype, shape, offset, nbytes
+        self.encoding, self.block_size, self.blosc2 = encoding, block_size, blosc2
 
 
 class _Validator(_NodeCount):
@@ -241,8 +245,8 @@ class _Validator(_NodeCount):
         dtype = PB_TO_DTYPE.get(tm.dtype)
         if dtype is None:
             raise invalid(f"TensorMeta.dtype: unknown or disallowed value {tm.dtype}")
-        encoding, blosc2, offset, nbytes = tm.encoding, tm.blosc2, tm.offset, tm.nbytes
-        check_encoding(encoding, dtype, tm.block_size, blosc2, self.allowed)
+        encoding, block_size, blosc2, offset, nbytes = tm.encoding, tm.block_size, tm.blosc2, tm.offset, tm.nbytes
+        check_encoding(encoding, dtype, block_size, blosc2, self.allowed)
         shape = tuple(tm.shape)
         if len(shape) > lim.max_rank:
             raise exhausted(f"TensorMeta.shape has rank {len(shape)} > {lim.max_rank}")
@@ -253,7 +257,7 @@ class _Validator(_NodeCount):
             numel *= d  # Python int: no overflow; bounded since each d < 2**63 and rank <= max_rank
         if numel > lim.max_tensor_elements:
             raise exhausted(f"tensor of {numel} elements > max_tensor_elements {lim.max_tensor_elements}")
-        enc_bytes = encoded_nbytes(dtype, numel, encoding, tm.block_size)
+        enc_bytes = encoded_nbytes(dtype, numel, encoding, block_size)
         if blosc2:
             check_blosc2_size(enc_bytes)
         elif nbytes != enc_bytes:
@@ -268,7 +272,7 @@ class _Validator(_NodeCount):
         self.alloc_bytes += decode_alloc_bytes(dtype, numel, encoding, enc_bytes, blosc2, offset)
         if self.decoded_bytes > lim.max_decoded_bytes:
             raise exhausted(f"body decodes to more than max_decoded_bytes={lim.max_decoded_bytes}")
-        self.plans.append(_Plan(tm, dtype, shape, offset, nbytes))
+        self.plans.append(_Plan(dtype, shape, offset, nbytes, encoding, block_size, blosc2))
 
     def check_overlap(self) -> None:
         spans = sorted((p.offset, p.offset + p.nbytes) for p in self.plans if p.nbytes)
@@ -367,17 +371,16 @@ def _decode(meta_bytes: bytes | memoryview, buffer: Any, limits: WireLimits | No
     numpy_views = (dev is None or dev.type == "cpu") and region.data_ptr() % ALIGN == 0 and not pinned
     tensors: list[torch.Tensor] = []
     for p in val.plans:
-        tm = p.tm
         np_dtype = _NUMPY_VIEWS.get(p.dtype)
-        if (numpy_views and np_dtype is not None and p.offset % p.dtype.itemsize == 0 and tm.encoding == pb.RAW
-                and not tm.blosc2):
+        if (numpy_views and np_dtype is not None and p.offset % p.dtype.itemsize == 0 and p.encoding == pb.RAW
+                and not p.blosc2):
             # A view of the payload as it came: numpy's slicing and views cost a tenth of torch's,
             # and a small message (a decode step's four tensors) is made of little else
             src = val.region_np[p.offset : p.offset + p.nbytes]
             tensors.append(torch.from_numpy(src.view(np_dtype).reshape(p.shape)))
             continue
-        t = decode_tensor(region[p.offset : p.offset + p.nbytes], dtype=p.dtype, shape=p.shape, encoding=tm.encoding,
-                          block_size=tm.block_size, use_blosc2=tm.blosc2, device=dev, nthreads=nthreads)
+        t = decode_tensor(region[p.offset : p.offset + p.nbytes], dtype=p.dtype, shape=p.shape, encoding=p.encoding,
+                          block_size=p.block_size, use_blosc2=p.blosc2, device=dev, nthreads=nthreads)
         if dev is not None and t.device != dev:
             t = t.to(dev, non_blocking=True)  # async from pinned payloads; pageable ones are staged
         tensors.append(t)
