@@ -35,6 +35,7 @@ def test_status_line_counts_sessions_and_tokens_and_closes_are_logged(split_serv
 def test_a_failed_tls_handshake_is_logged_with_the_peer_address(pki, tmp_path) -> None:  # noqa: ANN001
     """`lightning-split serve` as an operator runs it; a client whose certificate another CA signed
     gets UNAVAILABLE, and the server's log says who tried and why."""
+    import dataclasses
     import os
     import signal
     import socket
@@ -62,13 +63,20 @@ def test_a_failed_tls_handshake_is_logged_with_the_peer_address(pki, tmp_path) -
         make_certs(other, client_ids=["eve"])
         with pytest.raises(RemoteError, match="UNAVAILABLE"):
             ChannelClient(f"127.0.0.1:{port}", "eve", tls=client_tls(other, "eve")).request(4, 1)
+        # That client may refuse our certificate before we see its own, in every handshake it
+        # makes. One that trusts our CA but holds the other CA's certificate always reaches the
+        # server's refusal.
+        eve = client_tls(other, "eve")
+        trusting_eve = dataclasses.replace(eve, ca=Path(pki) / "ca.pem")
+        with pytest.raises(RemoteError, match="UNAVAILABLE"):
+            ChannelClient(f"127.0.0.1:{port}", "eve", tls=trusting_eve).request(4, 1)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         out, err = server.communicate(timeout=60)
     logged = out + err  # Hydra's console log is stdout; gRPC's lines are stderr
     warned = [line for line in logged.splitlines() if "TLS handshake from ipv4:127.0.0.1:" in line]
-    # Two handshakes, both refused: the client would not trust our certificate (another CA signed
-    # its trust bundle), and we would not take its certificate.
+    # Handshakes refused both ways: the first client would not trust our certificate (another CA
+    # signed its trust bundle), and we would not take the second one's certificate.
     assert any("not signed by this server's CA" in line for line in warned), logged[-3000:]
     assert any("may not trust this server's certificate" in line for line in warned), logged[-3000:]
     assert "CallNextHandshakerLocked" not in logged  # the trace itself is not passed on

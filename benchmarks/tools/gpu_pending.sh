@@ -28,7 +28,8 @@ for step in "$@"; do
                   --draftings plain "prompt lookup" --steps 3 --json "$OUT/speculative.json" 2>&1 | tail -22 ;;
         gen) timeout 180 python benchmarks/generate.py $small --decode-top-k 64 --steps 5 --shapes u_shape \
                  --also-client-static --json "$OUT/generate.json" 2>&1 | tail -16 ;;
-        link100) timeout 300 python benchmarks/train.py $small --no-lightning --link 100mbit --also-wire int8 auto \
+        link100) mkdir -p /tmp/iprroot && for f in .dev/ipr/*.deb; do dpkg -x "$f" /tmp/iprroot; done  # link.py's ip, tc
+                 timeout 300 python benchmarks/train.py $small --no-lightning --link 100mbit --also-wire int8 auto \
                      --also-hand-built-wire bf16 int8 --batch 8 --seq 512 --steps 16 --warmup 4 \
                      --json "$OUT/train_link100.json" 2>&1 | tail -30 ;;
         load16) timeout 420 ${SPY:-/tmp/site/bin/py-spy} record --subprocesses --nonblocking --threads --rate 25 \
