@@ -172,6 +172,14 @@ def _parse(buf: bytes) -> pb.Frame:
         raise invalid(f"malformed Frame ({len(buf)} bytes): {e}") from e
 
 
+def _parse_whole(raw: bytes) -> tuple[pb.Frame, bytes]:
+    """(the Frame without ``data``, a copy of its ``data``), by protobuf's own parse of all of it."""
+    frame = _parse(raw)
+    data = frame.data
+    frame.ClearField("data")
+    return frame, data
+
+
 def split_frame(raw: bytes) -> tuple[pb.Frame, memoryview | bytes]:
     """A received, serialized Frame -> (the Frame without ``data``, its ``data``).
 
@@ -184,15 +192,12 @@ def split_frame(raw: bytes) -> tuple[pb.Frame, memoryview | bytes]:
     """
     if not isinstance(raw, bytes):
         raise invalid(f"a Frame must arrive as bytes, not {type(raw).__name__}")
+    if len(raw) <= SMALL_FRAME_BYTES:  # copying a few KiB costs less than our scan of the fields
+        return _parse_whole(raw)
     try:
-        if len(raw) <= SMALL_FRAME_BYTES:  # copying a few KiB costs less than our scan of the fields
-            raise _Unusual
         span = _data_span(raw)
     except _Unusual:
-        frame = _parse(raw)
-        data = frame.data
-        frame.ClearField("data")
-        return frame, data
+        return _parse_whole(raw)
     if span is None:
         return _parse(raw), b""
     record, start, end = span
