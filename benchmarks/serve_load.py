@@ -190,14 +190,17 @@ class Load:
         ctx = mp.get_context("spawn")
         self.args, self.ctx = args, ctx
         source, spec = source_for(args).to_dict(), spec_for(args).to_dict()
-        self.ready, self.control, self.stats = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        self.server = ctx.Process(target=_serve, daemon=True, args=(str(pki), source, spec, args.device,
-                                                                     args.window_ms, max(args.clients), self.ready,
-                                                                     self.control, self.stats, args.server_devices,
-                                                                     args.placement, args.server_switch_ms))
-        self.server.start()
-        port = self.ready.get(timeout=600)
-        address = f"127.0.0.1:{port}"
+        # One server process, or several (--server-processes), each with its own copy of the segment and
+        # its own GIL; client i is served by process i mod P, as an operator would spread them.
+        self.ready, self.servers = ctx.Queue(), []
+        for _ in range(args.server_processes):
+            control, stats = ctx.Queue(), ctx.Queue()
+            process = ctx.Process(target=_serve, daemon=True, args=(
+                str(pki), source, spec, args.device, args.window_ms, max(args.clients), self.ready, control, stats,
+                args.server_devices, args.placement, args.server_switch_ms))
+            process.start()
+            self.servers.append((process, control, stats))
+        addresses = [f"127.0.0.1:{self.ready.get(timeout=600)}" for _ in self.servers]
         self.out = ctx.Queue()
         self.gos: list[Any] = []
         self.clients: list[Any] = []
@@ -207,7 +210,8 @@ class Load:
         for i in range(max(args.clients)):
             go = ctx.Queue()
             p = ctx.Process(target=_client, daemon=True,
-                            args=(i, str(pki), address, source, spec, client_args, go, self.out))
+                            args=(i, str(pki), addresses[i % len(addresses)], source, spec, client_args, go,
+                                  self.out))
             p.start()
             self.gos.append(go)
             self.clients.append(p)
@@ -222,7 +226,7 @@ class Load:
             try:
                 got, i, payload = self.out.get(timeout=5)
             except queue.Empty:
-                if not self.server.is_alive() or not all(p.is_alive() for p in self.clients):
+                if not all(p.is_alive() for p in [*self.clients, *(s[0] for s in self.servers)]):
                     raise RuntimeError("a process of the load run died") from None
                 continue
             if got == "error":
@@ -231,8 +235,19 @@ class Load:
                 return i, payload
 
     def server_stats(self, cmd: str = "read") -> dict[str, Any]:
-        self.control.put(cmd)
-        return self.stats.get(timeout=60)
+        """Every server process's figures, summed."""
+        for _, control, _ in self.servers:
+            control.put(cmd)
+        total: dict[str, Any] = {}
+        for _, _, stats in self.servers:
+            for key, value in stats.get(timeout=60).items():
+                if isinstance(value, dict):
+                    merged = total.setdefault(key, {})
+                    for k, v in value.items():
+                        merged[k] = merged.get(k, 0) + v
+                else:
+                    total[key] = total.get(key, 0) + value
+        return total
 
     def round(self, n: int, batching: bool) -> dict[str, Any]:
         """n clients generate at once; the round's figures."""
@@ -272,8 +287,9 @@ class Load:
     def close(self) -> None:
         for go in self.gos:
             go.put(None)
-        self.control.put("stop")
-        for p in [*self.clients, self.server]:
+        for _, control, _ in self.servers:
+            control.put("stop")
+        for p in [*self.clients, *(s[0] for s in self.servers)]:
             p.join(30)
             if p.is_alive():
                 p.terminate()
@@ -298,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-switch-ms", type=float, default=None,
                    help="the server process's GIL switch interval (sys.setswitchinterval), in ms: whether its "
                         "sessions' threads wait on each other for the GIL (default: Python's 5 ms)")
+    p.add_argument("--server-processes", type=int, default=1,
+                   help="server processes, each with its own copy of the segment and its own GIL; client i "
+                        "connects to process i mod P (default 1)")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
     args.client_device = args.client_device or args.device
     args.clients = sorted({1, *args.clients})  # one client alone: every ratio's baseline
@@ -307,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"serve_load: Llama {args.model}, server holds blocks 1..{LLAMA[args.model]['num_hidden_layers'] - 2}, "
           f"prompt {args.seq}, {args.new_tokens} new tokens, clients {args.clients}, {args.device} {args.dtype}, "
-          f"clients on {args.client_device}, window {args.window_ms} ms", flush=True)
+          f"clients on {args.client_device}, window {args.window_ms} ms, {args.server_processes} server process(es)",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="ls-load-pki-") as d:
         from lightning_split.channel import make_certs
 
