@@ -73,8 +73,11 @@ def spec_for(args: Any) -> SplitSpec:
 
 def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, max_batch: int, ready: Any,
            control: Any, stats: Any, devices: list | None = None, placement: str = "spread",
-           switch_ms: float | None = None) -> None:
+           switch_ms: float | None = None, cores: list[int] | None = None) -> None:
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
+
+    if cores:  # before gRPC's and torch's threads start: they inherit it
+        os.sched_setaffinity(0, cores)
     from lightning_split.server.service import SplitService
 
     if switch_ms is not None:  # how long a thread may hold the GIL while others wait (Python's default: 5 ms)
@@ -114,6 +117,8 @@ def _client(i: int, pki: str, address: str, source: dict, spec: dict, args: dict
     from lightning_split.channel import ChannelConfig, client_tls
     from lightning_split.split.connect import open_split
 
+    if args["client_cores"]:
+        os.sched_setaffinity(0, args["client_cores"])
     torch.set_num_threads(1)
     device = args["client_device"]
     try:
@@ -193,11 +198,16 @@ class Load:
         # One server process, or several (--server-processes), each with its own copy of the segment and
         # its own GIL; client i is served by process i mod P, as an operator would spread them.
         self.ready, self.servers = ctx.Queue(), []
+        # --server-cores N: the server process(es) on cores 0..N-1 and the clients on the rest, so that
+        # neither takes the other's CPU time (on one host the clients stand in for other machines)
+        cores = sorted(os.sched_getaffinity(0))
+        server_cores = cores[: args.server_cores] if args.server_cores else None
+        client_cores = cores[args.server_cores:] if args.server_cores else None
         for _ in range(args.server_processes):
             control, stats = ctx.Queue(), ctx.Queue()
             process = ctx.Process(target=_serve, daemon=True, args=(
                 str(pki), source, spec, args.device, args.window_ms, max(args.clients), self.ready, control, stats,
-                args.server_devices, args.placement, args.server_switch_ms))
+                args.server_devices, args.placement, args.server_switch_ms, server_cores))
             process.start()
             self.servers.append((process, control, stats))
         addresses = [f"127.0.0.1:{self.ready.get(timeout=600)}" for _ in self.servers]
@@ -206,7 +216,7 @@ class Load:
         self.clients: list[Any] = []
         client_args = {"client_device": args.client_device, "model": args.model, "seq": args.seq,
                        "new_tokens": args.new_tokens, "train_steps": args.train_steps,
-                       "train_batch": args.train_batch, "train_seq": args.train_seq}
+                       "train_batch": args.train_batch, "train_seq": args.train_seq, "client_cores": client_cores}
         for i in range(max(args.clients)):
             go = ctx.Queue()
             p = ctx.Process(target=_client, daemon=True,
@@ -317,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-processes", type=int, default=1,
                    help="server processes, each with its own copy of the segment and its own GIL; client i "
                         "connects to process i mod P (default 1)")
+    p.add_argument("--server-cores", type=int, default=None,
+                   help="pin the server process(es) to this many cores and the clients to the others")
     args = finish_args(p.parse_args(argv), QUICK, FULL)
+    if args.server_cores is not None and not 0 < args.server_cores < len(os.sched_getaffinity(0)):
+        p.error(f"--server-cores must leave the clients a core: 1..{len(os.sched_getaffinity(0)) - 1}")
     args.client_device = args.client_device or args.device
     args.clients = sorted({1, *args.clients})  # one client alone: every ratio's baseline
     if args.window_ms is None:
@@ -326,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"serve_load: Llama {args.model}, server holds blocks 1..{LLAMA[args.model]['num_hidden_layers'] - 2}, "
           f"prompt {args.seq}, {args.new_tokens} new tokens, clients {args.clients}, {args.device} {args.dtype}, "
-          f"clients on {args.client_device}, window {args.window_ms} ms, {args.server_processes} server process(es)",
+          f"clients on {args.client_device}, window {args.window_ms} ms, {args.server_processes} server process(es)"
+          + (f" on {args.server_cores} cores of their own" if args.server_cores else ""),
           flush=True)
     with tempfile.TemporaryDirectory(prefix="ls-load-pki-") as d:
         from lightning_split.channel import make_certs
