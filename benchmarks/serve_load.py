@@ -73,12 +73,14 @@ def spec_for(args: Any) -> SplitSpec:
 
 def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, max_batch: int, ready: Any,
            control: Any, stats: Any, devices: list | None = None, placement: str = "spread",
-           switch_ms: float | None = None, cores: list[int] | None = None) -> None:
+           switch_ms: float | None = None, cores: list[int] | None = None, processes: int = 1) -> None:
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
+    from lightning_split.server.service import SplitService
 
     if cores:  # before gRPC's and torch's threads start: they inherit it
         os.sched_setaffinity(0, cores)
-    from lightning_split.server.service import SplitService
+        # torch's CPU threads, a share of those cores: more would spin-wait on each other's cores
+        torch.set_num_threads(max(1, len(cores) // processes))
 
     if switch_ms is not None:  # how long a thread may hold the GIL while others wait (Python's default: 5 ms)
         sys.setswitchinterval(switch_ms / 1e3)
@@ -207,7 +209,8 @@ class Load:
             control, stats = ctx.Queue(), ctx.Queue()
             process = ctx.Process(target=_serve, daemon=True, args=(
                 str(pki), source, spec, args.device, args.window_ms, max(args.clients), self.ready, control, stats,
-                args.server_devices, args.placement, args.server_switch_ms, server_cores))
+                args.server_devices, args.placement, args.server_switch_ms, server_cores,
+                args.server_processes))
             process.start()
             self.servers.append((process, control, stats))
         addresses = [f"127.0.0.1:{self.ready.get(timeout=600)}" for _ in self.servers]

@@ -61,12 +61,12 @@ def test_a_failed_tls_handshake_is_logged_with_the_peer_address(pki, tmp_path) -
         assert "with mutual TLS" in said, said
         other = tmp_path / "other-ca"
         make_certs(other, client_ids=["eve"])
+        eve = client_tls(other, "eve")
         with pytest.raises(RemoteError, match="UNAVAILABLE"):
-            ChannelClient(f"127.0.0.1:{port}", "eve", tls=client_tls(other, "eve")).request(4, 1)
+            ChannelClient(f"127.0.0.1:{port}", "eve", tls=eve).request(4, 1)
         # That client may refuse our certificate before we see its own, in every handshake it
         # makes. One that trusts our CA but holds the other CA's certificate always reaches the
         # server's refusal.
-        eve = client_tls(other, "eve")
         trusting_eve = dataclasses.replace(eve, ca=Path(pki) / "ca.pem")
         with pytest.raises(RemoteError, match="UNAVAILABLE"):
             ChannelClient(f"127.0.0.1:{port}", "eve", tls=trusting_eve).request(4, 1)

@@ -359,8 +359,8 @@ def _decompress(src: memoryview, expected: int, nthreads: int) -> torch.Tensor:
 
 def _aligned(t: torch.Tensor, itemsize: int) -> torch.Tensor:
     """``t`` (1-D uint8) itself when it can be viewed as ``itemsize``-byte elements, else a copy."""
-    # (torch's view as a wider dtype wants the offset aligned; the loads, the address: both hold
-    # exactly when the offset and the storage's own address are multiples of itemsize)
+    # torch views bytes as a wider dtype only at an aligned storage offset, and the loads need an
+    # aligned address: both hold when the offset and the tensor's address are multiples of itemsize
     return t.clone() if t.storage_offset() % itemsize or t.data_ptr() % itemsize else t
 
 
