@@ -73,14 +73,14 @@ def spec_for(args: Any) -> SplitSpec:
 
 def _serve(pki: str, source: dict, spec: dict, device: str, window_ms: float, max_batch: int, ready: Any,
            control: Any, stats: Any, devices: list | None = None, placement: str = "spread",
-           switch_ms: float | None = None, cores: list[int] | None = None, processes: int = 1) -> None:
+           switch_ms: float | None = None, cores: list[int] | None = None, threads: int | None = None) -> None:
     from lightning_split.channel import ChannelConfig, ChannelServer, server_tls
     from lightning_split.server.service import SplitService
 
     if cores:  # before gRPC's and torch's threads start: they inherit it
         os.sched_setaffinity(0, cores)
-        # torch's CPU threads, a share of those cores: more would spin-wait on each other's cores
-        torch.set_num_threads(max(1, len(cores) // processes))
+    if threads:  # several server processes or pinned cores: more would spin-wait on each other's cores
+        torch.set_num_threads(threads)
 
     if switch_ms is not None:  # how long a thread may hold the GIL while others wait (Python's default: 5 ms)
         sys.setswitchinterval(switch_ms / 1e3)
@@ -205,12 +205,15 @@ class Load:
         cores = sorted(os.sched_getaffinity(0))
         server_cores = cores[: args.server_cores] if args.server_cores else None
         client_cores = cores[args.server_cores:] if args.server_cores else None
+        # torch's CPU threads per server process: its share of the server's cores (one process: torch's default)
+        server_threads = (max(1, len(server_cores or cores) // args.server_processes)
+                          if server_cores or args.server_processes > 1 else None)
         for _ in range(args.server_processes):
             control, stats = ctx.Queue(), ctx.Queue()
             process = ctx.Process(target=_serve, daemon=True, args=(
                 str(pki), source, spec, args.device, args.window_ms, max(args.clients), self.ready, control, stats,
                 args.server_devices, args.placement, args.server_switch_ms, server_cores,
-                args.server_processes))
+                server_threads))
             process.start()
             self.servers.append((process, control, stats))
         addresses = [f"127.0.0.1:{self.ready.get(timeout=600)}" for _ in self.servers]

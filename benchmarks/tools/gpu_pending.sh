@@ -10,7 +10,8 @@
 #   link100  #21 100 Mbit/s each way (TUN link), the library's defaults and the hand-built     ~200 s
 #   load16   #19 serve_load 1 and 16 clients under py-spy: where the server's time goes        ~300 s
 #   switch16 #19 serve_load 16 clients, the server's GIL switch interval 0.5 ms against 5        ~300 s
-#   cores16  #19 serve_load 16 clients, the server on 4 and on 8 cores of its own, clients on the rest ~240 s
+#   cores16  #19 serve_load 16 clients, the server on 4 and on 8 cores of its own, clients on the rest,
+#            then 4 server processes again (each now with its share of torch's threads)               ~360 s
 #
 # On nvidia-h200-x2 (#19 and #21's two-GPU rows), the same way: gpu_pending.sh x2tests x2load x2train
 #   x2tests  the CUDA tests, two-GPU parity among them                                       ~240 s
@@ -45,7 +46,9 @@ for step in "$@"; do
         cores16) for n in 4 8; do
                      timeout 150 python benchmarks/serve_load.py --device cuda --clients 1 16 --train-clients \
                          --server-cores $n --json "$OUT/serve_load_16_cores$n.json" 2>&1 | tail -7
-                 done ;;
+                 done
+                 timeout 150 python benchmarks/serve_load.py --device cuda --clients 1 16 --train-clients \
+                     --server-processes 4 --json "$OUT/serve_load_16_procs4.json" 2>&1 | tail -7 ;;
         x2tests) timeout 400 python -m pytest -q -ra tests/test_cuda.py tests/test_cuda_hostile.py \
                      tests/test_placement.py tests/test_batching.py 2>&1 | tail -15 ;;
         x2load) for placement in spread replicate; do
